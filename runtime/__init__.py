@@ -1,0 +1,1 @@
+"""The kubellm inference runtime: engine, models, kernels and the OpenAI-compatible server."""
