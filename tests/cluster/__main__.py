@@ -1,0 +1,113 @@
+"""`PYTHONPATH=tests python -m cluster up|down|env|provision`
+
+provision  build or fetch the binaries into the cache (CI runs it before the tests, so the build shows apart)
+up         start a control plane in the background (state in ~/.cache/kubellm/cluster/); prints the KUBECONFIG
+env        prints `export KUBECONFIG=...` for the running one: eval "$(python -m cluster env)"
+down       stop it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .controlplane import ClusterConfig, ControlPlane, stop_from_state
+from .provision import BinariesUnavailable, ensure_binaries, provision
+
+
+def state_dir() -> Path:
+    """$KUBELLM_CLUSTER_DIR, default ~/.cache/kubellm/cluster."""
+    folder = os.environ.get("KUBELLM_CLUSTER_DIR")
+    return Path(folder) if folder else Path.home() / ".cache" / "kubellm" / "cluster"
+
+
+def _running(folder: Path) -> dict | None:
+    state_path = folder / "state.json"
+    if not state_path.exists():
+        return None
+    state = json.loads(state_path.read_text())
+    alive = all(
+        Path(f"/proc/{p['pid']}/exe").exists() and os.readlink(f"/proc/{p['pid']}/exe") == p["exe"]
+        for p in state["processes"]
+    )
+    return state if alive else None
+
+
+def _up(args: argparse.Namespace) -> int:
+    folder = state_dir()
+    state = _running(folder)
+    if state is not None:
+        print(f"already running ({state['server']})", file=sys.stderr)
+        print(state["kubeconfig"])
+        return 0
+    stop_from_state(folder)  # leftovers of a half-dead cluster
+    binaries = ensure_binaries()
+    # A fresh cluster each time: the old certificates and etcd data belong to processes that are gone.
+    for sub in ("etcd", "pki", "logs"):
+        _remove_tree(folder / sub)
+    control_plane = ControlPlane(
+        binaries, ClusterConfig(pod_cidr=args.pod_cidr, crds_dir=args.crds_dir), folder, tie_to_parent=False
+    )
+    start = time.monotonic()
+    control_plane.start()
+    print(
+        f"control plane up in {time.monotonic() - start:.1f} s: {control_plane.server}, "
+        f"{len(control_plane.node_layout)} kwok nodes, pod CIDR {control_plane.pod_cidr}; logs in {folder / 'logs'}",
+        file=sys.stderr,
+    )
+    print(control_plane.kubeconfig)
+    return 0
+
+
+def _down(_: argparse.Namespace) -> int:
+    stopped = stop_from_state(state_dir())
+    print(f"stopped {', '.join(stopped)}" if stopped else "no cluster running", file=sys.stderr)
+    return 0
+
+
+def _env(_: argparse.Namespace) -> int:
+    state = _running(state_dir())
+    if state is None:
+        print("no cluster running: start one with `make cluster-up`", file=sys.stderr)
+        return 1
+    print(f"export KUBECONFIG={state['kubeconfig']}")
+    return 0
+
+
+def _provision(_: argparse.Namespace) -> int:
+    start = time.monotonic()
+    timings = provision()
+    print(json.dumps({"seconds": round(time.monotonic() - start, 1), "built": timings}))
+    return 0
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="start a control plane in the background and print its KUBECONFIG")
+    up.add_argument("--pod-cidr", default=ClusterConfig.pod_cidr, help="loopback range for pod IPs")
+    up.add_argument("--crds-dir", type=Path, default=ClusterConfig.crds_dir, help="CRD YAMLs to apply (default crds/)")
+    up.set_defaults(func=_up)
+    commands.add_parser("down", help="stop the control plane started by up").set_defaults(func=_down)
+    commands.add_parser("env", help="print `export KUBECONFIG=...`").set_defaults(func=_env)
+    commands.add_parser("provision", help="build or fetch the binaries into the cache").set_defaults(func=_provision)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (BinariesUnavailable, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

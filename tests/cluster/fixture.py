@@ -1,0 +1,85 @@
+"""pytest plugin for the control plane, registered by the root conftest (pytest_plugins).
+
+k8s_cluster    session fixture: one ControlPlane for the whole run (skips, or fails in CI, without binaries)
+k8s_namespace  function fixture: a fresh namespace whose default service account exists; deleted afterwards
+
+The binaries are provisioned once after collection, when a selected test is marked `k8s`: a cold build takes
+minutes and must not count against the first test's timeout, and the log shows it as its own step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .controlplane import ClusterConfig, ControlPlane
+from .provision import HOW_TO_PROVIDE, Binaries, BinariesUnavailable, ensure_binaries
+
+POD_CIDR_ENV = "KUBELLM_TEST_POD_CIDR"
+CRDS_DIR_ENV = "KUBELLM_TEST_CRDS_DIR"  # default: the repository's crds/
+
+_binaries_key = pytest.StashKey[Binaries | BinariesUnavailable]()
+
+
+def _provision(config: pytest.Config) -> Binaries | BinariesUnavailable:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def log(message: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"[cluster] {message}")
+
+    start = time.monotonic()
+    result: Binaries | BinariesUnavailable
+    try:
+        binaries = ensure_binaries(log=log)
+    except BinariesUnavailable as exc:
+        result = exc
+        log(f"no Kubernetes binaries: {exc}")
+    else:
+        result = binaries
+        log(f"binaries from {binaries.source} ready in {time.monotonic() - start:.1f} s")
+    config.stash[_binaries_key] = result
+    return result
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    if any(item.get_closest_marker("k8s") is not None for item in session.items):
+        _provision(session.config)
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    binaries = request.config.stash.get(_binaries_key, None) or _provision(request.config)
+    if isinstance(binaries, BinariesUnavailable):
+        message = str(binaries)
+        pytest.skip(f"no Kubernetes binaries: {message}" + ("" if HOW_TO_PROVIDE in message else f": {HOW_TO_PROVIDE}"))
+    crds_dir = os.environ.get(CRDS_DIR_ENV)
+    config = ClusterConfig(
+        pod_cidr=os.environ.get(POD_CIDR_ENV) or ClusterConfig.pod_cidr,
+        crds_dir=Path(crds_dir) if crds_dir else ClusterConfig.crds_dir,
+    )
+    control_plane = ControlPlane(binaries, config, tmp_path_factory.mktemp("cluster"))
+    control_plane.start()
+    try:
+        yield control_plane
+    finally:
+        control_plane.stop()
+
+
+@pytest.fixture
+def k8s_namespace(k8s_cluster: ControlPlane) -> Iterator[str]:
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    k8s_cluster.kubectl("create", "namespace", name)
+    # Pods are refused until the service-account controller has created the namespace's default account.
+    k8s_cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=30s", timeout=40)
+    try:
+        yield name
+    finally:
+        k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
