@@ -1,0 +1,44 @@
+"""kernels.ops: the reference ops on the CPU (without loading Triton), the Triton kernels on CUDA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from kubellm.runtime.kernels import ops, reference
+
+
+def test_cpu_tensors_take_the_reference_path_without_triton() -> None:
+    code = (
+        "import sys, torch\n"
+        "from kubellm.runtime.kernels import ops, reference\n"
+        "x = torch.randn(3, 8); w = torch.randn(8)\n"
+        "assert torch.equal(ops.rms_norm(x, w, 1e-6, x)[0], reference.rms_norm(x, w, 1e-6, x)[0])\n"
+        "assert torch.equal(ops.silu_and_mul(x), reference.silu_and_mul(x))\n"
+        "cache = reference.rope_cos_sin_cache(8, 16)\n"
+        "q, k = ops.rotary_embedding(torch.arange(3), x.clone(), x.clone(), cache)\n"
+        "kv = torch.zeros(2, 1, 4, 1, 8); ops.write_kv_cache(x[:, None], x[:, None], kv, torch.tensor([0, -1, 3]))\n"
+        "assert torch.equal(kv[0, 0, 3, 0], x[2])\n"
+        "assert not any(m == 'triton' or m.startswith('triton.') for m in sys.modules), 'triton was imported'\n"
+    )
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_take_the_triton_path(gen: torch.Generator) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    x = torch.randn((5, 64), generator=gen).to("cuda", torch.bfloat16)
+    weight = torch.randn(64, generator=gen).to("cuda", torch.bfloat16)
+    out, residual = ops.rms_norm(x, weight, 1e-6, x)
+    ref_out, ref_residual = reference.rms_norm(x.cpu(), weight.cpu(), 1e-6, x.cpu())
+    torch.testing.assert_close(out.cpu().float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(residual.cpu().float(), ref_residual.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(
+        ops.silu_and_mul(x).cpu().float(), reference.silu_and_mul(x.cpu()).float(), atol=2e-2, rtol=2e-2
+    )
