@@ -1,0 +1,455 @@
+"""Reading a GGUF file (llama.cpp's format) into what the rest of the runtime speaks: a Hugging Face config dict,
+a ``tokenizers`` tokenizer, and weights with Hugging Face names and layouts.
+
+GGUF stores tensor shapes fastest-dimension first (``[in_features, out_features]``); ``GGUFReader`` already hands
+the data over in numpy (row-major) order, so a dequantized weight reshaped to ``reversed(shape)`` is
+``[out_features, in_features]`` like ``nn.Linear.weight``.
+
+llama.cpp's converter permutes the rows of the Q and K projections of llama-architecture models so that rotary
+embedding pairs dimensions ``(2i, 2i+1)`` (GPT-J style) instead of ``(i, i + head_dim/2)`` (Hugging Face's
+``rotate_half``). :func:`unpermute_qk` undoes that so that the weights match the Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Block sizes of the quantization formats we dequantize ourselves: (elements per block, bytes per block).
+Q8_0_BLOCK = (32, 34)  # f16 scale d, 32 x int8 q:           x = d * q
+Q4_0_BLOCK = (32, 18)  # f16 scale d, 16 bytes of nibbles:    x = d * (q - 8)
+Q4_1_BLOCK = (32, 20)  # f16 scale d, f16 min m, 16 bytes:    x = d * q + m
+
+# GGUF architecture -> Hugging Face model_type. Mistral GGUFs say "llama".
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# Architectures whose Q/K rows llama.cpp's converter permutes (the GPT-J rotary convention).
+PERMUTED_QK_ARCHITECTURES = {"llama", "mistral"}
+
+# Pre-tokenizer split patterns, by `tokenizer.ggml.pre` (the same regexes the models' tokenizer.json files use).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# GGUF token types (llama.cpp's llama_token_type).
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+class GGUFError(ValueError):
+    """A GGUF file this loader cannot read; the message names the offending key or tensor."""
+
+
+@dataclass
+class GGUFFile:
+    """An opened GGUF file: its metadata (key -> python value) and its tensors (memory-mapped, not yet read)."""
+
+    path: Path
+    metadata: dict[str, Any]
+    reader: Any  # gguf.GGUFReader
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # the reader raises bare ValueError/struct errors on garbage
+        raise GGUFError(f"{path}: not a readable GGUF file ({e})") from e
+    metadata: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            metadata[key] = field.contents()
+        except Exception:  # an exotic value type we never read; keep going
+            continue
+    return GGUFFile(path=path, metadata=metadata, reader=reader)
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+def gguf_to_hf_config(f: GGUFFile) -> dict[str, Any]:
+    """GGUF metadata -> a Hugging Face ``config.json`` dict (what :meth:`ModelConfig.from_hf_config` reads)."""
+    arch = f.architecture
+    if arch not in ARCHITECTURES:
+        raise GGUFError(
+            f"{f.path}: general.architecture {arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+
+    def need(key: str) -> Any:
+        full = f"{arch}.{key}"
+        if full not in f.metadata:
+            raise GGUFError(f"{f.path}: metadata key {full!r} is missing")
+        return f.metadata[full]
+
+    num_heads = int(need("attention.head_count"))
+    hidden_size = int(need("embedding_length"))
+    tokens = f.get("tokenizer.ggml.tokens")
+    vocab_size = f.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
+    if vocab_size is None:
+        token_embd = _tensor_by_name(f).get("token_embd.weight")
+        if token_embd is None:
+            raise GGUFError(f"{f.path}: cannot tell the vocabulary size ({arch}.vocab_size and tokens are missing)")
+        vocab_size = int(token_embd.shape[-1])
+    tensor_names = set(_tensor_by_name(f))
+    hf: dict[str, Any] = {
+        "model_type": ARCHITECTURES[arch],
+        "architectures": [_HF_ARCHITECTURE_CLASSES[ARCHITECTURES[arch]]],
+        "vocab_size": int(vocab_size),
+        "hidden_size": hidden_size,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(f.get(f"{arch}.attention.head_count_kv") or num_heads),
+        "head_dim": int(f.get(f"{arch}.attention.key_length") or hidden_size // num_heads),
+        "rms_norm_eps": _float32_value(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": _float32_value(f.get(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(f.get(f"{arch}.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "torch_dtype": _file_dtype_name(f),
+    }
+    scaling_type = f.get(f"{arch}.rope.scaling.type")
+    if scaling_type and scaling_type != "none":
+        scaling: dict[str, Any] = {"rope_type": str(scaling_type)}
+        if f.get(f"{arch}.rope.scaling.factor") is not None:
+            scaling["factor"] = float(f.get(f"{arch}.rope.scaling.factor"))
+        if f.get(f"{arch}.rope.scaling.original_context_length") is not None:
+            scaling["original_max_position_embeddings"] = int(f.get(f"{arch}.rope.scaling.original_context_length"))
+        hf["rope_scaling"] = scaling
+    if "rope_freqs.weight" in tensor_names:
+        # llama.cpp bakes Llama 3.1's rope scaling into per-dimension frequency divisors; recover the parameters
+        freqs = _tensor_by_name(f)["rope_freqs.weight"]
+        divisors = dequantize_tensor(np.asarray(freqs.data), freqs.tensor_type.name, (int(freqs.n_elements),))
+        hf["rope_scaling"] = llama3_rope_scaling_from_factors(
+            divisors, hf["rope_theta"], hf["head_dim"], f"{f.path}: rope_freqs.weight"
+        )
+    for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
+        value = f.get(f"tokenizer.ggml.{gguf_key}")
+        if value is not None:
+            hf[hf_key] = int(value)
+    eos_ids = gguf_eos_token_ids(f)
+    if eos_ids:
+        hf["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    return hf
+
+
+def _float32_value(value: Any) -> float:
+    """GGUF stores these as float32: 9.999999747378752e-06 is the float32 nearest 1e-05, which the checkpoint
+    said. Give back the shortest decimal that rounds to the same float32."""
+    return float(str(np.float32(value)))
+
+
+def llama3_rope_frequency_divisors(
+    rope_theta: float, head_dim: int, factor: float, low_freq_factor: float, high_freq_factor: float, original: int
+) -> torch.Tensor:
+    """Per rotary pair, what Llama 3 rope scaling divides the frequency by: 1 for short wavelengths, ``factor``
+    for long ones, a smooth blend between. ``[head_dim // 2]`` float64."""
+    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    divisors = torch.where(wavelen < original / high_freq_factor, torch.ones_like(inv_freq), blended)
+    return torch.where(wavelen > original / low_freq_factor, torch.full_like(inv_freq, factor), divisors)
+
+
+def llama3_rope_scaling_from_factors(
+    divisors: torch.Tensor, rope_theta: float, head_dim: int, where: str
+) -> dict[str, Any]:
+    """Find the Llama 3 rope-scaling parameters that produce ``divisors`` (llama.cpp's ``rope_freqs``), among the
+    values Llama 3.x releases use; a clear error for anything else."""
+    divisors = divisors.to(torch.float64)
+    factor = float(divisors.max())
+    for low in (1.0, 2.0):
+        for high in (4.0, 2.0, 8.0):
+            for exponent in range(7, 18):  # original context 128 .. 131072
+                original = 2**exponent
+                expected = llama3_rope_frequency_divisors(rope_theta, head_dim, factor, low, high, original)
+                if expected.shape == divisors.shape and torch.allclose(expected, divisors, rtol=1e-4):
+                    return {
+                        "rope_type": "llama3",
+                        "factor": factor,
+                        "low_freq_factor": low,
+                        "high_freq_factor": high,
+                        "original_max_position_embeddings": original,
+                    }
+    raise GGUFError(f"{where}: frequency factors do not match any Llama 3 rope scaling; not supported")
+
+
+_HF_ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def gguf_eos_token_ids(f: GGUFFile) -> list[int]:
+    """End-of-sequence ids: eos plus end-of-turn / end-of-message where the file names them (Llama 3 chats end with
+    ``<|eot_id|>``)."""
+    ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        value = f.get(f"tokenizer.ggml.{key}")
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    return ids
+
+
+def _file_dtype_name(f: GGUFFile) -> str:
+    """The dtype of most 2-D tensors, by name; block formats say bfloat16 (what the engine computes in)."""
+    counts: dict[str, int] = {}
+    for t in f.reader.tensors:
+        if len(t.shape) >= 2:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    main = max(counts, key=lambda k: counts[k]) if counts else "F32"
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(main, "bfloat16")
+
+
+def _tensor_by_name(f: GGUFFile) -> dict[str, Any]:
+    return {t.name: t for t in f.reader.tensors}
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def gguf_to_tokenizer(f: GGUFFile) -> Any:
+    """The GGUF vocabulary + merges -> a ``tokenizers.Tokenizer`` (byte-level BPE, the ``gpt2`` tokenizer model)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind = f.get("tokenizer.ggml.model")
+    if kind is None:
+        raise GGUFError(f"{f.path}: no tokenizer (metadata key 'tokenizer.ggml.model' is missing)")
+    if kind != "gpt2":
+        raise GGUFError(
+            f"{f.path}: tokenizer.ggml.model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
+            "use the model's Hugging Face directory instead"
+        )
+    tokens: list[str] = list(f.get("tokenizer.ggml.tokens") or [])
+    merges_raw: list[str] = list(f.get("tokenizer.ggml.merges") or [])
+    if not tokens:
+        raise GGUFError(f"{f.path}: metadata key 'tokenizer.ggml.tokens' is missing or empty")
+    token_types: list[int] = list(f.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens))
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges: list[tuple[str, str]] = []
+    for i, merge in enumerate(merges_raw):
+        left, sep, right = merge.partition(" ")
+        if not sep:
+            raise GGUFError(f"{f.path}: tokenizer.ggml.merges[{i}] = {merge!r} is not two tokens separated by a space")
+        merges.append((left, right))
+
+    pre = str(f.get("tokenizer.ggml.pre") or "default")
+    # Llama 3 style vocabularies skip merging when a whole word is already a token.
+    ignore_merges = pre in {"llama-bpe", "llama3", "llama-v3"}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=ignore_merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre in {"smollm", "starcoder", "refact"}:
+        # digits one by one, then GPT-2's split
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    elif pre in {"llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "dbrx"}:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"), byte_level]
+        )
+    elif pre in {"qwen2", "deepseek-r1-qwen"}:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"), byte_level]
+        )
+    else:  # "default", "gpt2" and unknown names: GPT-2's split
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+
+    special: list[AddedToken] = []
+    user_defined: list[AddedToken] = []
+    for token, kind_id in zip(tokens, token_types, strict=False):
+        if kind_id == TOKEN_TYPE_CONTROL:
+            special.append(AddedToken(token, special=True, normalized=False))
+        elif kind_id == TOKEN_TYPE_USER_DEFINED:
+            user_defined.append(AddedToken(token, special=False, normalized=False))
+    if special:
+        tokenizer.add_special_tokens(special)
+    if user_defined:
+        tokenizer.add_tokens(user_defined)
+
+    bos_id = f.get("tokenizer.ggml.bos_token_id")
+    if f.get("tokenizer.ggml.add_bos_token") and bos_id is not None:
+        bos = tokens[int(bos_id)]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
+        )
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def gguf_tokenizer_config(f: GGUFFile) -> dict[str, Any]:
+    """What a ``tokenizer_config.json`` would say: special tokens as strings and the chat template."""
+    tokens: list[str] = list(f.get("tokenizer.ggml.tokens") or [])
+    config: dict[str, Any] = {}
+    for name, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
+        value = f.get(f"tokenizer.ggml.{key}")
+        if value is not None and 0 <= int(value) < len(tokens):
+            config[name] = tokens[int(value)]
+    template = f.get("tokenizer.chat_template")
+    if template:
+        config["chat_template"] = str(template)
+    config["add_bos_token"] = bool(f.get("tokenizer.ggml.add_bos_token", False))
+    return config
+
+
+# -------------------------------------------------------------------------------------------------- weights
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """A GGUF tensor name -> its Hugging Face parameter name; None for tensors with no HF counterpart
+    (``rope_freqs.weight``)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's row permutation of a Q or K projection (weight ``[num_heads * head_dim, in]`` or bias
+    ``[num_heads * head_dim]``).
+
+    The converter reshaped each head's rows as ``[2, head_dim/2]`` and transposed to ``[head_dim/2, 2]``
+    (interleaving the two rotary halves); we reshape as ``[head_dim/2, 2]`` and transpose back.
+    """
+    rows = w.shape[0]
+    half = rows // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def iter_gguf_weights(
+    f: GGUFFile, hf_config: dict[str, Any], dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` one tensor at a time, dequantized (the file stays memory-mapped)."""
+    permute = f.architecture in PERMUTED_QK_ARCHITECTURES
+    num_heads = int(hf_config["num_attention_heads"])
+    num_kv_heads = int(hf_config["num_key_value_heads"])
+    for t in f.reader.tensors:
+        name = hf_tensor_name(t.name)
+        if name is None:
+            continue
+        shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+        tensor = dequantize_tensor(np.asarray(t.data), t.tensor_type.name, shape)
+        if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
+            tensor = unpermute_qk(tensor, num_heads)
+        elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
+            tensor = unpermute_qk(tensor, num_kv_heads)
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        yield name, tensor
+
+
+# --------------------------------------------------------------------------------------------- dequantizing
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """Little-endian float16 from a ``[..., 2]`` uint8 array -> float32 ``[...]``."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """``[n_blocks, 16]`` uint8 -> ``[n_blocks, 32]`` values 0..15: low nibbles are elements 0..15, high 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)
+
+
+def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
+    blocks = np.ascontiguousarray(data).reshape(-1, Q8_0_BLOCK[1])  # [n_blocks, 34]
+    d = _f16(blocks[:, 0:2].reshape(-1, 1, 2))  # [n_blocks, 1]
+    q = blocks[:, 2:].view(np.int8).astype(np.float32)  # [n_blocks, 32]
+    return (d * q).reshape(-1)
+
+
+def dequantize_q4_0(data: np.ndarray) -> np.ndarray:
+    blocks = np.ascontiguousarray(data).reshape(-1, Q4_0_BLOCK[1])  # [n_blocks, 18]
+    d = _f16(blocks[:, 0:2].reshape(-1, 1, 2))
+    q = _nibbles(blocks[:, 2:]) - 8.0  # [n_blocks, 32]
+    return (d * q).reshape(-1)
+
+
+def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
+    blocks = np.ascontiguousarray(data).reshape(-1, Q4_1_BLOCK[1])  # [n_blocks, 20]
+    d = _f16(blocks[:, 0:2].reshape(-1, 1, 2))
+    m = _f16(blocks[:, 2:4].reshape(-1, 1, 2))
+    q = _nibbles(blocks[:, 4:])
+    return (d * q + m).reshape(-1)
+
+
+_OWN_DEQUANTIZERS = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1}
+
+
+def dequantize_tensor(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGUF tensor data -> a torch tensor of ``shape`` (numpy order).
+
+    F32/F16/BF16 keep their dtype (no copy beyond reading the map); the block formats become float32.
+    Q8_0, Q4_0 and Q4_1 are dequantized here; other block formats go through ``gguf.quants`` (numpy).
+    """
+    raw = np.ascontiguousarray(data)
+    if type_name == "F32":
+        return torch.from_numpy(raw.view(np.float32).reshape(shape).copy())
+    if type_name == "F16":
+        return torch.from_numpy(raw.view(np.float16).reshape(shape).copy())
+    if type_name == "BF16":
+        # numpy has no bfloat16: reinterpret the 16-bit patterns in torch
+        return torch.from_numpy(raw.view(np.int16).reshape(shape).copy()).view(torch.bfloat16)
+    if type_name in _OWN_DEQUANTIZERS:
+        return torch.from_numpy(_OWN_DEQUANTIZERS[type_name](raw.view(np.uint8)).reshape(shape))
+    import gguf
+    from gguf import quants
+
+    try:
+        qtype = gguf.GGMLQuantizationType[type_name]
+    except KeyError as e:
+        raise GGUFError(f"tensor type {type_name!r} is unknown") from e
+    try:
+        values = quants.dequantize(raw.view(np.uint8), qtype)
+    except NotImplementedError as e:
+        raise GGUFError(f"tensor type {type_name!r} cannot be dequantized") from e
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
