@@ -1,0 +1,154 @@
+"""Talk to the API server: server-side apply with one field manager, pruning a stale PDB, the scale subresource.
+
+Server-side apply makes reconciliation idempotent by construction: the operator states the fields it owns, the
+API server merges them and skips the write (the resourceVersion stays put) when nothing changed. Conflicts with
+other managers are forced: the operator is the owner of what it renders (kubectl edits to those fields get undone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kubellm.operator import constants as c
+
+JSON = dict[str, Any]
+
+_COLLECTIONS: dict[tuple[str, str], str] = {
+    ("v1", "ConfigMap"): "/api/v1/namespaces/{namespace}/configmaps",
+    ("v1", "Service"): "/api/v1/namespaces/{namespace}/services",
+    ("v1", "Pod"): "/api/v1/namespaces/{namespace}/pods",
+    ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{namespace}/deployments",
+    ("policy/v1", "PodDisruptionBudget"): "/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
+    (c.API_VERSION, c.KIND): f"/apis/{c.API_VERSION}/namespaces/{{namespace}}/{c.PLURAL}",
+}
+
+
+def make_api_client(pool_size: int = 16) -> client.ApiClient:
+    """In a pod: the service account; elsewhere: $KUBECONFIG (or ~/.kube/config). `pool_size` connections, one
+    per handler thread (the client's default, 5 per CPU, would make threads queue for a connection)."""
+    configuration = client.Configuration()
+    configuration.connection_pool_maxsize = pool_size
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def object_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    try:
+        base = _COLLECTIONS[(api_version, kind)].format(namespace=namespace)
+    except KeyError:
+        raise ValueError(f"the operator does not manage {api_version} {kind}") from None
+    return f"{base}/{name}" if name else base
+
+
+@dataclass
+class Kube:
+    """The handful of API calls the operator makes, over one kubernetes ApiClient (thread-safe)."""
+
+    api: client.ApiClient
+    field_manager: str = c.FIELD_MANAGER
+    request_timeout: float = 30.0
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str | None = None,
+    ) -> JSON:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        request = self.api.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*request, _request_timeout=self.request_timeout)
+        raw = response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=raw.decode("utf-8", "replace"), data=None)
+        data = json.loads(raw) if raw else {}
+        return data if isinstance(data, dict) else {}
+
+    def apply(self, obj: JSON) -> JSON:
+        """Server-side apply `obj` (an apply configuration); returns the object as stored."""
+        meta = obj["metadata"]
+        path = object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        return self._call(
+            "PATCH",
+            path,
+            body=json.dumps(obj),
+            query=[("fieldManager", self.field_manager), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> JSON | None:
+        try:
+            return self._call("GET", object_path(api_version, kind, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[JSON]:
+        data = self._call("GET", object_path(api_version, kind, namespace), query=[("labelSelector", label_selector)])
+        return list(data.get("items") or [])
+
+    def delete_owned(self, api_version: str, kind: str, namespace: str, name: str, owner_uid: str) -> bool:
+        """Delete the object if it exists and this owner controls it (never someone else's). True if deleted."""
+        current = self.get(api_version, kind, namespace, name)
+        if current is None:
+            return False
+        owners = current.get("metadata", {}).get("ownerReferences") or []
+        if not any(ref.get("uid") == owner_uid and ref.get("controller") for ref in owners):
+            return False
+        uid = current["metadata"]["uid"]
+        try:
+            self._call(
+                "DELETE",
+                object_path(api_version, kind, namespace, name),
+                # The precondition: delete exactly the object inspected, not a namesake created since.
+                body={"preconditions": {"uid": uid}},
+                content_type="application/json",
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    def patch_status(self, namespace: str, name: str, status: JSON) -> JSON:
+        """JSON merge patch of an LLMDeployment's status subresource."""
+        return self._call(
+            "PATCH",
+            object_path(c.API_VERSION, c.KIND, namespace, name) + "/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    def scale(self, namespace: str, name: str, replicas: int, resource_version: str | None = None) -> JSON:
+        """Write spec.replicas through the scale subresource (what `kubectl scale` and HPA do)."""
+        body: JSON = {"spec": {"replicas": replicas}}
+        if resource_version:
+            # Optimistic concurrency: fail (409) if someone scaled since the decision's observation.
+            body["metadata"] = {"resourceVersion": resource_version}
+        return self._call(
+            "PATCH",
+            object_path(c.API_VERSION, c.KIND, namespace, name) + "/scale",
+            body=body,
+            content_type="application/merge-patch+json",
+        )

@@ -1,0 +1,69 @@
+"""Names shared by the operator, its CRD and the objects it creates."""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "kubellm.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "LLMDeployment"
+PLURAL: Final = "llmdeployments"
+SINGULAR: Final = "llmdeployment"
+SHORT_NAME: Final = "llmd"
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+
+# One field manager for every server-side apply: the operator owns exactly the fields it renders.
+FIELD_MANAGER: Final = "kubellm-operator"
+
+# Recommended labels (https://kubernetes.io/docs/concepts/overview/working-with-objects/common-labels/).
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+APP_NAME: Final = "kubellm"
+COMPONENT_RUNTIME: Final = "runtime"
+MANAGED_BY: Final = "kubellm-operator"
+RESERVED_LABELS: Final = (LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_PART_OF)
+
+# Pod template annotation holding a hash of the engine ConfigMap: a config change rolls the pods.
+ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
+# kopf keeps its progress and last-handled state in annotations under this prefix (the status is ours).
+KOPF_ANNOTATION_PREFIX: Final = f"operator.{GROUP}"
+
+# The runtime container: `kubellm serve` listens here and exposes the probes and /metrics.
+CONTAINER_NAME: Final = "runtime"
+CONTAINER_PORT: Final = 8000
+PORT_NAME: Final = "http"
+HEALTH_PATH: Final = "/health"
+READY_PATH: Final = "/ready"
+METRICS_PATH: Final = "/metrics"
+CONFIG_MOUNT_PATH: Final = "/etc/kubellm"
+ENGINE_CONFIG_KEY: Final = "engine.json"
+CHAT_TEMPLATE_KEY: Final = "chat_template.jinja"
+MODEL_CACHE_PATH: Final = "/var/cache/kubellm"
+MODELS_PVC_MOUNT_ROOT: Final = "/models"
+API_KEY_MOUNT_PATH: Final = "/var/run/secrets/kubellm"
+DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
+RUN_AS_USER: Final = 1000
+
+# Condition types reported in status.conditions.
+CONDITION_READY: Final = "Ready"
+CONDITION_PROGRESSING: Final = "Progressing"
+CONDITION_DEGRADED: Final = "Degraded"
+CONDITION_SCALING_ACTIVE: Final = "ScalingActive"
+CONDITION_SCALING_LIMITED: Final = "ScalingLimited"
+CONDITION_TYPES: Final = (
+    CONDITION_READY,
+    CONDITION_PROGRESSING,
+    CONDITION_DEGRADED,
+    CONDITION_SCALING_ACTIVE,
+    CONDITION_SCALING_LIMITED,
+)
+MAX_SCALING_DECISIONS: Final = 10
+
+# The runtime's Prometheus metrics, named as vLLM names them.
+METRIC_WAITING: Final = "vllm:num_requests_waiting"
+METRIC_RUNNING: Final = "vllm:num_requests_running"
+METRIC_KV_USAGE: Final = "vllm:kv_cache_usage_perc"

@@ -1,0 +1,392 @@
+"""PURE: an LLMDeployment spec -> the objects that run it (ConfigMap, Deployment, Service, PodDisruptionBudget).
+
+Nothing here talks to the cluster: `render` returns plain dicts, shaped as server-side apply configurations
+(only the fields the operator has an opinion on), with owner references so that deleting the LLMDeployment
+garbage-collects them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from kubellm.operator import constants as c
+from kubellm.operator.settings import Settings
+from kubellm.operator.spec import LLMDeploymentSpec
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The LLMDeployment the objects belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> JSON:
+        return {
+            "apiVersion": c.API_VERSION,
+            "kind": c.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class DesiredObjects:
+    config_map: JSON
+    deployment: JSON
+    service: JSON
+    # None: there must be no PodDisruptionBudget (a single replica cannot keep one available while draining).
+    pdb: JSON | None
+
+    def to_apply(self) -> list[JSON]:
+        """In dependency order: the ConfigMap exists before the pods that mount it."""
+        objects = [self.config_map, self.deployment, self.service]
+        return objects + ([self.pdb] if self.pdb is not None else [])
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {c.LABEL_NAME: c.APP_NAME, c.LABEL_INSTANCE: name}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
+def common_labels(name: str) -> dict[str, str]:
+    return {
+        **selector_labels(name),
+        c.LABEL_COMPONENT: c.COMPONENT_RUNTIME,
+        c.LABEL_MANAGED_BY: c.MANAGED_BY,
+        c.LABEL_PART_OF: c.APP_NAME,
+    }
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-engine"
+
+
+def served_model_name(name: str, spec: LLMDeploymentSpec) -> str:
+    return spec.model.served_model_name or name
+
+
+def endpoint(owner: Owner, spec: LLMDeploymentSpec) -> str:
+    return f"http://{owner.name}.{owner.namespace}.svc:{spec.service.port}"
+
+
+def _metadata(owner: Owner, name: str, annotations: dict[str, str] | None = None) -> JSON:
+    meta: JSON = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": common_labels(owner.name),
+        "ownerReferences": [owner.reference()],
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def engine_config(owner: Owner, spec: LLMDeploymentSpec) -> JSON:
+    """The engine configuration as the runtime sees it (kept in the ConfigMap, readable with kubectl)."""
+    engine = spec.engine
+    return {
+        "model": spec.model.source,
+        "revision": spec.model.revision,
+        "served_model_name": served_model_name(owner.name, spec),
+        "dtype": spec.model.dtype,
+        "max_model_len": spec.model.max_model_len,
+        "block_size": engine.block_size,
+        "max_num_seqs": engine.max_num_seqs,
+        "max_num_batched_tokens": engine.max_num_batched_tokens,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "enable_prefix_caching": engine.enable_prefix_caching,
+        "enforce_eager": engine.enforce_eager,
+        "extra_args": list(engine.extra_args),
+    }
+
+
+def render_config_map(owner: Owner, spec: LLMDeploymentSpec) -> JSON:
+    data = {c.ENGINE_CONFIG_KEY: json.dumps(engine_config(owner, spec), indent=2, sort_keys=True) + "\n"}
+    if spec.model.chat_template is not None:
+        data[c.CHAT_TEMPLATE_KEY] = spec.model.chat_template
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, config_map_name(owner.name)),
+        "data": data,
+    }
+
+
+def config_hash(config_map: JSON) -> str:
+    blob = json.dumps(config_map["data"], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_argument(source: str) -> str:
+    """The `--model` value inside the pod: pvc:// and file:// become local paths, the rest pass through."""
+    if source.startswith("pvc://"):
+        claim, _, path = source.removeprefix("pvc://").partition("/")
+        return f"{c.MODELS_PVC_MOUNT_ROOT}/{claim}/{path}"
+    if source.startswith("file://"):
+        return source.removeprefix("file://")
+    return source
+
+
+def drain_timeout(settings: Settings) -> int:
+    """What the runtime gets to finish in-flight requests after SIGTERM: the grace period, less the preStop pause
+    (it runs first, inside the same grace period) and a margin so the kubelet's SIGKILL never cuts a response."""
+    return max(1, settings.drain_seconds - settings.prestop_sleep_seconds - 2)
+
+
+def runtime_args(owner: Owner, spec: LLMDeploymentSpec, settings: Settings) -> list[str]:
+    engine = spec.engine
+    args = [
+        "serve",
+        "--model",
+        model_argument(spec.model.source),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(c.CONTAINER_PORT),
+        "--served-model-name",
+        served_model_name(owner.name, spec),
+        "--dtype",
+        spec.model.dtype,
+        "--block-size",
+        str(engine.block_size),
+        "--max-num-seqs",
+        str(engine.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(engine.max_num_batched_tokens),
+        "--gpu-memory-utilization",
+        repr(engine.gpu_memory_utilization),
+        "--drain-timeout",
+        str(drain_timeout(settings)),
+    ]
+    if spec.model.revision is not None:
+        args += ["--revision", spec.model.revision]
+    if spec.model.max_model_len is not None:
+        args += ["--max-model-len", str(spec.model.max_model_len)]
+    if not engine.enable_prefix_caching:
+        args.append("--no-enable-prefix-caching")
+    if engine.enforce_eager:
+        args.append("--enforce-eager")
+    if spec.model.chat_template is not None:
+        args += ["--chat-template", f"{c.CONFIG_MOUNT_PATH}/{c.CHAT_TEMPLATE_KEY}"]
+    if spec.auth is not None:
+        args += ["--api-key-file", f"{c.API_KEY_MOUNT_PATH}/api-key"]
+    return args + list(engine.extra_args)
+
+
+def _env(spec: LLMDeploymentSpec) -> list[JSON]:
+    # HOME and the Hugging Face cache must be writable: the root filesystem is read-only.
+    env: list[JSON] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": f"{c.MODEL_CACHE_PATH}/huggingface"},
+    ]
+    token = spec.model.token_secret_ref
+    if token is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    # The user's variables win; server-side apply treats env as a map keyed by name, so no duplicates.
+    user = [v.model_dump(by_alias=True, exclude_none=True) for v in spec.pod.env]
+    user_names = {v["name"] for v in user}
+    return [v for v in env if v["name"] not in user_names] + user
+
+
+def _volumes(owner: Owner, spec: LLMDeploymentSpec) -> tuple[list[JSON], list[JSON]]:
+    volumes: list[JSON] = [
+        {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[JSON] = [
+        {"name": "config", "mountPath": c.CONFIG_MOUNT_PATH, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "model-cache", "mountPath": c.MODEL_CACHE_PATH},
+    ]
+    storage = spec.storage
+    if storage.persistent_volume_claim is not None:
+        volumes.append(
+            {"name": "model-cache", "persistentVolumeClaim": {"claimName": storage.persistent_volume_claim.claim_name}}
+        )
+    else:
+        size = storage.empty_dir.size_limit if storage.empty_dir is not None else None
+        volumes.append({"name": "model-cache", "emptyDir": {"sizeLimit": str(size)} if size is not None else {}})
+    if spec.model.source.startswith("pvc://"):
+        claim = spec.model.source.removeprefix("pvc://").partition("/")[0]
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": f"{c.MODELS_PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+    if spec.auth is not None:
+        ref = spec.auth.api_key_secret_ref
+        volumes.append(
+            {"name": "api-key", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "api-key"}]}}
+        )
+        mounts.append({"name": "api-key", "mountPath": c.API_KEY_MOUNT_PATH, "readOnly": True})
+    if spec.resources.gpus > 1:
+        # Tensor-parallel workers exchange tensors through shared memory; the default 64 MiB /dev/shm is too small.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return volumes, mounts
+
+
+def _resources(spec: LLMDeploymentSpec) -> JSON:
+    res = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu is not None:
+        requests["cpu"] = str(res.cpu)
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = str(res.memory)
+    if res.gpus > 0:
+        requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = str(res.gpus)
+    out: JSON = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _probe(path: str, period: int, timeout: int, failures: int) -> JSON:
+    return {
+        "httpGet": {"path": path, "port": c.PORT_NAME},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+
+
+def render_deployment(owner: Owner, spec: LLMDeploymentSpec, settings: Settings, config_map: JSON) -> JSON:
+    res = spec.resources
+    volumes, mounts = _volumes(owner, spec)
+    startup_period = 10
+    container: JSON = {
+        "name": c.CONTAINER_NAME,
+        "image": spec.image.name or settings.runtime_image,
+        "imagePullPolicy": spec.image.pull_policy,
+        "command": ["kubellm"],
+        "args": runtime_args(owner, spec, settings),
+        "ports": [{"name": c.PORT_NAME, "containerPort": c.CONTAINER_PORT, "protocol": "TCP"}],
+        "env": _env(spec),
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        # Model loading can take many minutes: the startup probe holds liveness off until /health answers.
+        "startupProbe": _probe(
+            c.HEALTH_PATH, startup_period, 5, max(1, math.ceil(settings.startup_timeout_seconds / startup_period))
+        ),
+        "readinessProbe": _probe(c.READY_PATH, 5, 3, 2),
+        "livenessProbe": _probe(c.HEALTH_PATH, 10, 5, 6),
+        # The pause lets the endpoints controller drop the pod before SIGTERM makes the runtime drain.
+        "lifecycle": {"preStop": {"sleep": {"seconds": settings.prestop_sleep_seconds}}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if settings.prestop_sleep_seconds == 0:
+        del container["lifecycle"]
+    tolerations = list(res.tolerations)
+    if res.gpus > 0:
+        tolerations.append({"key": res.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    pod_spec: JSON = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": settings.drain_seconds,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": c.RUN_AS_USER,
+            "runAsGroup": c.RUN_AS_USER,
+            "fsGroup": c.RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if res.affinity is not None:
+        pod_spec["affinity"] = res.affinity
+    if res.priority_class_name is not None:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    if spec.image.pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.image.pull_secrets]
+    pod_annotations = {
+        **spec.pod.annotations,
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(c.CONTAINER_PORT),
+        "prometheus.io/path": c.METRICS_PATH,
+        c.ANNOTATION_CONFIG_HASH: config_hash(config_map),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, owner.name),
+        "spec": {
+            "replicas": spec.replicas,
+            "revisionHistoryLimit": 3,
+            # A rollout is "stuck" only after the slowest acceptable model load.
+            "progressDeadlineSeconds": settings.startup_timeout_seconds + 120,
+            "selector": {"matchLabels": selector_labels(owner.name)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": spec.rollout.max_surge, "maxUnavailable": spec.rollout.max_unavailable},
+            },
+            "template": {
+                "metadata": {
+                    "labels": {**spec.pod.labels, **common_labels(owner.name)},
+                    "annotations": pod_annotations,
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def render_service(owner: Owner, spec: LLMDeploymentSpec) -> JSON:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, owner.name, spec.service.annotations),
+        "spec": {
+            "type": spec.service.type,
+            "selector": selector_labels(owner.name),
+            "ports": [{"name": c.PORT_NAME, "port": spec.service.port, "targetPort": c.PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def render_pdb(owner: Owner, spec: LLMDeploymentSpec) -> JSON | None:
+    if spec.replicas <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, owner.name),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(owner.name)},
+            # A replica that never became ready protects nothing: let drains evict it.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def render(owner: Owner, spec: LLMDeploymentSpec, settings: Settings) -> DesiredObjects:
+    config_map = render_config_map(owner, spec)
+    return DesiredObjects(
+        config_map=config_map,
+        deployment=render_deployment(owner, spec, settings, config_map),
+        service=render_service(owner, spec),
+        pdb=render_pdb(owner, spec),
+    )

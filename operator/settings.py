@@ -1,0 +1,141 @@
+"""Operator settings from KUBELLM_* environment variables, checked once at start-up (a bad value stops the start)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+PREFIX = "KUBELLM_"
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A KUBELLM_* variable has a bad value; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob the operator reads from its environment. Field `foo_bar` is read from `KUBELLM_FOO_BAR`."""
+
+    # Namespaces to watch (comma-separated names or kopf globs such as `team-*`); empty means the whole cluster.
+    namespaces: tuple[str, ...] = ()
+    # Runtime image when an LLMDeployment does not name one.
+    runtime_image: str = "ghcr.io/kubellm/kubellm:0.1.0"
+    # kopf peering: empty runs standalone (no KopfPeering objects needed); a name enables peering under it.
+    peering: str = ""
+    # This replica's peering priority: the highest live one reconciles, the others stand by. kopf pauses EVERY
+    # replica when two live peers tie, so 0 (the default) draws a random priority per process.
+    peering_priority: int = 0
+    log_level: str = "INFO"
+    # Per-object timer: refresh status (pods Pending for GPUs, readiness) and, when due, evaluate autoscaling.
+    timer_interval_seconds: float = 5.0
+    # Metric scraping: per-pod timeout and the most scrapes in flight at once (all LLMDeployments together).
+    scrape_timeout_seconds: float = 2.0
+    scrape_concurrency: int = 32
+    # How long a replica may take to load its model before the startup probe gives up on it.
+    startup_timeout_seconds: int = 1800
+    # Time a terminating replica gets to finish in-flight requests (terminationGracePeriodSeconds).
+    drain_seconds: int = 60
+    # preStop pause so endpoints drop the pod before the runtime stops accepting requests.
+    prestop_sleep_seconds: int = 5
+    # kopf handler policy: bounded retries with backoff, and a timeout per handler.
+    handler_retries: int = 10
+    handler_backoff_seconds: float = 2.0
+    handler_timeout_seconds: float = 120.0
+    # Threads for synchronous Kubernetes API calls.
+    max_workers: int = 16
+    # kopf's liveness endpoint (empty: none), e.g. http://0.0.0.0:8080/healthz
+    liveness_endpoint: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = PREFIX + f.name.upper()
+            raw = env.get(var)
+            if raw is None:
+                continue
+            values[f.name] = _PARSERS[f.name](var, raw)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        positive = {
+            "timer_interval_seconds": self.timer_interval_seconds,
+            "scrape_timeout_seconds": self.scrape_timeout_seconds,
+            "scrape_concurrency": self.scrape_concurrency,
+            "startup_timeout_seconds": self.startup_timeout_seconds,
+            "handler_backoff_seconds": self.handler_backoff_seconds,
+            "handler_timeout_seconds": self.handler_timeout_seconds,
+            "max_workers": self.max_workers,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise SettingsError(f"{PREFIX}{name.upper()} must be > 0, got {value}")
+        non_negative = {
+            "drain_seconds": self.drain_seconds,
+            "prestop_sleep_seconds": self.prestop_sleep_seconds,
+            "handler_retries": self.handler_retries,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise SettingsError(f"{PREFIX}{name.upper()} must be >= 0, got {value}")
+        if self.prestop_sleep_seconds >= max(self.drain_seconds, 1):
+            raise SettingsError(
+                f"{PREFIX}PRESTOP_SLEEP_SECONDS ({self.prestop_sleep_seconds}) must be < "
+                f"{PREFIX}DRAIN_SECONDS ({self.drain_seconds}): the pause is part of the grace period"
+            )
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise SettingsError(
+                f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}"
+            )
+        if not self.runtime_image.strip():
+            raise SettingsError(f"{PREFIX}RUNTIME_IMAGE must not be empty")
+
+
+def _number(kind: Callable[[str], T]) -> Callable[[str, str], T]:
+    def parse(var: str, raw: str) -> T:
+        try:
+            return kind(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{var} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+
+    return parse
+
+
+def _text(var: str, raw: str) -> str:
+    return raw.strip()
+
+
+def parse_namespaces(var: str, raw: str) -> tuple[str, ...]:
+    """Namespace names or kopf's glob patterns (`team-*`, `!team-test`)."""
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    for name in names:
+        if len(name) > 64 or not re.fullmatch(r"!?[a-z0-9*?]([-a-z0-9*?]*[a-z0-9*?])?", name):
+            raise SettingsError(f"{var}: {name!r} is neither a namespace name nor a glob pattern")
+    return names
+
+
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "namespaces": parse_namespaces,
+    "runtime_image": _text,
+    "peering": _text,
+    "peering_priority": _number(int),
+    "log_level": _text,
+    "liveness_endpoint": _text,
+    "timer_interval_seconds": _number(float),
+    "scrape_timeout_seconds": _number(float),
+    "scrape_concurrency": _number(int),
+    "startup_timeout_seconds": _number(int),
+    "drain_seconds": _number(int),
+    "prestop_sleep_seconds": _number(int),
+    "handler_retries": _number(int),
+    "handler_backoff_seconds": _number(float),
+    "handler_timeout_seconds": _number(float),
+    "max_workers": _number(int),
+}

@@ -1,0 +1,127 @@
+"""The operator SIGKILLed mid-reconcile and restarted converges: every LLMDeployment ends with exactly its own
+children, up to date, and nothing orphaned or duplicated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster import wait_until
+from kubernetes import client, watch
+
+from kubellm.operator import constants as c
+
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
+
+COUNT = 8
+
+
+def _managed(api: Any, namespace: str) -> dict[str, list[Any]]:
+    selector = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
+    core: Any = client.CoreV1Api(api)
+    apps: Any = client.AppsV1Api(api)
+    policy: Any = client.PolicyV1Api(api)
+    return {
+        "ConfigMap": core.list_namespaced_config_map(namespace, label_selector=selector).items,
+        "Deployment": apps.list_namespaced_deployment(namespace, label_selector=selector).items,
+        "Service": core.list_namespaced_service(namespace, label_selector=selector).items,
+        "PodDisruptionBudget": policy.list_namespaced_pod_disruption_budget(namespace, label_selector=selector).items,
+    }
+
+
+def _first_event(list_fn: Any, namespace: str, predicate: Any = None, timeout: int = 60) -> Any:
+    """Block until the watch sees a managed object (matching predicate, if given); return it."""
+    stream = watch.Watch()
+    selector = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
+    for event in stream.stream(list_fn, namespace, label_selector=selector, timeout_seconds=timeout):
+        if predicate is None or predicate(event["object"]):
+            stream.stop()
+            return event["object"]
+    raise AssertionError(f"no matching object within {timeout} s")
+
+
+def test_sigkill_mid_reconcile_then_restart_converges(
+    k8s_cluster: Any, private_namespace: str, tmp_path: Path, operator_process_factory: Any
+) -> None:
+    api = k8s_cluster.api_client()
+    custom: Any = client.CustomObjectsApi(api)
+    apps: Any = client.AppsV1Api(api)
+    ns = private_namespace
+    names = [f"m{i}" for i in range(COUNT)]
+    for name in names:
+        body = {
+            "apiVersion": c.API_VERSION,
+            "kind": c.KIND,
+            "metadata": {"name": name},
+            "spec": {"model": {"source": "builtin:smollm2-135m-instruct"}, "replicas": 2, "resources": {"gpus": 0}},
+        }
+        custom.create_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL, body)
+
+    op = operator_process_factory(ns, tmp_path / "operator.log")
+    # Kill on the first ConfigMap (a watch, so within milliseconds): its owner has the ConfigMap but not yet the
+    # Deployment, and the other objects are mid-way or not started.
+    op.start()
+    _first_event(client.CoreV1Api(api).list_namespaced_config_map, ns)
+    op.kill()
+    state = _managed(api, ns)
+    print(f"first kill: {len(state['ConfigMap'])} ConfigMaps, {len(state['Deployment'])} Deployments of {COUNT}")
+
+    # A spec change while the operator is down, then restart, and kill again right after the first rollout starts.
+    for name in names:
+        custom.patch_namespaced_custom_object(
+            c.GROUP, c.VERSION, ns, c.PLURAL, name, {"spec": {"engine": {"maxNumSeqs": 32}}}
+        )
+    op.start()
+
+    _first_event(apps.list_namespaced_deployment, ns, lambda d: "32" in d.spec.template.spec.containers[0].args)
+    op.kill()
+    updated = sum("32" in d.spec.template.spec.containers[0].args for d in _managed(api, ns)["Deployment"])
+    print(f"second kill: {updated}/{COUNT} Deployments updated")
+
+    op.start()
+    try:
+
+        def converged() -> bool:
+            for name in names:
+                obj = custom.get_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL, name)
+                status = obj.get("status") or {}
+                if status.get("observedGeneration") != obj["metadata"]["generation"]:
+                    return False
+                if status.get("readyReplicas") != 2:
+                    return False
+                args = apps.read_namespaced_deployment(name, ns).spec.template.spec.containers[0].args
+                if args[args.index("--max-num-seqs") + 1] != "32":
+                    return False
+            return True
+
+        wait_until(converged, timeout=120, what="every LLMDeployment converged after the restarts")
+    finally:
+        op.stop()
+
+    owners = {
+        o["metadata"]["uid"]: o["metadata"]["name"]
+        for o in custom.list_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL)["items"]
+    }
+    managed = _managed(api, ns)
+    expected_names = {
+        "ConfigMap": {f"{n}-engine" for n in names},
+        "Deployment": set(names),
+        "Service": set(names),
+        "PodDisruptionBudget": set(names),
+    }
+    for kind, objs in managed.items():
+        got = [o.metadata.name for o in objs]
+        assert sorted(got) == sorted(expected_names[kind]), f"{kind}: duplicates or orphans: {got}"
+        for obj in objs:
+            (ref,) = obj.metadata.owner_references
+            assert owners.get(ref.uid) == ref.name, f"{kind} {obj.metadata.name} is owned by a missing object"
+    # No half-done handler progress left behind in kopf's annotations.
+    for name in names:
+        annotations = custom.get_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL, name)["metadata"].get(
+            "annotations", {}
+        )
+        kept = (f"{c.KOPF_ANNOTATION_PREFIX}/last-handled-configuration", f"{c.KOPF_ANNOTATION_PREFIX}/kopf-managed")
+        leftovers = [k for k in annotations if k.startswith(c.KOPF_ANNOTATION_PREFIX) and k not in kept]
+        assert not leftovers, f"{name}: {leftovers}"
+    api.close()
