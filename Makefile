@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 export PYTHONSAFEPATH := 1
 STAMP  := $(VENV)/.kubellm-setup
 
-.PHONY: setup test test-fast lint serve cluster-up cluster-down clean
+.PHONY: setup test test-fast lint serve cluster-up cluster-down kind-up kind-down sync-crds images clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,23 @@ cluster-up: setup
 
 cluster-down: setup
 	PYTHONPATH=tests $(PY) -m cluster down
+
+# The kind quick start (needs docker, kind, kubectl, helm and curl on the PATH; not run by the tests).
+kind-up:
+	hack/kind-up.sh
+
+kind-down:
+	hack/kind-down.sh
+
+# Copy crds/ into the chart; tests/deploy fails when the two drift apart.
+sync-crds:
+	hack/sync-chart-crds.sh
+
+IMAGE_TAG ?= 0.1.0
+images:
+	docker build -f Dockerfile.runtime -t ghcr.io/kubellm/runtime:$(IMAGE_TAG) .
+	docker build -f Dockerfile.runtime --build-arg VARIANT=cpu -t ghcr.io/kubellm/runtime:$(IMAGE_TAG)-cpu .
+	docker build -f Dockerfile.runtime --target operator -t ghcr.io/kubellm/operator:$(IMAGE_TAG) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,63 @@
+{{/* Rules on cluster-scoped resources (a ClusterRole in both modes). */}}
+{{- define "kubellm.clusterScopedRules" -}}
+# kopf: watch CRDs to notice the LLMDeployment CRD being (re)installed or upgraded.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- if include "kubellm.clusterWide" . }}
+{{- if .Values.peering.enabled }}
+# kopf peering, cluster-wide: read the peers' keep-alives and publish ours.
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
+{{- else }}
+# kopf, namespaced mode: follow the watched namespaces as they come and go (cluster-wide mode never lists them).
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
+{{- end -}}
+
+{{/* Rules on namespaced resources: in the ClusterRole (cluster-wide mode) or a Role per watched namespace. */}}
+{{- define "kubellm.namespacedRules" -}}
+# kopf (handlers.py): watch LLMDeployments; patch them for the finalizer and the progress annotations.
+- apiGroups: ["kubellm.io"]
+  resources: ["llmdeployments"]
+  verbs: ["list", "watch", "patch"]
+# kopf (handlers.py): conditions, replicas, metrics and scaling decisions in status.
+- apiGroups: ["kubellm.io"]
+  resources: ["llmdeployments/status"]
+  verbs: ["patch"]
+# apply.py Kube.scale: the autoscaler writes spec.replicas through the scale subresource.
+- apiGroups: ["kubellm.io"]
+  resources: ["llmdeployments/scale"]
+  verbs: ["patch"]
+# apply.py Kube.apply: server-side apply of what resources.py renders (an apply that creates the object needs
+# `create` as well as `patch`); handlers.py indexes Deployments by watch.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["create", "patch"]
+# apply.py Kube.apply; Kube.delete_owned when replicas drop to one (it reads the owner first); handlers.py indexes
+# the PDBs by watch to know when there is one to prune.
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# handlers.py: the pods index (readiness, Pending for GPUs, the IPs to scrape).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+# kopf.event (scaling decisions) and kopf's own warnings.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- if and .Values.peering.enabled (not (include "kubellm.clusterWide" .)) }}
+# kopf peering, namespaced mode: read the peers' keep-alives and publish ours.
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
+{{- end -}}
