@@ -145,6 +145,7 @@ def _kube_uses() -> list[tuple[str, tuple[str, ...]]]:
 def used_permissions(*, cluster_wide: bool, peering: bool) -> tuple[set[Permission], set[Permission]]:
     """(cluster-scoped, namespaced) permissions some code path of the operator uses in this mode."""
     import kopf
+
     from kubellm.operator import apply, handlers, resources
     from kubellm.operator.settings import Settings
     from kubellm.operator.spec import parse_spec
