@@ -10,6 +10,7 @@ minutes and must not count against the first test's timeout, and the log shows i
 from __future__ import annotations
 
 import os
+import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -54,6 +55,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _provision(session.config)
 
 
+def _random_loopback_pod_cidr() -> str:
+    """A /16 of 127.0.0.0/8 of its own: runtime processes bind to pod IPs, so two clusters on one machine
+    (two test sessions, or a test beside `make cluster-up`) must not hand out the same addresses."""
+    return f"127.{random.randint(16, 250)}.0.0/16"
+
+
 @pytest.fixture(scope="session")
 def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     binaries = request.config.stash.get(_binaries_key, None) or _provision(request.config)
@@ -62,7 +69,7 @@ def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         pytest.skip(f"no Kubernetes binaries: {message}" + ("" if HOW_TO_PROVIDE in message else f": {HOW_TO_PROVIDE}"))
     crds_dir = os.environ.get(CRDS_DIR_ENV)
     config = ClusterConfig(
-        pod_cidr=os.environ.get(POD_CIDR_ENV) or ClusterConfig.pod_cidr,
+        pod_cidr=os.environ.get(POD_CIDR_ENV) or _random_loopback_pod_cidr(),
         crds_dir=Path(crds_dir) if crds_dir else ClusterConfig.crds_dir,
     )
     control_plane = ControlPlane(binaries, config, tmp_path_factory.mktemp("cluster"))

@@ -1,0 +1,212 @@
+"""The closed loop, end to end (the operator issue's last acceptance item): real runtime metrics drive a scale-up
+under load and a scale-down after it.
+
+    control plane (kwok pods on loopback IPs) <── operator (subprocess) ── scrapes http://<podIP>:8000/metrics
+          │ pods                                                                    ▲
+          ▼                                                                         │
+    RuntimeKubelet: one real `kubellm serve` (SmolLM2 on the CPU) per pod ──────────┘ <── streaming load (openai)
+
+1. one replica; its runtime serves; the operator scrapes it.
+2. load on pod 1 piles up `vllm:num_requests_waiting` over targetQueueDepth -> scale-up 1 -> 2, a decision in
+   status and a ScaledUp Event naming the queue.
+3. the load stops while the new pod's runtime is held back (a slow image pull): the pod is Ready (kwok) but its
+   scrape fails. Past the scale-down window there is no load at all, and still no scale-down: no metrics from a
+   replica is never a reason to remove capacity.
+4. the runtime starts; once it is scraped, back down to minReplicas; its runtime stops; no process is left.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.kubelet import RuntimeKubelet
+from e2e.load import StreamingLoad
+from e2e.observer import GROUP, PLURAL, VERSION, Observer, Snapshot
+from e2e.operator_process import OperatorProcess
+from e2e.procs import marked_processes, wait_for
+
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
+
+NAME = "loop"
+TARGET_QUEUE_DEPTH = 2
+SCALE_DOWN_WINDOW_S = 5
+EVALUATION_PERIOD_S = 1
+SPEC: dict[str, Any] = {
+    "model": {"source": "builtin:smollm2-135m-instruct", "maxModelLen": 512},
+    "replicas": 1,
+    "resources": {"gpus": 0},
+    # Two sequences at a time, so a handful of concurrent requests is a queue; a KV cache (64 MB: ~170 blocks)
+    # large enough that the queue, not KV usage, is what drives the decision.
+    "engine": {
+        "maxNumSeqs": 2,
+        "maxNumBatchedTokens": 256,
+        "extraArgs": ["--device", "cpu", "--kv-cache-memory", str(64 * 1024 * 1024)],
+    },
+    "autoscaling": {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 2,
+        "targetQueueDepth": TARGET_QUEUE_DEPTH,
+        "evaluationPeriodSeconds": EVALUATION_PERIOD_S,
+        "scaleUpStabilizationSeconds": 0,
+        "scaleDownStabilizationSeconds": SCALE_DOWN_WINDOW_S,
+    },
+}
+# 8 clients, 2 running: ~6 waiting on one replica = 3x the target (the decision asks for 3, maxReplicas caps at 2).
+CONCURRENCY = 8
+MAX_TOKENS = 256
+
+
+def _wall(iso: str) -> float:
+    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def _events(api: Any, namespace: str) -> list[Any]:
+    from kubernetes import client
+
+    core: Any = client.CoreV1Api(api)
+    items = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}").items
+    return [e for e in items if e.involved_object.kind == "LLMDeployment"]
+
+
+def test_runtime_queue_drives_scale_up_and_back_down(
+    k8s_cluster: Any, k8s_namespace: str, run_tag: str, e2e_operator: OperatorProcess, tmp_path: Path
+) -> None:
+    from kubernetes import client
+
+    api = k8s_cluster.api_client()
+    custom: Any = client.CustomObjectsApi(api)
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMDeployment", "metadata": {"name": NAME}, "spec": SPEC}
+    custom.create_namespaced_custom_object(GROUP, VERSION, k8s_namespace, PLURAL, body)
+    ns = k8s_namespace
+    runtime_tag = f"{run_tag}-runtime"
+    kubelet = RuntimeKubelet(api, ns, NAME, tmp_path, k8s_cluster.env(), tag=runtime_tag, max_pods=3)
+    observer = Observer(api, ns, NAME)
+
+    def wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        def checked() -> Any:
+            kubelet.check()  # a runtime that died on its own fails the wait at once
+            return predicate()
+
+        try:
+            return wait_for(checked, timeout=timeout, what=what, interval=0.25)
+        except AssertionError as exc:
+            last = observer.latest()
+            raise AssertionError(
+                f"{exc}\nlast snapshot: {last}\n--- kubelet\n{kubelet.report()}\n"
+                f"--- operator\n{e2e_operator.log_tail()}"
+            ) from None
+
+    def latest() -> Snapshot:
+        snap = observer.latest()
+        assert snap is not None, f"no snapshot of the LLMDeployment yet: {observer.errors[-3:]}"
+        return snap
+
+    t0 = time.monotonic()
+    phases: dict[str, float] = {}  # seconds since the LLMDeployment was created, printed for the CI log
+
+    def mark(phase: str) -> None:
+        phases[phase] = round(time.monotonic() - t0, 1)
+
+    with kubelet, observer:
+        # 1. One replica: its runtime loads the model and serves; the operator scrapes it.
+        (pod1,) = wait(lambda: kubelet.serving(), 180, "the first replica's runtime to serve /metrics")
+        wait(
+            lambda: latest().metrics.get("podsScraped") == 1 and latest().metrics.get("podsFailed") == 0,
+            30,
+            "the operator to scrape the first replica",
+        )
+        assert latest().spec_replicas == 1 and latest().deployment_replicas == 1
+        mark("replica 1 scraped")
+        served_name = pod1.args[pod1.args.index("--served-model-name") + 1]
+
+        # 2. Load on pod 1 until the operator scales up. Pods seen from now on wait for release() (image pull).
+        kubelet.hold()
+        load = StreamingLoad(pod1.url("/v1"), served_name, concurrency=CONCURRENCY, max_tokens=MAX_TOKENS).start()
+        try:
+            up = wait(
+                lambda: (
+                    (s := latest()).spec_replicas == 2 and s.deployment_replicas == 2 and s.desired_replicas == 2 and s
+                ),
+                120,
+                "a scale-up to 2 replicas under load",
+            )
+            mark("scaled up")
+        finally:
+            load.stop()
+        stopped_wall = time.time()
+        assert not load.stats.errors, load.stats
+        # What the operator scraped: replica 1 busy (its two sequences running) with a queue over the target.
+        scraped = [s.metrics for s in observer.timeline if s.metrics]
+        assert max(m.get("queueDepth", 0) for m in scraped) > TARGET_QUEUE_DEPTH, scraped
+        assert max(m.get("runningRequests", 0) for m in scraped) == SPEC["engine"]["maxNumSeqs"], scraped
+        decision = up.decisions[-1]
+        assert (decision["fromReplicas"], decision["toReplicas"]) == (1, 2), up.decisions
+        assert "queue" in decision["reason"], decision
+        scaled_up = wait(lambda: [e for e in _events(api, ns) if e.reason == "ScaledUp"], 30, "a ScaledUp Event")
+        assert any("queue" in (e.message or "") for e in scaled_up), [e.message for e in scaled_up]
+
+        # 3. The new pod is Ready (kwok) but its runtime is held back: its scrape fails. Wait for an evaluation
+        # after the load is gone (nothing waiting or running) and past the scale-down window: the loop would scale
+        # down now if it trusted the one replica it can see; it must hold at 2.
+        pod2_name = wait(
+            lambda: next((p.name for p in kubelet.live() if p.name != pod1.name), None), 60, "the second pod"
+        )
+
+        def idle_evaluation_past_window() -> bool:
+            snap = latest()
+            if snap.spec_replicas != 2 or snap.deployment_replicas != 2:
+                raise AssertionError(
+                    f"replicas moved to {snap.spec_replicas} (Deployment: {snap.deployment_replicas}) while pod "
+                    f"{pod2_name} had no metrics: {snap.decisions[-1:]}"
+                )
+            m = snap.metrics
+            return bool(
+                m
+                and m.get("podsFailed", 0) >= 1
+                and m.get("queueDepth") == 0
+                and m.get("runningRequests") == 0
+                and _wall(m["time"]) >= stopped_wall + SCALE_DOWN_WINDOW_S + 2 * EVALUATION_PERIOD_S
+            )
+
+        wait(idle_evaluation_past_window, 60, "an idle evaluation with a failed scrape, past the scale-down window")
+        mark("held at 2 past the window")
+        held = observer.since(up.at)
+        assert all(s.spec_replicas == 2 and s.deployment_replicas == 2 for s in held), [
+            (s.spec_replicas, s.deployment_replicas) for s in held
+        ]
+        assert not any(p.proc is not None for p in kubelet.live() if p.name == pod2_name), "pod 2 was not held"
+
+        # 4. The runtime starts; once the operator scrapes it, the idle loop scales back down to minReplicas.
+        kubelet.release()
+        down = wait(
+            lambda: (s := latest()).spec_replicas == 1 and s.deployment_replicas == 1 and s.desired_replicas == 1 and s,
+            240,
+            "a scale-down to minReplicas after the second runtime serves",
+        )
+        mark("scaled down")
+        pod2 = kubelet.pods[pod2_name]
+        assert pod2.serving_at is not None, "scaled down before the second replica's runtime ever served metrics"
+        # The operator scrapes pod 2 before it scales down; the kubelet's probe may see it a poll or two later.
+        first_down = next(s for s in observer.since(up.at) if s.spec_replicas == 1)
+        assert first_down.at + 2.0 >= pod2.serving_at, (first_down.at, pod2.serving_at)
+        decision = down.decisions[-1]
+        assert (decision["fromReplicas"], decision["toReplicas"]) == (2, 1), down.decisions
+        wait(lambda: [e for e in _events(api, ns) if e.reason == "ScaledDown"], 30, "a ScaledDown Event")
+        # One replica is left, and only its runtime runs.
+        wait(lambda: len(kubelet.live()) == 1, 60, "the removed pod's runtime to stop")
+        gone = [p for p in kubelet.pods.values() if p.stopped_at is not None]
+        wait(lambda: all(p.proc is None or p.proc.poll() is not None for p in gone), 30, "stopped runtimes to exit")
+        assert not kubelet.errors, kubelet.errors
+
+    mark("runtimes stopped")
+    print(f"phases (s since create): {phases}; load: {load.stats}")
+    assert kubelet.all_exited(), kubelet.report()
+    assert marked_processes(runtime_tag) == [], "runtime processes outlived the test"
+    api.close()
