@@ -23,7 +23,7 @@ class Settings:
     # Namespaces to watch (comma-separated names or kopf globs such as `team-*`); empty means the whole cluster.
     namespaces: tuple[str, ...] = ()
     # Runtime image when an LLMDeployment does not name one.
-    runtime_image: str = "ghcr.io/kubellm/kubellm:0.1.0"
+    runtime_image: str = "ghcr.io/kubellm/runtime:0.1.0"  # the GPU image Dockerfile.runtime builds
     # kopf peering: empty runs standalone (no KopfPeering objects needed); a name enables peering under it.
     peering: str = ""
     # This replica's peering priority: the highest live one reconciles, the others stand by. kopf pauses EVERY

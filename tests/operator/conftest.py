@@ -25,7 +25,7 @@ OPERATOR_ENV = {
     "KUBELLM_HANDLER_BACKOFF_SECONDS": "0.5",
     "KUBELLM_DRAIN_SECONDS": "5",
     "KUBELLM_PRESTOP_SLEEP_SECONDS": "1",
-    "KUBELLM_RUNTIME_IMAGE": "ghcr.io/kubellm/kubellm:test",
+    "KUBELLM_RUNTIME_IMAGE": "ghcr.io/kubellm/runtime:test",
 }
 
 

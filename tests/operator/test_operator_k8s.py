@@ -102,7 +102,7 @@ def test_create_makes_children_and_becomes_ready(kubellm_operator: Any, op_names
     deployment = objs["Deployment"]
     assert deployment.spec.replicas == 2
     container = deployment.spec.template.spec.containers[0]
-    assert container.image == "ghcr.io/kubellm/kubellm:test"
+    assert container.image == "ghcr.io/kubellm/runtime:test"
     assert container.args[container.args.index("--max-num-seqs") + 1] == "64"
     assert container.readiness_probe.http_get.path == "/ready"
     assert container.security_context.read_only_root_filesystem is True
