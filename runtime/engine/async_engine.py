@@ -1,0 +1,175 @@
+"""AsyncEngine: the step loop in a worker thread, one asyncio queue per request.
+
+    event loop                                   worker thread
+    add_request() ──(commands queue)──────────▶  apply adds/aborts, step(), step(), ...
+    async for delta in stream  ◀──call_soon_threadsafe── deltas of each step
+
+The model never runs on the event loop. A consumer that stops iterating (break, aclose, cancellation) aborts
+its request; ``abort(request_id)`` may be called from any thread and frees the blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from ..config import EngineConfig
+from ..outputs import EngineStats, RequestOutput
+from ..sampling_params import SamplingParams
+from .llm_engine import LLMEngine
+
+if TYPE_CHECKING:
+    from ..models.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+_FAILED = object()  # queued to every stream when the step loop dies
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, *, loaded: LoadedModel | None = None) -> None:
+        """Loads the model (blocking). ``loaded`` skips loading with an already loaded model (tests)."""
+        self.config = config
+        self.engine = LLMEngine(config, loaded)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_name
+        self.max_model_len = self.engine.max_model_len
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._lock = threading.Lock()  # guards _streams
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stats = self.engine.stats()
+        self.error: BaseException | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="kubellm-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Abort every request (their streams end with finish_reason "abort") and stop the worker."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._wakeup.set()
+        await asyncio.to_thread(thread.join)
+        self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, *, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request; iterate the result for its deltas. Bad prompts raise ValueError here, at once."""
+        if self.error is not None:
+            raise RuntimeError(f"the engine has stopped after an error: {self.error!r}")
+        if self._thread is None:
+            raise RuntimeError("the engine is not started (await engine.start() first)")
+        prompt_token_ids = self.engine.tokenize(prompt)
+        self.engine.validate_prompt(prompt_token_ids)
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue[Any] = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._streams[request_id] = (loop, stream)
+        self._commands.put(("add", (request_id, prompt_token_ids, params, priority)))
+        self._wakeup.set()
+        return self._iterate(request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: asyncio.Queue[Any]) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if item is _FAILED:
+                    raise RuntimeError(f"the engine failed: {self.error!r}")
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe, idempotent). Its stream, if still read, ends with finish_reason abort."""
+        self._commands.put(("abort", request_id))
+        self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # ---- the worker thread ----------------------------------------------------------------------------
+    def _emit(self, output: RequestOutput | BaseException, request_id: str) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, stream = target
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
+            loop.call_soon_threadsafe(stream.put_nowait, output)
+
+    def _apply_commands(self) -> None:
+        engine = self.engine
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request_id, prompt_token_ids, params, priority = arg
+                try:
+                    engine.add_request(request_id, prompt_token_ids, params, priority=priority)
+                except ValueError as e:
+                    self._emit(e, request_id)
+            elif kind == "abort":
+                out = engine.abort_request(arg)
+                if out is not None:
+                    self._emit(out, arg)
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                self._apply_commands()
+                if self._stopping:
+                    for out in engine.abort_all():
+                        self._emit(out, out.request_id)
+                    self._stats = engine.stats()
+                    return
+                if not engine.has_unfinished_requests():
+                    self._stats = engine.stats()
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                outputs = engine.step()
+                self._stats = engine.stats()
+                for out in outputs:
+                    self._emit(out, out.request_id)
+        except BaseException as e:  # a bug or an OOM in the model: fail every stream instead of hanging them
+            logger.exception("engine step loop failed")
+            self.error = e
+            with self._lock:
+                targets = list(self._streams.values())
+            for loop, stream in targets:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(stream.put_nowait, _FAILED)

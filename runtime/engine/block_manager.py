@@ -1,0 +1,203 @@
+"""BlockManager: the pool of paged KV-cache blocks, each sequence's block table, and automatic prefix caching.
+
+Prefix caching: a block whose ``block_size`` tokens are all computed is registered under a chained hash of
+(parent block's hash, its own tokens), so a block is only ever reused after the very same prefix. A lookup hit
+also compares the stored (parent hash, tokens) with the query, so a hash collision cannot share wrong KV.
+Blocks are reference counted; a freed block that carries a hash stays cached (still findable) on an LRU list and
+is only evicted, oldest first, when a free block is needed and no never-cached block is left.
+
+::
+
+    block states:  in use (ref_count > 0) ──free──▶ cached-free (hash kept, LRU) ──evict──▶ plain free
+                        ▲                               │ hit                                │ allocate
+                        └───────────────────────────────┴────────────────────────────────────┘
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .sequence import Sequence
+
+_NO_PARENT = 0x5F3759DF  # the chain's root "hash"; any constant works
+
+
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    """Chained block hash. Python's hash of int tuples is deterministic across processes (no salt for ints)."""
+    return hash((_NO_PARENT if parent_hash is None else parent_hash, token_ids))
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+    parent_hash: int | None = None
+    token_ids: tuple[int, ...] | None = None  # kept to verify a hash hit
+
+    def reset(self) -> None:
+        self.block_hash = None
+        self.parent_hash = None
+        self.token_ids = None
+
+
+class NoFreeBlocksError(RuntimeError):
+    pass
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be at least 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # free blocks that hold nothing worth keeping; popped first
+        self._free_plain: list[int] = list(range(num_blocks - 1, -1, -1))
+        # free blocks still registered in the prefix cache, least recently freed first
+        self._free_cached: OrderedDict[int, None] = OrderedDict()
+        self._cached: dict[int, int] = {}  # block_hash -> block_id
+        self.prefix_cache_queries = 0  # tokens looked up
+        self.prefix_cache_hits = 0  # tokens found
+
+    # ---- accounting -------------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_plain) + len(self._free_cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks referenced by at least one sequence (cached-free blocks count as free)."""
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    def num_blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks ``seq`` needs so that its table covers ``num_tokens`` tokens."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    # ---- prefix cache -------------------------------------------------------------------------------------
+    def record_prefix_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_cache_queries += num_query_tokens
+        self.prefix_cache_hits += num_hit_tokens
+
+    def find_cached_prefix(self, token_ids: list[int], *, count: bool = True) -> list[int]:
+        """Block ids holding the longest cached prefix of ``token_ids`` in whole blocks, leaving at least the
+        last token uncached (its logits must be computed). ``count`` adds the lookup to the hit-rate counters."""
+        num_full = (len(token_ids) - 1) // self.block_size
+        if not self.enable_prefix_caching:
+            if count:
+                self.record_prefix_lookup(len(token_ids), 0)
+            return []
+        hits: list[int] = []
+        parent: int | None = None
+        bs = self.block_size
+        for i in range(num_full):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(parent, tokens)
+            block_id = self._cached.get(h)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.token_ids != tokens or block.parent_hash != parent:
+                break  # a collision: same hash, different content
+            hits.append(block_id)
+            parent = h
+        if count:
+            self.record_prefix_lookup(len(token_ids), len(hits) * bs)
+        return hits
+
+    def allocate_cached_prefix(self, seq: Sequence, block_ids: list[int]) -> None:
+        """Give a sequence with an empty block table the cached blocks ``block_ids`` as its first blocks."""
+        assert not seq.block_table, seq
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self._free_cached[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(block.block_hash)  # type: ignore[arg-type]
+        seq.num_hashed_blocks = len(block_ids)
+        seq.num_computed_tokens = len(block_ids) * self.block_size
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's blocks that became full of computed tokens since the last call."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        while seq.num_hashed_blocks < num_full:
+            i = seq.num_hashed_blocks
+            parent = seq.block_hashes[i - 1] if i else None
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(parent, tokens)
+            block = self.blocks[seq.block_table[i]]
+            if block.block_hash is None and h not in self._cached:
+                block.block_hash, block.parent_hash, block.token_ids = h, parent, tokens
+                self._cached[h] = block.block_id
+            seq.block_hashes.append(h)
+            seq.num_hashed_blocks += 1
+
+    # ---- allocation ---------------------------------------------------------------------------------------
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= self.num_free_blocks
+
+    def _pop_free_block(self) -> Block:
+        if self._free_plain:
+            block = self.blocks[self._free_plain.pop()]
+        elif self._free_cached:
+            block_id, _ = self._free_cached.popitem(last=False)  # evict the least recently freed
+            block = self.blocks[block_id]
+            del self._cached[block.block_hash]  # type: ignore[arg-type]
+            block.reset()
+        else:
+            raise NoFreeBlocksError("no free KV-cache block")
+        block.ref_count = 1
+        return block
+
+    def allocate_slots(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow ``seq``'s block table to hold ``num_tokens`` tokens. All or nothing: False if short of blocks."""
+        needed = self.num_blocks_needed(seq, num_tokens)
+        if needed > self.num_free_blocks:
+            return False
+        for _ in range(needed):
+            seq.block_table.append(self._pop_free_block().block_id)
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks (last block first, so a prefix's tail is evicted before its head)."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, block
+            if block.ref_count == 0:
+                if block.block_hash is not None:
+                    self._free_cached[block_id] = None
+                else:
+                    self._free_plain.append(block_id)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_hashed_blocks = 0
+        seq.num_computed_tokens = 0
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Share the parent's full computed blocks with ``child`` (reference counted). The child recomputes
+        its partial last block itself, so no block is ever written by two sequences."""
+        assert not child.block_table, child
+        num_shared = min(parent.num_computed_tokens // self.block_size, len(parent.block_table))
+        for block_id in parent.block_table[:num_shared]:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = parent.block_table[:num_shared]
+        child.block_hashes = parent.block_hashes[: min(num_shared, parent.num_hashed_blocks)]
+        child.num_hashed_blocks = len(child.block_hashes)
+        child.num_computed_tokens = num_shared * self.block_size
+
+    def check_all_free(self) -> None:
+        """Assert that no block is held (for tests and shutdown)."""
+        held = [b.block_id for b in self.blocks if b.ref_count]
+        if held or self.num_free_blocks != self.num_blocks:
+            raise AssertionError(f"{len(held)} KV blocks still held: {held[:16]}")

@@ -1,0 +1,347 @@
+"""LLMEngine: the synchronous step loop.
+
+    step():  schedule -> execute the model -> sample -> append tokens, check stops -> emit deltas
+
+``add_request`` queues a prompt; each ``step`` returns one RequestOutput DELTA per request that progressed
+(new text/tokens/logprobs per choice since the previous delta; ``finished`` on its last). ``LLM`` (offline)
+and ``AsyncEngine`` (server) are thin drivers of this loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import CacheConfig, EngineConfig, SchedulerConfig
+from ..layers.attention import get_attention_backend
+from ..layers.sampler import Sampler, SamplingRow
+from ..models.llama import LlamaForCausalLM
+from ..outputs import CompletionOutput, EngineStats, FinishReason, RequestMetrics, RequestOutput
+from ..sampling_params import SamplingParams
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, kv_cache_bytes_per_block
+from .scheduler import ScheduledSeq, Scheduler
+from .sequence import Request, Sequence
+
+if TYPE_CHECKING:
+    from ..models.loader import LoadedModel
+    from ..tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        # float32: on the 2-core AMD EPYC we measured (bench/results/offline-*.json) bfloat16 was no faster
+        # end to end (its per-call oneDNN overhead eats the halved bytes), and float32 matches the reference
+        return torch.float32
+    return {"float16": torch.float16, "float32": torch.bfloat16}.get(checkpoint_dtype, torch.bfloat16)
+
+
+@dataclass
+class StepStats:
+    num_batched_tokens: int = 0
+    num_generated_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        from ..models.loader import load_model
+
+        self.config = config
+        self.device = resolve_device(config.device)
+        if loaded is None:
+            loaded = load_model(config.model, load_format=config.load_format)
+        self.model_config = mc = loaded.config
+        self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
+        self.model_name = config.served_model_name or loaded.name
+        self.tokenizer: Tokenizer | None = loaded.tokenizer
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
+                f"({mc.max_position_embeddings})"
+            )
+
+        # the model
+        with torch.device(self.device):
+            model = LlamaForCausalLM(mc, get_attention_backend(self.device))
+        if loaded.weights is None:
+            model.init_dummy_weights(config.seed)
+        else:
+            model.load_weights(loaded.weights)
+        self.model = model.to(self.dtype).eval()
+
+        # the KV cache
+        bytes_per_block = kv_cache_bytes_per_block(
+            mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
+        )
+        num_blocks = config.num_gpu_blocks or max(1, self._kv_cache_budget() // bytes_per_block)
+        self.cache_config = CacheConfig(config.block_size, num_blocks, config.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, self.cache_config, self.device, self.dtype)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # a sequence can never outgrow the whole cache
+        self.max_seq_len = min(self.max_model_len, self.cache_config.num_slots)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            self.block_manager,
+        )
+        self.sampler = Sampler(config.seed)
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._seq_ids = itertools.count()
+        self.last_step = StepStats()
+
+    def _kv_cache_budget(self) -> int:
+        if self.config.kv_cache_memory_bytes is not None:
+            return self.config.kv_cache_memory_bytes
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            # leave room for activations: one max batch of hidden states is small next to this margin
+            return max(0, int(total * self.config.gpu_memory_utilization) - used - (512 << 20))
+        return CPU_DEFAULT_KV_CACHE_BYTES
+
+    # ---- requests ---------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text, but this model has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty (it must contain at least one token)")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {n} tokens, but max_model_len is {self.max_model_len}: it must be shorter to leave "
+                f"room for at least one generated token"
+            )
+        if n + 1 > self.cache_config.num_slots:
+            raise ValueError(
+                f"prompt has {n} tokens, but the KV cache holds only {self.cache_config.num_slots} tokens in all "
+                f"({self.cache_config.num_blocks} blocks of {self.cache_config.block_size}): it can never run"
+            )
+        vocab_size = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:4]}")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        prompt_token_ids = self.tokenize(prompt)
+        self.validate_prompt(prompt_token_ids)
+        metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic(), num_prompt_tokens=len(prompt_token_ids))
+        request = Request(request_id, prompt_token_ids, params, priority, next(self._arrivals), metrics)
+        seq = self._new_sequence(request, 0)
+        seq.token_ids = list(prompt_token_ids)
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+        return request
+
+    def _new_sequence(self, request: Request, index: int) -> Sequence:
+        params = request.params
+        seq = Sequence(
+            next(self._seq_ids), request, index, list(request.prompt_token_ids), len(request.prompt_token_ids)
+        )
+        if params.seed is not None:
+            # each choice its own stream, so choices differ and each is reproducible on its own
+            seed = params.seed if index == 0 else hash((params.seed, index)) & 0x7FFF_FFFF_FFFF_FFFF
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+        if self.tokenizer is not None:
+            from ..detokenizer import IncrementalDetokenizer
+
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer,
+                request.prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+        request.seqs.append(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final delta (None if unknown / done)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.finish_reason = FinishReason.ABORT
+        request.metrics.finished_time = time.monotonic()
+        return self._make_output(request, final=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step loop ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        logits, sampling = self.runner.execute(batch)
+        self.scheduler.update_computed(batch)
+        rows, seqs = self._fork_choices(sampling)
+        self.last_step = StepStats(batch.num_batched_tokens, len(seqs))
+        if not seqs:
+            return []
+        sampled = self.sampler(logits[rows] if len(rows) != len(sampling) else logits, [self._row(s) for s in seqs])
+        return self._append_tokens(seqs, sampled.token_ids, sampled.logprobs)
+
+    def _fork_choices(self, sampling: list[ScheduledSeq]) -> tuple[list[int], list[Sequence]]:
+        """n > 1: when choice 0 finishes its prompt, the other choices start from its KV blocks and sample their
+        first token from the same logits row."""
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for row, s in enumerate(sampling):
+            rows.append(row)
+            seqs.append(s.seq)
+            request = s.seq.request
+            if request.params.n > 1 and not request.is_forked:
+                request.is_forked = True
+                for index in range(1, request.params.n):
+                    child = self._new_sequence(request, index)
+                    self.block_manager.fork(s.seq, child)
+                    self.scheduler.add_running(child)
+                    rows.append(row)
+                    seqs.append(child)
+        return rows, seqs
+
+    def _row(self, seq: Sequence) -> SamplingRow:
+        return SamplingRow(
+            seq.params,
+            seq.token_ids[: seq.num_prompt_tokens],
+            seq.token_ids[seq.num_prompt_tokens :],
+            seq.generator,
+            self.eos_token_ids,
+        )
+
+    def _append_tokens(self, seqs: list[Sequence], token_ids: list[int], logprobs: list) -> list[RequestOutput]:
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
+            request = seq.request
+            if seq.is_finished:  # aborted between schedule and now
+                continue
+            touched[request.request_id] = request
+            metrics = request.metrics
+            metrics.first_token_time = metrics.first_token_time or now
+            metrics.num_generation_tokens += 1
+            seq.token_ids.append(token_id)
+            seq.pending_token_ids.append(token_id)
+            if logprob is not None:
+                seq.pending_logprobs.append(logprob)
+            self._check_stop(seq, token_id)
+            if seq.finish_reason is not None:
+                self.scheduler.remove(seq)
+        outputs = []
+        for request in touched.values():
+            finished = request.is_finished
+            if finished:
+                request.metrics.finished_time = now
+                del self.requests[request.request_id]
+            outputs.append(self._make_output(request, final=finished))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> None:
+        params = seq.params
+        stop_string = None
+        if seq.detokenizer is not None:
+            text, stop_string = seq.detokenizer.step([token_id])
+            seq.pending_text += text
+        num_output = seq.num_output_tokens
+        if stop_string is not None and num_output >= params.min_tokens:
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_string
+            return
+        if token_id in params.stop_token_ids and num_output >= params.min_tokens:
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, token_id
+        elif token_id in self.eos_token_ids and not params.ignore_eos and num_output >= params.min_tokens:
+            seq.finish_reason = FinishReason.STOP
+        elif (params.max_tokens is not None and num_output >= params.max_tokens) or seq.num_tokens >= self.max_seq_len:
+            seq.finish_reason = FinishReason.LENGTH
+        else:
+            return
+        if seq.detokenizer is not None:
+            seq.pending_text += seq.detokenizer.flush()
+
+    def _make_output(self, request: Request, *, final: bool) -> RequestOutput:
+        """The delta since the last output: choices with new tokens/text or a finish not yet reported (every
+        choice on the final output)."""
+        choices = []
+        for seq in request.seqs:
+            unreported_finish = seq.finish_reason is not None and not seq.finish_reported
+            if not (final or seq.pending_token_ids or seq.pending_text or unreported_finish):
+                continue
+            choices.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.pending_text,
+                    token_ids=seq.pending_token_ids,
+                    logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+            seq.pending_text, seq.pending_token_ids, seq.pending_logprobs = "", [], []
+            seq.finish_reported = seq.finish_reason is not None
+        return RequestOutput(request.request_id, request.prompt_token_ids, choices, final, request.metrics)
+
+    # ---- introspection ----------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_requests_waiting=self.scheduler.num_waiting,
+            num_requests_running=self.scheduler.num_running,
+            kv_cache_usage=bm.usage,
+            num_gpu_blocks=bm.num_blocks,
+            block_size=bm.block_size,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+        )
+
+    def abort_all(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id in list(self.requests):
+            with contextlib.suppress(KeyError):
+                out = self.abort_request(request_id)
+                if out is not None:
+                    outputs.append(out)
+        return outputs

@@ -1,0 +1,147 @@
+"""Scheduler: iteration-level continuous batching under a token budget.
+
+Every step builds ONE mixed batch: first the running sequences (decodes, plus chunked prefills still in
+progress), in priority order, then as many waiting sequences as the token budget (``max_num_batched_tokens``),
+the sequence cap (``max_num_seqs``) and the free KV blocks allow; a long prompt is prefilled in chunks across
+steps. When a running sequence needs a block and none is free, the least important running sequence (highest
+priority value, newest arrival) is preempted: its blocks are freed and it goes back to the head of the waiting
+queue to be recomputed later (cheaply, when its blocks are still in the prefix cache). Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+from ..config import SchedulerConfig
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step: token_ids[num_computed_tokens : + num_new_tokens]
+    start: int = 0  # num_computed_tokens when scheduled
+    samples: bool = False  # the step reaches the last token, so its logits are sampled
+
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        return cls(seq, num_new_tokens, start, start + num_new_tokens == seq.num_tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: list[Sequence] = []  # kept sorted by Sequence.sort_key
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked choice: it already holds (shared) blocks and runs from the next step on."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues and free its blocks (finished or aborted)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.block_manager.free(seq)  # resets num_computed_tokens: recompute from scratch (or the prefix cache)
+        seq.num_preemptions += 1
+        seq.request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+        out.preempted.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        bm = self.block_manager
+        budget = self.config.max_num_batched_tokens
+
+        # 1. running sequences, most important first; the tail of `queue` is the preemption victim pool
+        queue = sorted(self.running, key=lambda s: s.sort_key)
+        running: list[Sequence] = []
+        while queue:
+            seq = queue.pop(0)
+            if budget == 0:
+                running.append(seq)  # keeps its blocks, runs next step
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.allocate_slots(seq, seq.num_computed_tokens + num_new):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append(ScheduledSeq.of(seq, num_new))
+                running.append(seq)
+                budget -= num_new
+        self.running = running
+
+        # 2. waiting sequences in order, while they fit (no admission in a step that had to preempt)
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            hits = bm.find_cached_prefix(seq.token_ids, count=False)
+            num_computed = len(hits) * bm.block_size
+            num_new = min(seq.num_tokens - num_computed, budget)
+            num_blocks = -(-(num_computed + num_new) // bm.block_size) - len(hits)
+            num_revived = sum(1 for b in hits if bm.blocks[b].ref_count == 0)  # cached-free blocks taken back
+            if not bm.can_allocate(num_blocks + num_revived):
+                break  # FCFS: nobody overtakes the head of the queue
+            bm.record_prefix_lookup(seq.num_tokens, num_computed)
+            bm.allocate_cached_prefix(seq, hits)
+            if seq.num_preemptions == 0 and seq.index == 0:
+                seq.request.metrics.num_cached_tokens = num_computed
+                seq.request.metrics.first_scheduled_time = time.monotonic()
+            allocated = bm.allocate_slots(seq, num_computed + num_new)
+            assert allocated, seq
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq.of(seq, num_new))
+            budget -= num_new
+        return out
+
+    def update_computed(self, out: SchedulerOutput) -> None:
+        """After the model ran: the scheduled tokens now have KV; full blocks join the prefix cache."""
+        for s in out.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.register_computed_blocks(s.seq)

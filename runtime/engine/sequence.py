@@ -1,0 +1,98 @@
+"""A request and its sequences (one per choice when ``n > 1``): the token state the scheduler moves around.
+
+A sequence's tokens are its prompt followed by what it generated. The scheduler only ever asks how many of them
+have their KV in the cache (``num_computed_tokens``): a fresh prompt, a chunked prefill, a decode step, a forked
+choice that recomputes its partial last block, or a preempted sequence recomputing everything are all "compute
+tokens ``[num_computed_tokens, num_tokens)``", and the step that reaches ``num_tokens`` samples the next token.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..outputs import FinishReason, RequestMetrics, TokenLogprob
+from ..sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..detokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: Request
+    index: int  # which of the request's n choices
+    token_ids: list[int]
+    num_prompt_tokens: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0  # leading blocks registered in the prefix cache
+    block_hashes: list[int] = field(default_factory=list)  # chained hash of each registered block
+    generator: torch.Generator | None = None  # per-choice RNG when the request has a seed
+    detokenizer: IncrementalDetokenizer | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    finish_reported: bool = False
+    # what the next RequestOutput delta reports for this choice
+    pending_text: str = ""
+    pending_token_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def sort_key(self) -> tuple[int, int, int]:
+        """Scheduling order: lower priority value first, then arrival, then choice index."""
+        return (self.request.priority, self.request.arrival_index, self.index)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request.request_id}#{self.index}, {self.status.value}, "
+            f"computed={self.num_computed_tokens}/{self.num_tokens}, blocks={len(self.block_table)})"
+        )
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    arrival_index: int  # FCFS order among equal priorities
+    metrics: RequestMetrics
+    seqs: list[Sequence] = field(default_factory=list)
+    is_forked: bool = False  # n > 1: the other choices were forked from choice 0 after its prefill
+
+    @property
+    def is_finished(self) -> bool:
+        return (self.is_forked or self.params.n == 1) and all(s.is_finished for s in self.seqs)

@@ -1,0 +1,147 @@
+"""Sampler: logits processors, greedy / random sampling and logprobs for a batch of rows, each with its own
+SamplingParams. Everything works on whole [num_rows, vocab] tensors; Python only loops over rows.
+
+Order: penalties (repetition, presence, frequency) -> min_tokens suppression of EOS/stop ids -> logprobs
+(log-softmax of these processed logits) -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> sample.
+Sampling draws ``argmax(probs / E)`` with E ~ Exp(1) (the "exponential race", equivalent to multinomial); a
+seeded row draws E from its own ``torch.Generator`` so its choice does not depend on the other rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from ..outputs import TokenLogprob
+from ..sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one row besides its logits."""
+
+    params: SamplingParams
+    prompt_token_ids: Seq[int]
+    output_token_ids: Seq[int]
+    generator: torch.Generator | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+
+
+def _token_counts(token_lists: list[Seq[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[num_rows, vocab_size] counts of each token id in each row's list."""
+    width = max((len(t) for t in token_lists), default=0)
+    # pad with vocab_size: counted in an extra column that is dropped
+    padded = torch.full((len(token_lists), max(width, 1)), vocab_size, dtype=torch.int64)
+    for i, tokens in enumerate(token_lists):
+        if tokens:
+            padded[i, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.int64)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab_size].to(device)
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """logits: [num_rows, vocab_size] float32 (modified in place) -> one token per row."""
+        num_rows, vocab_size = logits.shape
+        assert num_rows == len(rows), (num_rows, len(rows))
+        device = logits.device
+        params = [r.params for r in rows]
+
+        # 1. penalties
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = _token_counts([[*r.prompt_token_ids, *r.output_token_ids] for r in rows], vocab_size, device) > 0
+            rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+            penalized = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(seen, penalized, logits)
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            counts = _token_counts([r.output_token_ids for r in rows], vocab_size, device)
+            freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+            pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+            logits = logits - freq * counts - pres * (counts > 0).float()
+
+        # 2. min_tokens: EOS and stop ids cannot be sampled yet
+        for i, r in enumerate(rows):
+            if len(r.output_token_ids) < r.params.min_tokens:
+                banned = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(r.eos_token_ids))
+                banned_ids = [t for t in banned if t < vocab_size]
+                if banned_ids:
+                    logits[i, banned_ids] = float("-inf")
+
+        # 3. logprobs of the processed logits
+        want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+
+        # 4. choose: greedy rows keep the argmax; random rows race
+        token_ids = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if random_rows:
+            token_ids[random_rows] = self._sample(logits[random_rows], [rows[i] for i in random_rows])
+        chosen = token_ids.tolist()
+
+        out_logprobs: list[TokenLogprob | None] = [None] * num_rows
+        if logprobs is not None:
+            max_top = max(params[i].logprobs or 0 for i in want_logprobs)
+            picked = logprobs.gather(1, token_ids[want_logprobs][:, None]).squeeze(1).tolist()
+            top_vals, top_ids = logprobs.topk(max_top, dim=-1) if max_top else (logprobs[:, :0], logprobs[:, :0])
+            top_vals_l, top_ids_l = top_vals.tolist(), top_ids.long().tolist()
+            for j, i in enumerate(want_logprobs):
+                n = params[i].logprobs or 0
+                out_logprobs[i] = TokenLogprob(
+                    token_id=chosen[i],
+                    logprob=picked[j],
+                    top=list(zip(top_ids_l[j][:n], top_vals_l[j][:n], strict=True)),
+                )
+        return SamplerOutput(chosen, out_logprobs)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """logits: [R, V] of the random rows -> [R] sampled ids."""
+        device = logits.device
+        params = [r.params for r in rows]
+        temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+        logits = logits / temperature
+        top_ks = [p.top_k for p in params]
+        if any(k > 0 for k in top_ks):
+            vocab_size = logits.shape[1]
+            ks = [min(k, vocab_size) if k > 0 else vocab_size for k in top_ks]
+            top_vals = logits.topk(max(ks), dim=-1).values  # [R, max_k], descending
+            kth = top_vals.gather(1, torch.tensor(ks, device=device)[:, None] - 1)  # [R, 1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            # drop a token when the tokens ranked above it already reach top_p (the best one always stays)
+            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+            drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        race = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+        if unseeded:
+            race[unseeded] = torch.empty_like(probs[unseeded]).exponential_(generator=self._generator(device))
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                race[i].exponential_(generator=r.generator)
+        return (probs / race).argmax(dim=-1)

@@ -1,0 +1,183 @@
+"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (per-head q/k RMSNorm), SmolLM2.
+
+Works on a flat batch of tokens from many sequences (no padding): ``forward(input_ids [T], positions [T],
+kv_caches, attn_metadata) -> hidden [T, H]``; attention reads each sequence's context from the paged KV cache.
+Hugging Face checkpoint names load through ``load_weights``; q/k/v and gate/up are fused into one matmul each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.activation import SiluAndMul
+from ..layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from ..layers.linear import MergedLinear
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+from .config import ModelConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary = rotary
+        self.backend = backend
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D] (a copy: rotated in place below)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)[0]
+            k = self.k_norm(k)[0]
+        q, k = self.rotary(positions, q.contiguous(), k.contiguous())
+        out = self.backend.forward(q, k, v, kv_cache, md, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size})
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, rotary, backend)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # the residual stream is added inside the next norm: norm(x + residual) -> (normed, x + residual)
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, md)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.config = config
+        backend = backend or TorchAttentionBackend()
+        # one rotary table shared by all layers
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self.rotary, backend) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, H]."""
+        if positions.numel() and int(positions.max()) >= self.rotary.max_position:
+            raise ValueError(f"position {int(positions.max())} exceeds max_position_embeddings")
+        hidden = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        return self.norm(hidden, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] -> float32 logits [N, vocab_size]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ---- weights --------------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging Face-named tensors; every parameter must be covered (else a clear error)."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        fused = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                 "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}  # fmt: skip
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding serves as the head
+            parts = name.split(".")
+            if len(parts) >= 3 and parts[-2] in fused:
+                module_name, shard = fused[parts[-2]]
+                module_path = ".".join([*parts[:-2], module_name])
+                module = self.get_submodule(module_path)
+                assert isinstance(module, MergedLinear)
+                module.load_shard(shard, parts[-1], tensor)
+                loaded.add(f"{module_path}.{parts[-1]}#{shard}")
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter in the model")
+            param = params[name]
+            if param.shape != tensor.shape:
+                raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            param.data.copy_(tensor)
+            loaded.add(name)
+        missing = []
+        for name, module in self.named_modules():
+            if isinstance(module, MergedLinear):
+                for shard in module.shard_offsets:
+                    for p in ("weight", "bias") if module.bias is not None else ("weight",):
+                        if f"{name}.{p}#{shard}" not in loaded:
+                            missing.append(f"{name}.{shard}.{p}")
+        missing += [n for n in params if n not in loaded and not n.endswith(("qkv_proj.weight", "qkv_proj.bias",
+                                                                            "gate_up_proj.weight"))]  # fmt: skip
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights (load_format="dummy"): small normal matrices, unit norms, for tests and benchmarks."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.data.fill_(1.0)
+            elif name.endswith("bias"):
+                p.data.zero_()
+            else:
+                p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)

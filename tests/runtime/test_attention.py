@@ -1,0 +1,74 @@
+"""The torch attention backend (batched decodes, per-sequence prefills) equals the reference paged attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kubellm.runtime.kernels.reference import paged_attention, write_kv_cache
+from kubellm.runtime.layers.attention import AttentionMetadata, TorchAttentionBackend
+
+
+def make_batch(
+    q_lens: list[int], seq_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator
+) -> tuple[AttentionMetadata, list[list[int]]]:
+    """Random disjoint block tables; decodes (q_len 1) must come first, as the model runner orders them."""
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, slots = [], []
+    for q_len, seq_len in zip(q_lens, seq_lens, strict=True):
+        n = -(-seq_len // block_size)
+        table, perm = perm[:n], perm[n:]
+        tables.append(table)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(seq_len - q_len, seq_len)]
+    width = max(len(t) for t in tables)
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    md = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        num_decode_tokens=sum(1 for q in q_lens if q == 1),
+        seq_lens_cpu=seq_lens,
+        query_start_loc_cpu=starts,
+    )
+    return md, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_matches_reference(dtype: torch.dtype) -> None:
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    print(f"seed={seed}")
+    gen = torch.Generator().manual_seed(seed)
+    block_size, num_blocks, num_kv_heads, num_heads, head_dim = 4, 64, 2, 6, 16
+    # 3 decodes, a full prefill, a chunked prefill over a cached prefix, a 1-token prefill counted as a decode
+    q_lens = [1, 1, 1, 9, 5]
+    seq_lens = [7, 1, 20, 9, 17]
+    md, _ = make_batch(q_lens, seq_lens, block_size, num_blocks, gen)
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    num_tokens = sum(q_lens)
+    query = torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(dtype)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+
+    ref_cache = kv_cache.clone()
+    write_kv_cache(key, value, ref_cache, md.slot_mapping)
+    ref = paged_attention(query, ref_cache, md.block_tables, md.seq_lens, md.query_start_loc, 0.25)
+
+    out = TorchAttentionBackend().forward(query, key, value, kv_cache, md, 0.25)
+    assert torch.equal(kv_cache, ref_cache)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+def test_slot_minus_one_is_not_written() -> None:
+    gen = torch.Generator().manual_seed(0)
+    md, _ = make_batch([2], [2], 4, 4, gen)
+    md.slot_mapping[1] = -1
+    kv_cache = torch.zeros(2, 4, 4, 1, 8)
+    key = torch.ones(2, 1, 8)
+    TorchAttentionBackend._write_kv_cache(key, key, kv_cache, md)
+    assert int((kv_cache != 0).sum()) == 2 * 8  # one token's key and value
