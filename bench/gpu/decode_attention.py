@@ -60,6 +60,7 @@ def sdpa_reference(batch: dict[str, Any], scale: float, rows: int) -> Any:
 def split_k_point(args: Any, num_seqs: int, context: int, dtype: Any, device: Any, copy_gbs: float) -> dict[str, Any]:
     """One split by 1 vs the automatic split count, for num_seqs sequences of one context length."""
     import torch
+
     from kubellm.runtime.kernels.paged_attention import choose_num_splits, paged_decode_attention
 
     batch = build_batch(
@@ -105,6 +106,7 @@ def main() -> int:
     device = gpubench.setup(args)
 
     import torch
+
     from kubellm.runtime.kernels.paged_attention import choose_num_splits, paged_decode_attention
     from kubellm.runtime.layers.attention import AttentionMetadata, TorchAttentionBackend
 

@@ -37,6 +37,7 @@ def main() -> int:
     device = gpubench.setup(args)
 
     import torch
+
     from kubellm.runtime.llm import LLM
     from kubellm.runtime.sampling_params import SamplingParams
 

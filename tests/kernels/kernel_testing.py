@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from kubellm.runtime.kernels import reference
 
 HAS_CUDA = torch.cuda.is_available()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from kernels.kernel_testing import TOLERANCE, make_paged_batch, rel_error
+
 from kubellm.runtime.kernels import reference
 from kubellm.runtime.kernels.backend import TritonAttentionBackend
 from kubellm.runtime.layers.attention import AttentionMetadata, TorchAttentionBackend

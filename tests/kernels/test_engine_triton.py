@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from kubellm.runtime.engine import llm_engine
 from kubellm.runtime.kernels.backend import TritonAttentionBackend
 from kubellm.runtime.llm import LLM

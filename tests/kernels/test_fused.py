@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernels.kernel_testing import TOLERANCE, rel_error
+
 from kubellm.runtime.kernels import fused, reference
 
 # Elementwise ops round once per output: allow one ulp of the dtype (the interpreter truncates float32 -> bfloat16

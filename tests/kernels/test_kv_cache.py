@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kubellm.runtime.kernels import reference
 from kubellm.runtime.kernels.kv_cache import write_kv_cache
 

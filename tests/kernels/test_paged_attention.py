@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernels.kernel_testing import TOLERANCE, PagedBatch, make_paged_batch, poisoned, rel_error
+
 from kubellm.runtime.kernels.paged_attention import choose_num_splits, paged_decode_attention, splits_for
 
 

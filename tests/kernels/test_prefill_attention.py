@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernels.kernel_testing import TOLERANCE, PagedBatch, make_paged_batch, poisoned, rel_error
+
 from kubellm.runtime.kernels.prefill_attention import paged_prefill_attention
 
 
