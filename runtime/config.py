@@ -5,6 +5,7 @@ to its parts (CacheConfig for the block manager, SchedulerConfig for the schedul
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,6 +22,8 @@ class EngineConfig:
     """Everything a user may set to run one model. ``None`` means "derive it from the model and the machine"."""
 
     model: str = "builtin:smollm2-135m-instruct"
+    revision: str | None = None  # for hf:// models: a branch, tag or commit (default: main)
+    chat_template: str | None = None  # a Jinja chat template file replacing the model's own
     served_model_name: str | None = None
     dtype: str = "auto"  # auto: the checkpoint's dtype on GPU; on CPU bfloat16 when the CPU has bf16 units
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -38,6 +41,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
+        _check(
+            self.chat_template is None or Path(self.chat_template).is_file(),
+            "chat_template",
+            f"must be a readable file, got {self.chat_template!r}",
+        )
         _check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _check(
             self.device in DEVICES or self.device.startswith("cuda:"),

@@ -81,7 +81,9 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         if loaded is None:
-            loaded = load_model(config.model, load_format=config.load_format)
+            loaded = load_model(config.model, load_format=config.load_format, revision=config.revision)
+        if config.chat_template is not None and loaded.tokenizer is not None:
+            loaded.tokenizer.chat_template = Path(config.chat_template).read_text()
         self.model_config = mc = loaded.config
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
         self.model_name = config.served_model_name or loaded.name

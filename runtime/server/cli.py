@@ -52,7 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model",
         default="builtin:smollm2-135m-instruct",
-        help="builtin:smollm2-135m-instruct, a Hugging Face model directory or a .gguf file",
+        help="builtin:smollm2-135m-instruct, a Hugging Face model directory, a .gguf file or hf://org/name",
+    )
+    model.add_argument("--revision", default=None, help="for hf:// models: a branch, tag or commit (default: main)")
+    model.add_argument(
+        "--chat-template", default=None, metavar="PATH", help="a Jinja chat template file replacing the model's own"
     )
     model.add_argument(
         "--served-model-name", default=None, help="the name clients use in the 'model' field (default: --model)"
@@ -135,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = EngineConfig(
             model=args.model,
+            revision=args.revision,
+            chat_template=args.chat_template,
             served_model_name=args.served_model_name,
             dtype=args.dtype,
             device=args.device,
