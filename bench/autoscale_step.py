@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -41,22 +40,12 @@ from e2e.observer import GROUP, PLURAL, VERSION, Observer, Snapshot  # noqa: E40
 from e2e.operator_process import OperatorProcess  # noqa: E402
 from e2e.procs import MARK_ENV, marked_processes, wait_for  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
+from machine import cpu_model, machine_name  # noqa: E402
+
 NAME = "step"
 NAMESPACE = "bench-step"
 TARGET_QUEUE_DEPTH = 2
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_name() -> str:
-    """E.g. `amd-epyc-2c` (CPU model slug and core count): the results file's suffix."""
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
-    return f"{slug}-{os.cpu_count()}c"
 
 
 def kubernetes_version(apiserver: Path) -> str:

@@ -32,17 +32,8 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 from cluster import ClusterConfig, ControlPlane, ensure_binaries  # noqa: E402
 from cluster import provision as prov  # noqa: E402
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_name() -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
-    return f"{slug}-{os.cpu_count()}c"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
+from machine import cpu_model, machine_name  # noqa: E402
 
 
 def parse_time_log(path: Path) -> float | None:

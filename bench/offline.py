@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,19 +27,10 @@ import torch
 from kubellm.runtime.llm import LLM
 from kubellm.runtime.sampling_params import SamplingParams
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
+from machine import cpu_model, machine_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_name() -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
-    return f"{slug}-{os.cpu_count()}c"
 
 
 def copy_bandwidth_gbs() -> float:

@@ -39,19 +39,10 @@ from kubernetes import client, watch  # noqa: E402
 
 from kubellm.operator import constants as c  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
+from machine import cpu_model, machine_name  # noqa: E402
+
 SOURCE = "builtin:smollm2-135m-instruct"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_name() -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
-    return f"{slug}-{os.cpu_count()}c"
 
 
 def percentile(values: list[float], q: float) -> float:

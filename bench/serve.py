@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,9 @@ from typing import Any
 
 import aiohttp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
+from machine import cpu_model, machine_name
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_TEXT = (
     "The history of computing is a story of people, ideas and machines. Early mechanical calculators gave way to "
@@ -43,18 +45,6 @@ BASE_TEXT = (
     "serve language models to millions of users, scheduling requests, batching them together and streaming "
     "tokens back as they are produced. Explain how this works in detail."
 )
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_name() -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
-    return f"{slug}-{os.cpu_count()}c"
 
 
 def smollm2_gguf() -> Path:

@@ -1,0 +1,28 @@
+"""The machine a benchmark ran on, as every result file names it (DESIGN §5).
+
+Benchmarks run as scripts (``python -P bench/NAME.py``) and put this folder on sys.path to import it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name, e.g. `AMD EPYC`."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_name() -> str:
+    """E.g. `amd-epyc-2c` (CPU model slug and core count): the suffix of a results file's name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
+    return f"{slug}-{os.cpu_count()}c"
