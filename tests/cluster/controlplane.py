@@ -23,7 +23,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -206,6 +207,18 @@ class ControlPlane:
         from kubernetes import config as k8s_config
 
         return k8s_config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    @contextlib.contextmanager
+    def namespace(self, prefix: str = "test-") -> Iterator[str]:
+        """A fresh namespace `<prefix><8 hex>`, deleted (without waiting) on exit."""
+        name = f"{prefix}{uuid.uuid4().hex[:8]}"
+        self.kubectl("create", "namespace", name)
+        # Pods are refused until the service-account controller has created the namespace's default account.
+        self.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=30s", timeout=40)
+        try:
+            yield name
+        finally:
+            self.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         """GET an apiserver path with the admin credentials; returns (status, body). Used for readiness polling."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,11 +81,5 @@ def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture
 def k8s_namespace(k8s_cluster: ControlPlane) -> Iterator[str]:
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    k8s_cluster.kubectl("create", "namespace", name)
-    # Pods are refused until the service-account controller has created the namespace's default account.
-    k8s_cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=30s", timeout=40)
-    try:
+    with k8s_cluster.namespace() as name:
         yield name
-    finally:
-        k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)

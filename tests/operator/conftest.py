@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,13 +122,8 @@ def kubellm_operator(k8s_cluster: Any, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture
 def op_namespace(k8s_cluster: Any) -> Iterator[str]:
-    name = f"{NAMESPACE_PREFIX}{uuid.uuid4().hex[:8]}"
-    k8s_cluster.kubectl("create", "namespace", name)
-    k8s_cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=30s", timeout=40)
-    try:
+    with k8s_cluster.namespace(NAMESPACE_PREFIX) as name:
         yield name
-    finally:
-        k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.fixture
@@ -150,10 +144,5 @@ def operator_process_factory(k8s_cluster: Any) -> Iterator[Callable[..., Operato
 @pytest.fixture
 def private_namespace(k8s_cluster: Any) -> Iterator[str]:
     """A namespace the session's operator does not watch (not `kubellm-op-*`), for a test's own operator."""
-    name = f"kubellm-own-{uuid.uuid4().hex[:8]}"
-    k8s_cluster.kubectl("create", "namespace", name)
-    k8s_cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=30s", timeout=40)
-    try:
+    with k8s_cluster.namespace("kubellm-own-") as name:
         yield name
-    finally:
-        k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
