@@ -111,6 +111,9 @@ def test_queue_depth_scales_up_then_down(kubellm_operator: Any, op_namespace: st
     def llmd() -> dict[str, Any]:
         return dict(custom.get_namespaced_custom_object(c.GROUP, c.VERSION, op_namespace, c.PLURAL, "auto"))
 
+    def decisions(obj: dict[str, Any]) -> list[tuple[int, int]]:
+        return [(d["fromReplicas"], d["toReplicas"]) for d in (obj.get("status") or {}).get("scalingDecisions", [])]
+
     def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return {x["type"]: x for x in (obj.get("status") or {}).get("conditions", [])}
 
@@ -135,17 +138,20 @@ def test_queue_depth_scales_up_then_down(kubellm_operator: Any, op_namespace: st
             timeout=60,
             what="a scale-up to 3 under load, limited by maxReplicas",
         )
-        ups = [(d["fromReplicas"], d["toReplicas"]) for d in obj["status"]["scalingDecisions"]]
+        ups = decisions(obj)
         assert ups[-2:] == [(1, 2), (2, 3)], ups
         assert "queue 6.00/replica (target 2)" in obj["status"]["scalingDecisions"][0]["reason"]
         assert obj["status"]["metrics"]["queueDepth"] >= 6
 
         # Load gone: after the stabilization window, back to 1, one replica at a time.
         fleet.waiting_per_pod = 0
+        # The operator scales through the scale subresource, then records the decision in status: wait for both.
         obj = wait_until(
-            lambda: (o := llmd())["spec"]["replicas"] == 1 and o, timeout=60, what="a scale-down to 1 after the load"
+            lambda: (o := llmd())["spec"]["replicas"] == 1 and decisions(o)[-1:] == [(2, 1)] and o,
+            timeout=60,
+            what="a scale-down to 1 after the load, recorded in status",
         )
-        downs = [(d["fromReplicas"], d["toReplicas"]) for d in obj["status"]["scalingDecisions"]][-2:]
+        downs = decisions(obj)[-2:]
         assert downs == [(3, 2), (2, 1)], downs
         assert fleet.scrapes > 0
 
