@@ -39,13 +39,13 @@ from e2e.load import StreamingLoad  # noqa: E402
 from e2e.observer import GROUP, PLURAL, VERSION, Observer, Snapshot  # noqa: E402
 from e2e.operator_process import OperatorProcess  # noqa: E402
 from e2e.procs import MARK_ENV, marked_processes, wait_for  # noqa: E402
+from e2e.workload import TARGET_QUEUE_DEPTH, closed_loop_spec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 from machine import cpu_model, machine_name  # noqa: E402
 
 NAME = "step"
 NAMESPACE = "bench-step"
-TARGET_QUEUE_DEPTH = 2
 
 
 def kubernetes_version(apiserver: Path) -> str:
@@ -63,28 +63,6 @@ def versions(apiserver: Path) -> dict[str, str]:
         except Exception:
             found[dist] = "?"
     return found
-
-
-def spec(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "model": {"source": "builtin:smollm2-135m-instruct", "maxModelLen": 512},
-        "replicas": 1,
-        "resources": {"gpus": 0},
-        "engine": {
-            "maxNumSeqs": 2,
-            "maxNumBatchedTokens": 256,
-            "extraArgs": ["--device", "cpu", "--kv-cache-memory", str(64 * 1024 * 1024)],
-        },
-        "autoscaling": {
-            "enabled": True,
-            "minReplicas": 1,
-            "maxReplicas": 2,
-            "targetQueueDepth": TARGET_QUEUE_DEPTH,
-            "evaluationPeriodSeconds": args.evaluation_period,
-            "scaleUpStabilizationSeconds": 0,
-            "scaleDownStabilizationSeconds": args.scale_down_window,
-        },
-    }
 
 
 def latest(observer: Observer) -> Snapshot:
@@ -190,7 +168,16 @@ def main() -> int:
 
             body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMDeployment", "metadata": {"name": NAME}}
             client.CustomObjectsApi(api).create_namespaced_custom_object(
-                GROUP, VERSION, NAMESPACE, PLURAL, {**body, "spec": spec(args)}
+                GROUP,
+                VERSION,
+                NAMESPACE,
+                PLURAL,
+                {
+                    **body,
+                    "spec": closed_loop_spec(
+                        evaluation_period_s=args.evaluation_period, scale_down_window_s=args.scale_down_window
+                    ),
+                },
             )
             logs = tmp / "runtimes"
             logs.mkdir()

@@ -30,34 +30,14 @@ from e2e.load import StreamingLoad
 from e2e.observer import GROUP, PLURAL, VERSION, Observer, Snapshot
 from e2e.operator_process import OperatorProcess
 from e2e.procs import marked_processes, wait_for
+from e2e.workload import TARGET_QUEUE_DEPTH, closed_loop_spec
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
 NAME = "loop"
-TARGET_QUEUE_DEPTH = 2
 SCALE_DOWN_WINDOW_S = 5
 EVALUATION_PERIOD_S = 1
-SPEC: dict[str, Any] = {
-    "model": {"source": "builtin:smollm2-135m-instruct", "maxModelLen": 512},
-    "replicas": 1,
-    "resources": {"gpus": 0},
-    # Two sequences at a time, so a handful of concurrent requests is a queue; a KV cache (64 MB: ~170 blocks)
-    # large enough that the queue, not KV usage, is what drives the decision.
-    "engine": {
-        "maxNumSeqs": 2,
-        "maxNumBatchedTokens": 256,
-        "extraArgs": ["--device", "cpu", "--kv-cache-memory", str(64 * 1024 * 1024)],
-    },
-    "autoscaling": {
-        "enabled": True,
-        "minReplicas": 1,
-        "maxReplicas": 2,
-        "targetQueueDepth": TARGET_QUEUE_DEPTH,
-        "evaluationPeriodSeconds": EVALUATION_PERIOD_S,
-        "scaleUpStabilizationSeconds": 0,
-        "scaleDownStabilizationSeconds": SCALE_DOWN_WINDOW_S,
-    },
-}
+SPEC = closed_loop_spec(evaluation_period_s=EVALUATION_PERIOD_S, scale_down_window_s=SCALE_DOWN_WINDOW_S)
 # 8 clients, 2 running: ~6 waiting on one replica = 3x the target (the decision asks for 3, maxReplicas caps at 2).
 CONCURRENCY = 8
 MAX_TOKENS = 256
