@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -10,6 +11,7 @@ import pytest
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.async_engine import AsyncEngine
+from kubellm.runtime.engine.llm_engine import LLMEngine
 from kubellm.runtime.models.loader import LoadedModel
 from kubellm.runtime.outputs import FinishReason, RequestOutput
 from kubellm.runtime.sampling_params import SamplingParams
@@ -104,3 +106,34 @@ async def test_shutdown_aborts_running_requests(smollm2: LoadedModel) -> None:
     rest = await asyncio.wait_for(collect(stream), 60)
     assert rest[-1].outputs[0].finish_reason is FinishReason.ABORT
     assert not eng.is_running
+
+
+async def test_one_thread_loads_and_steps(smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model is built in the thread that later steps it (one OpenMP team: see async_engine's docstring)."""
+    threads: dict[str, set[int]] = {"init": set(), "step": set()}
+    real_init, real_step = LLMEngine.__init__, LLMEngine.step
+
+    def init(self: LLMEngine, *args: object, **kwargs: object) -> None:
+        threads["init"].add(threading.get_ident())
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def step(self: LLMEngine) -> list[RequestOutput]:
+        threads["step"].add(threading.get_ident())
+        return real_step(self)
+
+    monkeypatch.setattr(LLMEngine, "__init__", init)
+    monkeypatch.setattr(LLMEngine, "step", step)
+    config = EngineConfig(model=smollm2.name, dtype="float32", device="cpu", kv_cache_memory_bytes=32 << 20)
+    eng = AsyncEngine(config, loaded=smollm2)
+    await eng.start()
+    outputs = await asyncio.wait_for(collect(eng.add_request("t", "Hi", SamplingParams(max_tokens=3))), 60)
+    await eng.shutdown()
+    assert outputs[-1].finished
+    assert len(threads["init"]) == 1 and threads["init"] == threads["step"]
+    assert threading.get_ident() not in threads["init"]
+
+
+async def test_a_failed_load_raises_from_the_constructor(smollm2: LoadedModel) -> None:
+    config = EngineConfig(model=smollm2.name, dtype="float32", device="cpu", max_model_len=1 << 20)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        AsyncEngine(config, loaded=smollm2)
