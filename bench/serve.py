@@ -361,10 +361,10 @@ async def main_async(args: argparse.Namespace) -> int:
         },
         "results": results,
     }
-    out = REPO_ROOT / "bench" / "results" / f"serve-{args.mode}-{machine_name()}.json"
+    out = args.output or REPO_ROOT / "bench" / "results" / f"serve-{args.mode}-{machine_name()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(REPO_ROOT)}\n")
+    print(f"\nwrote {out}\n")
     header = (
         f"{'system':<13} {'level':<16} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
         f"{'TPOT p50':>9} {'TPOT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'fail':>5}"
@@ -413,6 +413,9 @@ def main() -> int:
         "--llama-threads", type=int, default=os.cpu_count() or 1, help="llama-server -t (default: all cores)"
     )
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `kubellm serve` flag (repeat)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="result file (default: bench/results/serve-<mode>-<machine>.json)"
+    )
     args = parser.parse_args()
     if args.mode == "poisson" and not args.num_requests:
         args.num_requests = 64

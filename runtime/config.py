@@ -10,6 +10,7 @@ from pathlib import Path
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATIONS = ("auto", "none", "int4")
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -37,6 +38,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     load_format: str = "auto"
+    # int4: an int4 weight-only copy of the decoder's linears for small batches (CPU; see layers/linear.py).
+    # auto: int4 on the CPU when the checkpoint's layers are 4-bit already (GGUF Q4_0/Q4_1), else none.
+    quantization: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,6 +91,11 @@ class EngineConfig:
             self.load_format in LOAD_FORMATS,
             "load_format",
             f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
+        )
+        _check(
+            self.quantization in QUANTIZATIONS,
+            "quantization",
+            f"must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}",
         )
 
 

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int4"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +52,13 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             stop=args.stop,
         )
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+        llm = LLM(
+            args.model,
+            dtype=args.dtype,
+            device=args.device,
+            max_model_len=args.max_model_len,
+            quantization=args.quantization,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"kubellm generate: {e}", file=sys.stderr)
         return 2

@@ -68,6 +68,19 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str) -> to
     return {"float16": torch.float16, "float32": torch.bfloat16}.get(checkpoint_dtype, torch.bfloat16)
 
 
+FOUR_BIT_FORMATS = frozenset({"Q4_0", "Q4_1"})
+
+
+def resolve_quantization(quantization: str, device: torch.device, weight_formats: frozenset[str]) -> str:
+    """ "auto" -> "int4" on the CPU for a checkpoint whose layers are 4-bit already (nothing is lost), else "none"."""
+    if quantization == "int4" and device.type != "cpu":
+        raise ValueError(f"quantization int4 is a CPU path (torch's CPU int4 kernel); the device is {device.type}")
+    if quantization == "auto":
+        four_bit = bool(weight_formats) and weight_formats <= FOUR_BIT_FORMATS
+        return "int4" if device.type == "cpu" and four_bit else "none"
+    return quantization
+
+
 @dataclass
 class StepStats:
     num_batched_tokens: int = 0
@@ -103,6 +116,9 @@ class LLMEngine:
         else:
             model.load_weights(loaded.weights)
         self.model = model.to(self.dtype).eval()
+        self.quantization = resolve_quantization(config.quantization, self.device, loaded.weight_formats)
+        if self.quantization == "int4":
+            model.quantize_int4()
 
         # the KV cache
         bytes_per_block = kv_cache_bytes_per_block(

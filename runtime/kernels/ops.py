@@ -1,12 +1,15 @@
-"""The model's elementwise ops, dispatched by device: Triton kernels for CUDA tensors, the torch reference ops
-otherwise. Same signatures and results as kubellm.runtime.kernels.reference, so a layer can import from here
-instead of from reference and get the fused kernels on a GPU. Triton is imported only when a CUDA tensor
-arrives, so CPU-only processes never load it.
+"""The model's elementwise ops, dispatched by device: Triton kernels for CUDA tensors, lean torch compositions
+on the CPU. Same signatures and results (within rounding) as kubellm.runtime.kernels.reference, which the layers
+call through here. Triton is imported only when a CUDA tensor arrives, so CPU-only processes never load it.
+
+The CPU versions use as few torch calls as they can: a decode step of a small model is hundreds of tiny ops,
+where each call's fixed cost (a microsecond or more) outweighs its arithmetic.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -21,7 +24,12 @@ def rms_norm(
         from .fused import rms_norm as fused_rms_norm
 
         return fused_rms_norm(x, weight, eps, residual)
-    return reference.rms_norm(x, weight, eps, residual)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        x = x + residual  # computed in float32 and rounded once, as the reference does
+    # torch's fused CPU rms_norm normalizes in float32 and rounds once: bit-equal to the reference
+    return F.rms_norm(x, weight.shape, weight, eps), x
 
 
 def rotary_embedding(
@@ -47,7 +55,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         from .fused import silu_and_mul as fused_silu_and_mul
 
         return fused_silu_and_mul(x)
-    return reference.silu_and_mul(x)
+    if x.shape[-1] % 2:
+        raise ValueError(f"the last dimension of x must be even (gate and up halves), got {x.shape[-1]}")
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up  # half precision rounds twice (as Hugging Face's SiLU * up does)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

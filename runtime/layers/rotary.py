@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels.reference import rotary_embedding
+from ..kernels import ops
 
 
 def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -52,9 +52,30 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin_cache: torch.Tensor
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
         self.max_position = max_position
+        # (positions, cos, sin) of the current step, shared by all layers (CPU path)
+        self._step_cos_sin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; query: [T, Hq, D]; key: [T, Hkv, D]; rotated in place and returned."""
-        return rotary_embedding(positions, query, key, self.cos_sin_cache, True)
+        """positions: [T]; query: [T, Hq, D]; key: [T, Hkv, D] (views are fine) -> rotated (query, key).
+
+        On a GPU the fused kernel rotates contiguous copies in place. On the CPU each layer does
+        ``x * cos + roll(x, D/2) * sin`` in float32 (the reference's arithmetic in fewer ops), with cos and sin
+        gathered once per step: every layer of a forward pass gets the same ``positions`` tensor.
+        """
+        if query.is_cuda:
+            return ops.rotary_embedding(positions, query.contiguous(), key.contiguous(), self.cos_sin_cache, True)
+        cached = self._step_cos_sin
+        if cached is None or cached[0] is not positions:
+            cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
+            # rotate-half: out = x * [cos, cos] + [x2, x1] * [-sin, sin]
+            cached = (positions, torch.cat([cos, cos], -1)[:, None, :], torch.cat([-sin, sin], -1)[:, None, :])
+            self._step_cos_sin = cached
+        _, cos_full, sin_signed = cached
+        return _rotate_half(query, cos_full, sin_signed), _rotate_half(key, cos_full, sin_signed)
+
+
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)

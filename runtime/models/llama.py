@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layers.activation import SiluAndMul
 from ..layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
-from ..layers.linear import MergedLinear
+from ..layers.linear import Linear, MergedLinear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from .config import ModelConfig
@@ -33,7 +33,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(
             config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=config.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, config.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
@@ -45,13 +45,13 @@ class LlamaAttention(nn.Module):
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D] (a copy: rotated in place below)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D], views into qkv
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)[0]
             k = self.k_norm(k)[0]
-        q, k = self.rotary(positions, q.contiguous(), k.contiguous())
+        q, k = self.rotary(positions, q, k)  # new tensors (q, k stay views of qkv)
         out = self.backend.forward(q, k, v, kv_cache, md, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -61,7 +61,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size})
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.down_proj = Linear(size, config.hidden_size)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,13 +117,18 @@ class LlamaForCausalLM(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, H]."""
-        if positions.numel() and int(positions.max()) >= self.rotary.max_position:
-            raise ValueError(f"position {int(positions.max())} exceeds max_position_embeddings")
+        # the last position of the longest sequence is max_seq_len - 1 (no device sync to find it)
+        if attn_metadata.max_seq_len > self.rotary.max_position:
+            raise ValueError(f"position {attn_metadata.max_seq_len - 1} exceeds max_position_embeddings")
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
         return self.norm(hidden, residual)[0]
+
+    def quantize_int4(self) -> int:
+        """Give every decoder-layer linear an int4 copy for small batches (CPU); returns how many took one."""
+        return sum(m.quantize_int4() for m in self.layers.modules() if isinstance(m, Linear))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, vocab_size]."""

@@ -106,6 +106,8 @@ class LoadedModel:
     tokenizer: Tokenizer | None = None
     generation_config: dict[str, Any] = field(default_factory=dict)
     hf_config: dict[str, Any] = field(default_factory=dict)  # the raw config.json (or its GGUF equivalent)
+    # how the checkpoint stores its decoder-layer matrices: GGUF type names ("Q4_1", "F16", ...); empty if unknown
+    weight_formats: frozenset[str] = frozenset()
 
 
 def load_model(
@@ -295,6 +297,7 @@ def load_gguf_file(f: GGUFFile, *, name: str, dtype: torch.dtype | None = None, 
     if dummy:
         return LoadedModel(name, config, None, tokenizer, generation_config, hf)
     num_tensors = len(f.reader.tensors)
+    formats = frozenset(t.tensor_type.name for t in f.reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
 
     def generate() -> Iterator[tuple[str, torch.Tensor]]:
         with Progress(f"loading {path.name}", total=num_tensors, unit="tensors") as progress:
@@ -306,7 +309,7 @@ def load_gguf_file(f: GGUFFile, *, name: str, dtype: torch.dtype | None = None, 
             progress.count = num_tensors
             progress.note = f"({num_bytes / 2**20:.0f} MiB dequantized)"
 
-    return LoadedModel(name, config, generate(), tokenizer, generation_config, hf)
+    return LoadedModel(name, config, generate(), tokenizer, generation_config, hf, formats)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

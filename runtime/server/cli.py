@@ -85,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="turn the prefix cache off",
     )
+    model.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "none", "int4"],
+        help="int4: int4 weight-only matmuls for small batches (CPU); auto: int4 for a Q4_0/Q4_1 GGUF on the CPU",
+    )
     model.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation")
     model.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
 
@@ -151,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching,
+            quantization=args.quantization,
             enforce_eager=args.enforce_eager,
             seed=args.seed,
         )

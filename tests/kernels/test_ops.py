@@ -43,3 +43,26 @@ def test_cuda_tensors_take_the_triton_path(gen: torch.Generator) -> None:
     torch.testing.assert_close(
         ops.silu_and_mul(x).cpu().float(), reference.silu_and_mul(x.cpu()).float(), atol=2e-2, rtol=2e-2
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_ops_match_the_reference(gen: torch.Generator, dtype: torch.dtype) -> None:
+    """The CPU compositions: rms_norm (with and without the residual) bit-equal to the reference; silu_and_mul
+    within one rounding of it (half precision rounds the SiLU and the product separately)."""
+    for rows in (1, 7, 64):
+        x = torch.randn((rows, 96), generator=gen).to(dtype)
+        residual = torch.randn((rows, 96), generator=gen).to(dtype)
+        weight = (1 + 0.1 * torch.randn(96, generator=gen)).to(dtype)
+        for res in (None, residual):
+            out, new_residual = ops.rms_norm(x, weight, 1e-5, res)
+            ref_out, ref_residual = reference.rms_norm(x, weight, 1e-5, res)
+            assert torch.equal(out, ref_out) and torch.equal(new_residual, ref_residual)
+        gate_up = torch.randn((rows, 2 * 96), generator=gen).to(dtype)
+        ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+        torch.testing.assert_close(
+            ops.silu_and_mul(gate_up).float(), reference.silu_and_mul(gate_up).float(), rtol=2 * ulp, atol=ulp
+        )
+    with pytest.raises(ValueError, match="residual must have"):
+        ops.rms_norm(x, weight, 1e-5, residual[:1])
+    with pytest.raises(ValueError, match="must be even"):
+        ops.silu_and_mul(torch.zeros(2, 5))

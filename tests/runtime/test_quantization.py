@@ -1,0 +1,139 @@
+"""int4 weight-only linears (CPU): the quantizer, the Linear that switches paths by batch size, when the engine
+turns it on, and that the bundled model computes the same thing through it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.engine.llm_engine import LLMEngine, resolve_quantization
+from kubellm.runtime.layers.linear import (
+    INT4_GROUP_SIZE,
+    INT4_MAX_ROWS,
+    Linear,
+    MergedLinear,
+    dequantize_int4,
+    quantize_int4,
+)
+from kubellm.runtime.models.loader import LoadedModel
+from kubellm.runtime.sampling_params import SamplingParams
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def q4_1_weight(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """A weight the way a GGUF Q4_1 block stores it: per 32 columns, d * q + m with q in 0..15, both ends used."""
+    groups = k // 32
+    d = torch.rand(n, groups, 1, generator=gen) * 0.01 + 1e-4
+    m = torch.randn(n, groups, 1, generator=gen) * 0.05
+    q = torch.randint(0, 16, (n, groups, 32), generator=gen)
+    q[..., 0], q[..., 1] = 0, 15
+    return (d * q + m).reshape(n, k).float()
+
+
+def test_quantizing_a_q4_1_weight_recovers_it_exactly(gen: torch.Generator) -> None:
+    w = q4_1_weight(24, 96, gen)
+    codes, scales_and_zeros = quantize_int4(w)
+    assert codes.shape == (24, 96) and int(codes.min()) == 0 and int(codes.max()) == 15
+    assert scales_and_zeros.shape == (96 // INT4_GROUP_SIZE, 24, 2)
+    torch.testing.assert_close(dequantize_int4(codes, scales_and_zeros), w, rtol=0, atol=1e-6)
+
+
+def test_quantization_error_of_a_dense_weight_is_within_half_a_step(gen: torch.Generator) -> None:
+    w = torch.randn(16, 64, generator=gen)
+    codes, sz = quantize_int4(w)
+    step = sz[..., 0].t().repeat_interleave(INT4_GROUP_SIZE, dim=1)  # [N, K]: each column's group scale
+    assert bool(((dequantize_int4(codes, sz) - w).abs() <= step / 2 + 1e-6).all())
+    # a constant group (zero range) comes back exactly
+    flat = torch.full((2, 32), 0.25)
+    torch.testing.assert_close(dequantize_int4(*quantize_int4(flat)), flat)
+
+
+def test_quantize_refuses_columns_that_are_not_whole_groups() -> None:
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        quantize_int4(torch.zeros(4, 40))
+    layer = Linear(40, 8)
+    assert layer.quantize_int4() is False and layer.int4_weight is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_serves_small_batches_and_the_dense_weight_the_rest(
+    gen: torch.Generator, dtype: torch.dtype
+) -> None:
+    layer = MergedLinear(64, {"a": 48, "b": 16}, bias=True)
+    w = q4_1_weight(64, 64, gen)
+    layer.weight.data.copy_(w)
+    layer.bias.data.copy_(torch.randn(64, generator=gen))  # type: ignore[union-attr]
+    layer.to(dtype)
+    assert layer.quantize_int4() is True
+    assert "int4" in repr(layer)
+    bias = layer.bias.float()  # type: ignore[union-attr]
+    for rows in (1, 3, INT4_MAX_ROWS):
+        x = torch.randn(rows, 64, generator=gen).to(dtype)
+        expected = x.float() @ w.t() + bias  # the int4 copy holds w's own codes
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(layer(x).float(), expected, rtol=tol, atol=tol)
+    # wider batches take the dense weight: bit-equal to F.linear
+    x = torch.randn(INT4_MAX_ROWS + 1, 64, generator=gen).to(dtype)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    # poisoning the dense weight shows which path ran
+    layer.weight.data.fill_(float("nan"))
+    assert torch.isfinite(layer(torch.ones(2, 64, dtype=dtype))).all()
+    assert torch.isnan(layer(torch.ones(INT4_MAX_ROWS + 1, 64, dtype=dtype))).all()
+
+
+def test_resolve_quantization() -> None:
+    assert resolve_quantization("auto", CPU, frozenset({"Q4_1"})) == "int4"
+    assert resolve_quantization("auto", CPU, frozenset({"Q4_0", "Q4_1"})) == "int4"
+    assert resolve_quantization("auto", CPU, frozenset({"Q4_1", "Q8_0"})) == "none"  # some layers 8-bit: keep them
+    assert resolve_quantization("auto", CPU, frozenset()) == "none"  # safetensors, dummy: unknown
+    assert resolve_quantization("auto", torch.device("cuda"), frozenset({"Q4_1"})) == "none"
+    assert resolve_quantization("int4", CPU, frozenset()) == "int4"
+    assert resolve_quantization("none", CPU, frozenset({"Q4_1"})) == "none"
+    with pytest.raises(ValueError, match="CPU path"):
+        resolve_quantization("int4", torch.device("cuda"), frozenset())
+    with pytest.raises(ValueError, match=r"^quantization must be one of auto, none, int4, got 'int8'"):
+        EngineConfig(quantization="int8")
+
+
+def test_the_bundled_model_computes_the_same_through_int4(smollm2: LoadedModel) -> None:
+    """SmolLM2's layers are Q4_1 in the file: the int4 path runs the file's own weights, so float32 logprobs
+    agree with the dense path to rounding (the tied head, Q8_0 in the file, is dense in both)."""
+    state = list(smollm2.weights or [])
+    results = {}
+    for quantization in ("none", "int4"):
+        loaded = LoadedModel(smollm2.name, smollm2.config, iter(state), smollm2.tokenizer)
+        config = EngineConfig(
+            model=loaded.name, dtype="float32", device="cpu", kv_cache_memory_bytes=16 << 20, quantization=quantization
+        )
+        engine = LLMEngine(config, loaded=loaded)
+        assert engine.quantization == quantization
+        linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
+        assert len(linears) == 4 * smollm2.config.num_hidden_layers
+        assert all((m.int4_weight is not None) == (quantization == "int4") for m in linears)
+        engine.add_request("r", "The capital of France is", SamplingParams(max_tokens=4, temperature=0, logprobs=5))
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += engine.step()
+        engine.block_manager.check_all_free()
+        results[quantization] = [lp for out in outputs for c in out.outputs for lp in (c.logprobs or [])]
+    dense, int4 = results["none"], results["int4"]
+    assert len(dense) == len(int4) == 4
+    for a, b in zip(dense, int4, strict=True):
+        assert a.token_id == b.token_id
+        assert abs(a.logprob - b.logprob) < 0.02, (a, b)
+        top_a, top_b = dict(a.top), dict(b.top)
+        assert set(top_a) == set(top_b)  # the same top-5 tokens at every step
+        for token_id, logprob in top_a.items():
+            assert abs(logprob - top_b[token_id]) < 0.02, (token_id, logprob, top_b[token_id])

@@ -1,0 +1,34 @@
+"""The rotary layer's CPU path (cos/sin gathered once per step, rotate-half in float32) equals the reference op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kubellm.runtime.kernels.reference import rotary_embedding
+from kubellm.runtime.layers.rotary import RotaryEmbedding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_rotary_equals_the_reference_across_steps(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(7)
+    num_heads, num_kv_heads, head_dim = 6, 2, 32
+    scaling = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}
+    rope = RotaryEmbedding(head_dim, 256, 10000.0, scaling)
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    # two steps with different positions: the second must not reuse the first step's cos/sin
+    for positions in (torch.tensor([0, 5, 6, 200]), torch.tensor([3, 255, 1])):
+        qkv = torch.randn((len(positions), width), generator=gen).to(dtype)
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, num_heads, head_dim)  # strided views into qkv, as the attention layer passes them
+        k = k.view(-1, num_kv_heads, head_dim)
+        before = qkv.clone()
+        for _ in range(3):  # every layer of a step calls with the same positions tensor
+            out_q, out_k = rope(positions, q, k)
+            ref_q, ref_k = rotary_embedding(positions, q.clone(), k.clone(), rope.cos_sin_cache)
+            tol = 1e-6 if dtype == torch.float32 else 2**-7
+            torch.testing.assert_close(out_q, ref_q, rtol=tol, atol=tol)
+            torch.testing.assert_close(out_k, ref_k, rtol=tol, atol=tol)
+            assert out_q.shape == q.shape and out_k.shape == k.shape
+        assert torch.equal(qkv, before)  # the inputs are left alone
