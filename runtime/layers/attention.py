@@ -81,8 +81,10 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         md = attn_metadata
         self._write_kv_cache(key, value, kv_cache, md)
-        out = torch.empty_like(query)
         num_decodes = md.num_decode_tokens
+        if num_decodes == md.num_seqs:  # a pure decode step: no output buffer to assemble
+            return self._decode(query, kv_cache, md, scale)
+        out = torch.empty_like(query)
         if num_decodes:
             out[:num_decodes] = self._decode(query[:num_decodes], kv_cache, md, scale)
         starts, lens = md.query_start_loc_cpu, md.seq_lens_cpu
@@ -108,21 +110,27 @@ class TorchAttentionBackend(AttentionBackend):
     def _decode(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
         # query: [B, Hq, D], one new token per sequence
         num_seqs = query.shape[0]
-        block_size = kv_cache.shape[2]
-        if "decode_mask" not in md.derived:
-            max_len = max(md.seq_lens_cpu[:num_seqs])
-            num_blocks = -(-max_len // block_size)
-            seq_lens = md.seq_lens[:num_seqs]
-            md.derived["decode_blocks"] = md.block_tables[:num_seqs, :num_blocks].reshape(-1).long()
-            # decode_mask: [B, 1, 1, num_blocks * block_size], True where the key position is inside the sequence
-            key_pos = torch.arange(num_blocks * block_size, device=query.device)
-            md.derived["decode_mask"] = (key_pos[None, :] < seq_lens[:, None])[:, None, None, :]
-        blocks = md.derived["decode_blocks"]
-        mask = md.derived["decode_mask"]
-        num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
-        # kv: [2, B * num_blocks, block_size, Hkv, D] -> k, v: [B, Hkv, L = num_blocks * block_size, D]
-        kv = kv_cache.index_select(1, blocks).view(2, num_seqs, -1, num_kv_heads, head_dim).transpose(2, 3)
-        k, v = kv[0].to(query.dtype), kv[1].to(query.dtype)
+        _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+        if "decode_rows" not in md.derived:
+            lens = md.seq_lens_cpu[:num_seqs]
+            max_len = max(lens)
+            width = -(-max_len // block_size)
+            blocks = md.block_tables[:num_seqs, :width].reshape(-1).long()
+            # rows of the cache seen as [2 * num_blocks, block_size * Hkv * D]: K blocks, then V blocks
+            md.derived["decode_rows"] = torch.cat([blocks, blocks + num_blocks])
+            if min(lens) != max_len:
+                # mask: [B, 1, 1, width * block_size], True where the key position is inside the sequence
+                key_pos = torch.arange(width * block_size, device=query.device)
+                md.derived["decode_mask"] = (key_pos[None, :] < md.seq_lens[:num_seqs, None])[:, None, None, :]
+        mask = md.derived.get("decode_mask")
+        rows = md.derived["decode_rows"]
+        # equal lengths (one sequence, say) need no mask: the keys are cut at the length instead
+        length = None if mask is not None else md.seq_lens_cpu[0]
+        # kv: [2, B, L = width * block_size, Hkv, D] -> k, v: [B, Hkv, L, D]
+        kv = kv_cache.view(2 * num_blocks, -1).index_select(0, rows).view(2, num_seqs, -1, num_kv_heads, head_dim)
+        if kv.dtype != query.dtype:
+            kv = kv.to(query.dtype)
+        k, v = kv[0, :, :length].transpose(1, 2), kv[1, :, :length].transpose(1, 2)
         # grouped-query attention without repeating K/V: the `group` query heads sharing a KV head act as
         # `group` query rows of that head. q: [B, Hkv, group, D]
         q = query.view(num_seqs, num_kv_heads, -1, head_dim)
