@@ -7,6 +7,8 @@ One sequence decoding must read every weight once per token, plus its KV cache:
 with the device-to-device copy bandwidth (bytes read + written) measured in the same run. The step time is the
 median gap between consecutive tokens of one request through the engine's public interface
 (`LLM.generate(..., on_delta=...)`): it includes the engine's scheduling and sampling, as a user sees it.
+The same loaded engine is timed twice: with its decode CUDA graphs (the default on a GPU) and without them
+(as `--enforce-eager` runs).
 
     python bench/gpu/decode_step.py [--model llama-3.1-8b] [--prompt-len 512] [--output-len 256]
     python bench/gpu/decode_step.py --smoke
@@ -58,22 +60,30 @@ def main() -> int:
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
 
-    llm.generate([prompt[: max(args.prompt_len // 2, 1)]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm up
-    stamps: list[float] = []
+    def measure() -> tuple[float, list[float], float]:
+        """(TTFT ms, inter-token gaps ms, total s) of one request."""
+        llm.generate([prompt[: max(args.prompt_len // 2, 1)]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm
+        stamps: list[float] = []
 
-    def on_delta(_delta: Any) -> None:
-        gpubench.sync(device)
-        stamps.append(time.perf_counter())
+        def on_delta(_delta: Any) -> None:
+            gpubench.sync(device)
+            stamps.append(time.perf_counter())
 
-    start = time.perf_counter()
-    outputs = llm.generate([prompt], params, on_delta=on_delta)
-    total_s = time.perf_counter() - start
-    generated = len(outputs[0].outputs[0].token_ids)
-    if generated != args.output_len:
-        raise SystemExit(f"expected {args.output_len} tokens, got {generated}")
-    ttft_ms = (stamps[0] - start) * 1e3
-    gaps_ms = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps)]
+        start = time.perf_counter()
+        outputs = llm.generate([prompt], params, on_delta=on_delta)
+        total = time.perf_counter() - start
+        generated = len(outputs[0].outputs[0].token_ids)
+        if generated != args.output_len:
+            raise SystemExit(f"expected {args.output_len} tokens, got {generated}")
+        return (stamps[0] - start) * 1e3, [(b - a) * 1e3 for a, b in itertools.pairwise(stamps)], total
+
+    graphs = engine.runner.graphs
+    ttft_ms, gaps_ms, total_s = measure()
     step_ms = statistics.median(gaps_ms)
+    engine.runner.graphs = None  # the same engine, eager
+    _, eager_gaps_ms, _ = measure()
+    eager_step_ms = statistics.median(eager_gaps_ms)
+    engine.runner.graphs = graphs
 
     weights = gpubench.weight_bytes(engine.model)
     elt = torch.empty((), dtype=engine.dtype).element_size()
@@ -93,6 +103,9 @@ def main() -> int:
         "total_s": total_s,
         "model_load_s": load_s,
         "attention_backend": backend,
+        "cuda_graphs": graphs is not None,
+        "step_ms_median_eager": eager_step_ms,
+        "graph_speedup": eager_step_ms / step_ms,
     }
     workload = {
         "model": args.model, "weights": "dummy", "dtype": str(engine.dtype).removeprefix("torch."),
@@ -103,8 +116,20 @@ def main() -> int:
     path = gpubench.write_result("decode_step", args, device, workload, results)
     print(f"wrote {path}")
     gpubench.print_table(
-        ["model", "backend", "step ms", "roofline ms", "of roofline", "tok/s", "TTFT ms"],
-        [[args.model, backend, step_ms, floor_ms, f"{100 * floor_ms / step_ms:.1f}%", 1e3 / step_ms, ttft_ms]],
+        ["model", "backend", "graphs", "step ms", "eager ms", "roofline ms", "of roofline", "tok/s", "TTFT ms"],
+        [
+            [
+                args.model,
+                backend,
+                graphs is not None,
+                step_ms,
+                eager_step_ms,
+                floor_ms,
+                f"{100 * floor_ms / step_ms:.1f}%",
+                1e3 / step_ms,
+                ttft_ms,
+            ]
+        ],
     )
     return 0
 

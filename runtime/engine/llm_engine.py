@@ -27,6 +27,7 @@ from ..models.llama import LlamaForCausalLM
 from ..outputs import CompletionOutput, EngineStats, FinishReason, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
+from .cuda_graphs import profile_activation_bytes
 from .model_runner import ModelRunner, kv_cache_bytes_per_block
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Request, Sequence
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
+# kept free on a GPU besides the profiled activations: the CUDA-graph pool and allocator fragmentation
+GPU_RESERVE_BYTES = 256 << 20
 
 
 def resolve_device(device: str) -> torch.device:
@@ -126,7 +129,15 @@ class LLMEngine:
         )
         num_blocks = config.num_gpu_blocks or max(1, self._kv_cache_budget() // bytes_per_block)
         self.cache_config = CacheConfig(config.block_size, num_blocks, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.cache_config, self.device, self.dtype)
+        self.runner = ModelRunner(
+            self.model,
+            self.cache_config,
+            self.device,
+            self.dtype,
+            decode_graphs=self.device.type == "cuda" and not config.enforce_eager,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # a sequence can never outgrow the whole cache
         self.max_seq_len = min(self.max_model_len, self.cache_config.num_slots)
@@ -149,10 +160,22 @@ class LLMEngine:
         if self.config.kv_cache_memory_bytes is not None:
             return self.config.kv_cache_memory_bytes
         if self.device.type == "cuda":
+            # a profiling pass: the largest step the scheduler can build, for its activation peak
+            activations = profile_activation_bytes(
+                self.model,
+                num_tokens=min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs),
+                max_model_len=self.max_model_len,
+                num_logits=self.config.max_num_seqs,
+                block_size=self.config.block_size,
+            )
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            # leave room for activations: one max batch of hidden states is small next to this margin
-            return max(0, int(total * self.config.gpu_memory_utilization) - used - (512 << 20))
+            used = total - free  # the weights, the CUDA context, other processes
+            budget = int(total * self.config.gpu_memory_utilization) - used - activations - GPU_RESERVE_BYTES
+            logger.info(
+                "GPU memory: %.1f GiB total, %.1f GiB in use, %.2f GiB peak activations: %.1f GiB for the KV cache",
+                total / 2**30, used / 2**30, activations / 2**30, max(budget, 0) / 2**30,
+            )  # fmt: skip
+            return max(0, budget)
         return CPU_DEFAULT_KV_CACHE_BYTES
 
     # ---- requests ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """ModelRunner: owns the model and its paged KV cache; turns a scheduled batch into one forward pass.
 
 Per step it builds, once, the flat token batch (decodes first, then prefill chunks) and the attention metadata
-every layer shares, runs the model, and returns float32 logits for the sequences that sample this step.
+every layer shares, runs the model, and returns float32 logits for the sequences that sample this step. With
+``decode_graphs`` (a GPU, not ``enforce_eager``), a step of decodes only replays a captured CUDA graph instead.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from ..config import CacheConfig
 from ..layers.attention import AttentionMetadata
 from ..models.llama import LlamaForCausalLM
+from . import cuda_graphs
 from .scheduler import ScheduledSeq, SchedulerOutput
 
 
@@ -22,7 +24,15 @@ def kv_cache_bytes_per_block(
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype
+        self,
+        model: LlamaForCausalLM,
+        cache_config: CacheConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        decode_graphs: bool = False,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
     ) -> None:
         self.model = model
         self.cache_config = cache_config
@@ -42,6 +52,19 @@ class ModelRunner:
             )
             for _ in range(cfg.num_hidden_layers)
         ]
+        self.graphs: cuda_graphs.DecodeGraphs | None = None
+        if decode_graphs:
+            max_len = max_model_len or cfg.max_position_embeddings
+            with torch.inference_mode():
+                self.graphs = cuda_graphs.DecodeGraphs(
+                    model,
+                    self.kv_caches,
+                    sizes=cuda_graphs.capture_sizes(max_num_seqs),
+                    max_blocks_per_seq=-(-max_len // cache_config.block_size),
+                    max_seq_len=max_len,
+                    device=device,
+                    graph_factory=cuda_graphs.CudaGraph,
+                )
 
     def _prepare(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.cache_config.block_size
@@ -83,11 +106,28 @@ class ModelRunner:
         """Run one step. Returns (logits [num_sampling, vocab] float32, the sampling sequences in row order)."""
         # decodes (one new token) first: the attention backends batch them together
         items = sorted(batch.scheduled, key=lambda s: s.num_new_tokens != 1)
-        input_ids, positions, md = self._prepare(items)
-        hidden = self.model(input_ids, positions, self.kv_caches, md)  # [T, H]
+        graphs = self.graphs
+        if graphs is not None and len(items) <= graphs.max_batch_size and items[-1].num_new_tokens == 1:
+            hidden = self._replay_decode(graphs, items)
+            last = [i for i, s in enumerate(items) if s.samples]
+        else:
+            input_ids, positions, md = self._prepare(items)
+            hidden = self.model(input_ids, positions, self.kv_caches, md)  # [T, H]
+            last = [md.query_start_loc_cpu[i + 1] - 1 for i, s in enumerate(items) if s.samples]
         sampling = [s for s in items if s.samples]
         if not sampling:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32), []
-        last = [md.query_start_loc_cpu[i + 1] - 1 for i, s in enumerate(items) if s.samples]
         rows = torch.tensor(last, dtype=torch.int64, device=hidden.device)
         return self.model.compute_logits(hidden[rows]), sampling
+
+    def _replay_decode(self, graphs: cuda_graphs.DecodeGraphs, items: list[ScheduledSeq]) -> torch.Tensor:
+        """A step of single-token items through the captured graphs -> hidden [num_seqs, H]."""
+        bs = self.cache_config.block_size
+        positions = [s.start for s in items]
+        return graphs.run(
+            input_ids=[s.seq.token_ids[s.start] for s in items],
+            positions=positions,
+            slot_mapping=[s.seq.block_table[p // bs] * bs + p % bs for s, p in zip(items, positions, strict=True)],
+            block_tables=[s.seq.block_table for s in items],
+            seq_lens=[p + 1 for p in positions],
+        )

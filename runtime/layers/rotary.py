@@ -52,8 +52,13 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin_cache: torch.Tensor
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
         self.max_position = max_position
-        # (positions, cos, sin) of the current step, shared by all layers (CPU path)
+        # (positions, cos, sin) of the current step, shared by all layers (CPU path); reset by new_step()
         self._step_cos_sin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def new_step(self) -> None:
+        """Forget the step's cos/sin: the next call gathers them again (positions may be rewritten in place, as a
+        captured graph's static buffer is, so the tensor's identity alone cannot tell steps apart)."""
+        self._step_cos_sin = None
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor

@@ -120,6 +120,7 @@ class LlamaForCausalLM(nn.Module):
         # the last position of the longest sequence is max_seq_len - 1 (no device sync to find it)
         if attn_metadata.max_seq_len > self.rotary.max_position:
             raise ValueError(f"position {attn_metadata.max_seq_len - 1} exceeds max_position_embeddings")
+        self.rotary.new_step()
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
