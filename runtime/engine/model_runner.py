@@ -7,6 +7,9 @@ every layer shares, runs the model, and returns float32 logits for the sequences
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from ..config import CacheConfig
@@ -14,6 +17,8 @@ from ..layers.attention import AttentionMetadata
 from ..models.llama import LlamaForCausalLM
 from . import cuda_graphs
 from .scheduler import ScheduledSeq, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 def kv_cache_bytes_per_block(
@@ -55,15 +60,25 @@ class ModelRunner:
         self.graphs: cuda_graphs.DecodeGraphs | None = None
         if decode_graphs:
             max_len = max_model_len or cfg.max_position_embeddings
-            with torch.inference_mode():
-                self.graphs = cuda_graphs.DecodeGraphs(
-                    model,
-                    self.kv_caches,
-                    sizes=cuda_graphs.capture_sizes(max_num_seqs),
-                    max_blocks_per_seq=-(-max_len // cache_config.block_size),
-                    max_seq_len=max_len,
-                    device=device,
-                    graph_factory=cuda_graphs.CudaGraph,
+            started = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    self.graphs = cuda_graphs.DecodeGraphs(
+                        model,
+                        self.kv_caches,
+                        sizes=cuda_graphs.capture_sizes(max_num_seqs),
+                        max_blocks_per_seq=-(-max_len // cache_config.block_size),
+                        max_seq_len=max_len,
+                        device=device,
+                        graph_factory=cuda_graphs.CudaGraph,
+                    )
+            except (RuntimeError, ValueError) as e:  # serve eager rather than not at all
+                logger.warning("decode CUDA graphs could not be captured (%s): running eager", e)
+            else:
+                logger.info(
+                    "captured decode CUDA graphs for %d batch sizes in %.1f s",
+                    len(self.graphs.sizes),
+                    time.perf_counter() - started,
                 )
 
     def _prepare(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
