@@ -122,6 +122,8 @@ class LLMEngine:
         self.quantization = resolve_quantization(config.quantization, self.device, loaded.weight_formats)
         if self.quantization == "int4":
             model.quantize_int4()
+        if self.device.type == "cpu":
+            model.pack_for_cpu()
 
         # the KV cache
         bytes_per_block = kv_cache_bytes_per_block(

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layers.activation import SiluAndMul
 from ..layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
-from ..layers.linear import Linear, MergedLinear
+from ..layers.linear import Linear, MergedLinear, pack_weight, packed_linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from .config import ModelConfig
@@ -108,6 +108,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
         for p in self.parameters():
             p.requires_grad_(False)
+        self.packed_head: torch.Tensor | None = None  # pack_for_cpu()
 
     def forward(
         self,
@@ -127,12 +128,20 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
         return self.norm(hidden, residual)[0]
 
+    def pack_for_cpu(self) -> int:
+        """oneDNN-packed copies of every decoder linear and of the head (CPU); returns how many were packed."""
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.packed_head = pack_weight(head.data)
+        return sum(m.pack() for m in self.layers.modules() if isinstance(m, Linear)) + (self.packed_head is not None)
+
     def quantize_int4(self) -> int:
         """Give every decoder-layer linear an int4 copy for small batches (CPU); returns how many took one."""
         return sum(m.quantize_int4() for m in self.layers.modules() if isinstance(m, Linear))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, vocab_size]."""
+        if self.packed_head is not None:
+            return packed_linear(hidden, self.packed_head).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 

@@ -137,3 +137,29 @@ def test_the_bundled_model_computes_the_same_through_int4(smollm2: LoadedModel) 
         assert set(top_a) == set(top_b)  # the same top-5 tokens at every step
         for token_id, logprob in top_a.items():
             assert abs(logprob - top_b[token_id]) < 0.02, (token_id, logprob, top_b[token_id])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_equals_the_plain_one(gen: torch.Generator, dtype: torch.dtype) -> None:
+    layer = Linear(64, 48, bias=True)
+    layer.weight.data.copy_(torch.randn(48, 64, generator=gen))
+    layer.bias.data.copy_(torch.randn(48, generator=gen))  # type: ignore[union-attr]
+    layer.to(dtype)
+    x = torch.randn(37, 64, generator=gen).to(dtype)
+    plain = layer(x)
+    assert layer.pack() is True and "packed" in repr(layer)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(layer(x), plain, rtol=tol, atol=tol)
+    layer.weight.data.fill_(float("nan"))  # the packed copy serves: the plain weight is not read
+    assert torch.isfinite(layer(x)).all()
+
+
+def test_the_engine_packs_and_quantizes_on_the_cpu(smollm2: LoadedModel) -> None:
+    loaded = LoadedModel(smollm2.name, smollm2.config, smollm2.weights, smollm2.tokenizer)
+    config = EngineConfig(
+        model=loaded.name, dtype="bfloat16", device="cpu", kv_cache_memory_bytes=16 << 20, quantization="int4"
+    )
+    model = LLMEngine(config, loaded=loaded).model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(m.packed_weight is not None and m.int4_weight is not None for m in linears)
+    assert model.packed_head is not None
