@@ -71,6 +71,11 @@ class RotaryEmbedding(nn.Module):
         """
         if query.is_cuda:
             return ops.rotary_embedding(positions, query.contiguous(), key.contiguous(), self.cos_sin_cache, True)
+        return self.rotate(positions, query), self.rotate(positions, key)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """CPU: positions [T]; x [T, H, D] (a view is fine) -> a new rotated tensor. Query and key heads may come
+        as one tensor (their columns are adjacent in the fused qkv projection): one pass rotates both."""
         cached = self._step_cos_sin
         if cached is None or cached[0] is not positions:
             cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
@@ -78,7 +83,7 @@ class RotaryEmbedding(nn.Module):
             cached = (positions, torch.cat([cos, cos], -1)[:, None, :], torch.cat([-sin, sin], -1)[:, None, :])
             self._step_cos_sin = cached
         _, cos_full, sin_signed = cached
-        return _rotate_half(query, cos_full, sin_signed), _rotate_half(key, cos_full, sin_signed)
+        return _rotate_half(x, cos_full, sin_signed)
 
 
 def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

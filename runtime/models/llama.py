@@ -44,14 +44,19 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D], views into qkv
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)[0]
-            k = self.k_norm(k)[0]
-        q, k = self.rotary(positions, q, k)  # new tensors (q, k stay views of qkv)
+        q_and_k = self.q_size + self.kv_size
+        v = qkv[:, q_and_k:].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D], a view into qkv
+        if not qkv.is_cuda and self.q_norm is None:
+            # CPU: rotate the query and key heads in one pass, then split the result
+            qk = self.rotary.rotate(positions, qkv[:, :q_and_k].view(num_tokens, -1, self.head_dim))
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+            k = qkv[:, self.q_size : q_and_k].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+            if self.q_norm is not None and self.k_norm is not None:
+                q = self.q_norm(q)[0]
+                k = self.k_norm(k)[0]
+            q, k = self.rotary(positions, q, k)  # new tensors
         out = self.backend.forward(q, k, v, kv_cache, md, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 

@@ -31,4 +31,7 @@ def test_cpu_rotary_equals_the_reference_across_steps(dtype: torch.dtype) -> Non
             torch.testing.assert_close(out_q, ref_q, rtol=tol, atol=tol)
             torch.testing.assert_close(out_k, ref_k, rtol=tol, atol=tol)
             assert out_q.shape == q.shape and out_k.shape == k.shape
+            # the attention layer's CPU path: query and key heads rotated in one pass over their adjacent columns
+            qk = rope.rotate(positions, qkv[:, : q_size + kv_size].view(len(positions), -1, head_dim))
+            assert torch.equal(qk[:, :num_heads], out_q) and torch.equal(qk[:, num_heads:], out_k)
         assert torch.equal(qkv, before)  # the inputs are left alone
