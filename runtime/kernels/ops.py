@@ -1,9 +1,10 @@
-"""The model's elementwise ops, dispatched by device: Triton kernels for CUDA tensors, lean torch compositions
-on the CPU. Same signatures and results (within rounding) as kubellm.runtime.kernels.reference, which the layers
-call through here. Triton is imported only when a CUDA tensor arrives, so CPU-only processes never load it.
+"""The model's elementwise ops, dispatched by device: Triton kernels for CUDA tensors; on the CPU the C++ kernels
+of cpu_ops.cpp when they are built (kernels/cpu.py; rms_norm), else lean torch compositions. Same signatures and results
+(within rounding) as kubellm.runtime.kernels.reference, which the layers call through here. Triton is imported
+only when a CUDA tensor arrives, so CPU-only processes never load it.
 
-The CPU versions use as few torch calls as they can: a decode step of a small model is hundreds of tiny ops,
-where each call's fixed cost (a microsecond or more) outweighs its arithmetic.
+Why one call per op matters on the CPU: a decode step of a small model is hundreds of tiny ops, where each
+call's fixed cost (a microsecond or more) outweighs its arithmetic.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import cpu, reference
 
 __all__ = ["rms_norm", "rotary_embedding", "silu_and_mul", "write_kv_cache"]
 
@@ -24,6 +25,10 @@ def rms_norm(
         from .fused import rms_norm as fused_rms_norm
 
         return fused_rms_norm(x, weight, eps, residual)
+    kernels = cpu.load()
+    if kernels is not None and x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype:
+        out, new_residual = kernels.rms_norm(x, residual, weight, eps)
+        return out, new_residual
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..kernels import cpu
 from ..kernels.reference import write_kv_cache
+
+# Decode batches up to this size use the C++ kernel on the CPU (kernels/cpu_ops.cpp), which skips the gather
+# copy; wider ones the gather + SDPA, whose attention is faster there (measured on a 2-core EPYC: 27-39 vs
+# 48-52 us at 1 sequence x 176 positions, 0.7-0.8 vs 0.6 ms at 32).
+CPU_KERNEL_MAX_DECODES = 4
 
 
 @dataclass
@@ -110,6 +116,12 @@ class TorchAttentionBackend(AttentionBackend):
     def _decode(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
         # query: [B, Hq, D], one new token per sequence
         num_seqs = query.shape[0]
+        if num_seqs <= CPU_KERNEL_MAX_DECODES and query.device.type == "cpu" and kv_cache.dtype == query.dtype:
+            kernels = cpu.load()
+            if kernels is not None:  # reads K and V in place: no gather
+                return kernels.paged_decode_attention(
+                    query, kv_cache, md.block_tables[:num_seqs], md.seq_lens[:num_seqs], scale
+                )
         _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
         if "decode_rows" not in md.derived:
             lens = md.seq_lens_cpu[:num_seqs]

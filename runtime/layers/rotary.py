@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import ops
+from ..kernels import cpu, ops
 
 
 def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -54,6 +54,8 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
         # (positions, cos, sin) of the current step, shared by all layers (CPU path); reset by new_step()
         self._step_cos_sin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # (cos_sin_cache, its float32 copy) for the C++ kernel (CPU)
+        self._table_f32: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def new_step(self) -> None:
         """Forget the step's cos/sin: the next call gathers them again (positions may be rewritten in place, as a
@@ -76,6 +78,11 @@ class RotaryEmbedding(nn.Module):
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """CPU: positions [T]; x [T, H, D] (a view is fine) -> a new rotated tensor. Query and key heads may come
         as one tensor (their columns are adjacent in the fused qkv projection): one pass rotates both."""
+        kernels = cpu.load()
+        if kernels is not None and x.stride(-1) == 1:
+            if self._table_f32 is None or self._table_f32[0] is not self.cos_sin_cache:  # .to() replaces the buffer
+                self._table_f32 = (self.cos_sin_cache, self.cos_sin_cache.float().contiguous())
+            return kernels.rotary(x, positions, self._table_f32[1])
         cached = self._step_cos_sin
         if cached is None or cached[0] is not positions:
             cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each

@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 
-from kubellm.runtime.kernels import ops, reference
+from kubellm.runtime.kernels import cpu, ops, reference
 
 
 def test_cpu_tensors_take_the_reference_path_without_triton() -> None:
     code = (
         "import sys, torch\n"
-        "from kubellm.runtime.kernels import ops, reference\n"
+        "from kubellm.runtime.kernels import cpu, ops, reference\n"
         "x = torch.randn(3, 8); w = torch.randn(8)\n"
         "assert torch.equal(ops.rms_norm(x, w, 1e-6, x)[0], reference.rms_norm(x, w, 1e-6, x)[0])\n"
         "assert torch.equal(ops.silu_and_mul(x), reference.silu_and_mul(x))\n"
@@ -25,7 +25,8 @@ def test_cpu_tensors_take_the_reference_path_without_triton() -> None:
         "assert torch.equal(kv[0, 0, 3, 0], x[2])\n"
         "assert not any(m == 'triton' or m.startswith('triton.') for m in sys.modules), 'triton was imported'\n"
     )
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # the torch compositions (the C++ kernels, within an ulp of these, are tests/runtime/test_cpu_kernels.py's)
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "CUDA_VISIBLE_DEVICES": "", "KUBELLM_CPU_KERNELS": "0"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
@@ -46,9 +47,11 @@ def test_cuda_tensors_take_the_triton_path(gen: torch.Generator) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cpu_ops_match_the_reference(gen: torch.Generator, dtype: torch.dtype) -> None:
-    """The CPU compositions: rms_norm (with and without the residual) bit-equal to the reference; silu_and_mul
-    within one rounding of it (half precision rounds the SiLU and the product separately)."""
+def test_cpu_ops_match_the_reference(gen: torch.Generator, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU torch compositions (the fallback of the C++ kernels): rms_norm (with and without the residual)
+    bit-equal to the reference; silu_and_mul within one rounding of it (half precision rounds the SiLU and the
+    product separately)."""
+    monkeypatch.setattr(cpu, "load", lambda: None)
     for rows in (1, 7, 64):
         x = torch.randn((rows, 96), generator=gen).to(dtype)
         residual = torch.randn((rows, 96), generator=gen).to(dtype)

@@ -1,0 +1,231 @@
+// CPU kernels for the decode hot path: RMSNorm (with the residual add), rotary embedding and paged decode
+// attention, each one call. (SiLU-and-mul stays with torch, whose vectorized exp this scalar loop could not match.)
+//
+// On a CPU a decode step of a small model is hundreds of tiny torch ops, and each op's fixed cost (dispatch,
+// allocation, a microsecond or more) outweighs its arithmetic. These kernels do the same float32 arithmetic as
+// kubellm.runtime.kernels.reference in one pass each. Decode attention reads K and V straight from the paged
+// cache (no gather copy). Built on first use by cpu.py (torch.utils.cpp_extension); numerics are tested
+// against the reference ops in tests/kernels/test_cpu_ops.py.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_f(T v) {
+  return static_cast<float>(v);
+}
+
+// One row of d values to float32. bf16 -> float is a 16-bit shift; written on raw bits so that it vectorizes.
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = to_f(src[i]);
+}
+
+template <>
+inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t d) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+}
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+// out = rms_norm(x + residual) * weight; new_residual = x + residual (rounded to x's dtype), as the reference.
+template <typename T>
+void rms_norm_impl(const T* x, const T* res, const T* w, T* out, T* new_res, int64_t rows, int64_t h,
+                   int64_t x_stride, double eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(h);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * x_stride;
+      float sumsq = 0.f;
+      for (int64_t i = 0; i < h; ++i) {
+        float v = to_f(xr[i]);
+        if (res != nullptr) {
+          T rounded = static_cast<T>(v + to_f(res[r * h + i]));
+          new_res[r * h + i] = rounded;
+          v = to_f(rounded);
+        }
+        buf[i] = v;
+        sumsq += v * v;
+      }
+      const float scale = 1.f / std::sqrt(sumsq / static_cast<float>(h) + static_cast<float>(eps));
+      T* o = out + r * h;
+      for (int64_t i = 0; i < h; ++i) o[i] = static_cast<T>(buf[i] * scale * to_f(w[i]));
+    }
+  });
+}
+
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
+                                    double eps) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [rows, hidden] with hidden contiguous");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "weight must be [hidden], contiguous");
+  const int64_t rows = x.size(0), h = x.size(1);
+  auto out = torch::empty({rows, h}, x.options());
+  torch::Tensor new_res = x;
+  torch::Tensor res;
+  if (residual.has_value()) {
+    res = residual->contiguous();
+    TORCH_CHECK(res.sizes() == x.sizes(), "residual must have x's shape");
+    new_res = torch::empty({rows, h}, x.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype");
+    rms_norm_impl<scalar_t>(x.data_ptr<scalar_t>(), residual.has_value() ? res.data_ptr<scalar_t>() : nullptr,
+                            weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                            residual.has_value() ? new_res.data_ptr<scalar_t>() : nullptr, rows, h, x.stride(0),
+                            eps);
+  });
+  return {out, new_res};
+}
+
+// x: [T, H, D] with D contiguous (a view is fine) -> a new contiguous tensor rotated by each token's position
+// (neox "rotate half" pairs (i, i + D/2)); cos_sin: [max_position, D] float32, cos half then sin half.
+torch::Tensor rotary(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be [tokens, heads, head_dim] with head_dim contiguous");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous(), "cos_sin must be contiguous float32");
+  TORCH_CHECK(cos_sin.size(1) == x.size(2), "cos_sin must be [max_position, head_dim]");
+  auto pos = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == x.size(0), "positions must be [tokens]");
+  const int64_t t = x.size(0), heads = x.size(1), d = x.size(2), half = d / 2, max_pos = cos_sin.size(0);
+  const int64_t* p = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t; ++i) TORCH_CHECK(p[i] >= 0 && p[i] < max_pos, "position out of range");
+  auto out = torch::empty({t, heads, d}, x.options());
+  const float* cs = cos_sin.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary", [&] {
+    const scalar_t* in = x.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t s0 = x.stride(0), s1 = x.stride(1);
+    at::parallel_for(0, t * heads, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t tok = row / heads, head = row % heads;
+        const scalar_t* xr = in + tok * s0 + head * s1;
+        const float* c = cs + p[tok] * d;
+        const float* s = c + half;
+        scalar_t* orow = o + row * d;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = to_f(xr[i]), x2 = to_f(xr[i + half]);
+          orow[i] = static_cast<scalar_t>(x1 * c[i] - x2 * s[i]);
+          orow[i + half] = static_cast<scalar_t>(x2 * c[i] + x1 * s[i]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Decode attention over the paged cache: query [B, Hq, D] (one new token per sequence, already written to the
+// cache), kv_cache [2, num_blocks, block_size, Hkv, D], block_tables [B, W] int32, seq_lens [B] int32
+// (including the new token) -> out [B, Hq, D]. One task per (sequence, KV head): the GROUP query heads that
+// share a KV head read each K and V row once. Scores and the softmax in float32.
+template <typename T>
+void decode_impl(const T* q, const T* cache, const int32_t* tables, const int32_t* lens, T* out, int64_t b,
+                 int64_t hq, int64_t hkv, int64_t d, int64_t num_blocks, int64_t block_size, int64_t width,
+                 int64_t q_s0, int64_t q_s1, float scale) {
+  const int64_t group = hq / hkv;
+  const int64_t slot_stride = hkv * d, block_stride = block_size * slot_stride;
+  const T* k_cache = cache;
+  const T* v_cache = cache + num_blocks * block_stride;
+  at::parallel_for(0, b * hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, scores, acc;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t seq = task / hkv, kvh = task % hkv;
+      const int64_t len = lens[seq];
+      const int32_t* table = tables + seq * width;
+      qf.assign(group * d, 0.f);
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t i = 0; i < d; ++i) qf[g * d + i] = to_f(q[seq * q_s0 + (kvh * group + g) * q_s1 + i]) * scale;
+      scores.assign(group * std::max<int64_t>(len, 1), 0.f);
+      std::vector<float> kf(d);
+      for (int64_t p = 0; p < len; ++p) {
+        const T* k = k_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+        load_row(k, kf.data(), d);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * d;
+          float dot = 0.f;
+          for (int64_t i = 0; i < d; ++i) dot += qg[i] * kf[i];
+          scores[g * len + p] = dot;
+        }
+      }
+      acc.assign(group * d, 0.f);
+      std::vector<float> inv_sum(group, 0.f);
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t p = 0; p < len; ++p) m = std::max(m, sg[p]);
+        float sum = 0.f;
+        for (int64_t p = 0; p < len; ++p) {
+          sg[p] = std::exp(sg[p] - m);
+          sum += sg[p];
+        }
+        inv_sum[g] = sum > 0.f ? 1.f / sum : 0.f;
+      }
+      for (int64_t p = 0; p < len; ++p) {
+        const T* v = v_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+        load_row(v, kf.data(), d);
+        for (int64_t g = 0; g < group; ++g) {
+          const float w = scores[g * len + p];
+          float* ag = acc.data() + g * d;
+          for (int64_t i = 0; i < d; ++i) ag[i] += w * kf[i];
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        T* o = out + (seq * hq + kvh * group + g) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[g * d + i] * inv_sum[g]);
+      }
+    }
+  });
+}
+
+torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor block_tables,
+                                     torch::Tensor seq_lens, double scale) {
+  check_cpu(query, "query");
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [seqs, heads, head_dim], head_dim contiguous");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous [2, num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK(kv_cache.scalar_type() == query.scalar_type(), "kv_cache must have query's dtype");
+  const int64_t b = query.size(0), hq = query.size(1), d = query.size(2);
+  const int64_t num_blocks = kv_cache.size(1), block_size = kv_cache.size(2), hkv = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == d && hq % hkv == 0, "head_dim must match and num_heads divide by num_kv_heads");
+  auto tables = block_tables.to(at::kInt).contiguous();
+  auto lens = seq_lens.to(at::kInt).contiguous();
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == b && lens.numel() == b, "block_tables/seq_lens: one row per seq");
+  const int64_t width = tables.size(1);
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  for (int64_t s = 0; s < b; ++s) {
+    TORCH_CHECK(lp[s] >= 0 && (lp[s] + block_size - 1) / block_size <= width, "seq_len exceeds its block table");
+    for (int64_t j = 0; j < (lp[s] + block_size - 1) / block_size; ++j)
+      TORCH_CHECK(tp[s * width + j] >= 0 && tp[s * width + j] < num_blocks, "block id out of range");
+  }
+  auto out = torch::empty({b, hq, d}, query.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
+    decode_impl<scalar_t>(query.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(), tp, lp,
+                          out.data_ptr<scalar_t>(), b, hq, hkv, d, num_blocks, block_size, width, query.stride(0),
+                          query.stride(1), static_cast<float>(scale));
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "(out, new_residual) = rms_norm(x + residual) * weight");
+  m.def("rotary", &rotary, "neox rotary embedding of [T, H, D] by positions");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
+}

@@ -1,0 +1,162 @@
+"""The C++ CPU kernels (runtime/kernels/cpu_ops.cpp) against the reference ops, and the torch fallback that
+serves where they cannot be built. The kernels must build here: this machine has the toolchain, so a failed build
+fails the suite instead of quietly testing only the fallback."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kubellm.runtime.kernels import cpu, ops, reference
+from kubellm.runtime.layers.attention import AttentionMetadata, TorchAttentionBackend
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ULP = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cpu.load()
+    assert module is not None, "the CPU kernels did not build (see the warning logged by kubellm.runtime.kernels.cpu)"
+    return module
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(kernels, gen: torch.Generator, dtype: torch.dtype) -> None:
+    for rows, hidden in ((1, 576), (7, 96), (65, 64)):
+        x = torch.randn((rows, hidden), generator=gen).to(dtype)
+        residual = torch.randn((rows, hidden), generator=gen).to(dtype)
+        weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+        for res in (None, residual):
+            out, new_residual = kernels.rms_norm(x, res, weight, 1e-5)
+            ref_out, ref_residual = reference.rms_norm(x, weight, 1e-5, res)
+            assert torch.equal(new_residual, ref_residual)  # x + residual, rounded once
+            torch.testing.assert_close(out.float(), ref_out.float(), rtol=ULP[dtype], atol=ULP[dtype])
+        # a strided row view (every other row) reads the right rows
+        out, _ = kernels.rms_norm(x[::2], None, weight, 1e-5)
+        torch.testing.assert_close(out.float(), reference.rms_norm(x[::2], weight, 1e-5)[0].float(),
+                                   rtol=ULP[dtype], atol=ULP[dtype])  # fmt: skip
+    with pytest.raises(RuntimeError, match="residual must have x's shape"):
+        kernels.rms_norm(x, residual[:1], weight, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary(kernels, gen: torch.Generator, dtype: torch.dtype) -> None:
+    cache = reference.rope_cos_sin_cache(32, 300)
+    positions = torch.tensor([0, 7, 299, 64, 1])
+    qkv = torch.randn((5, (4 + 2 * 2) * 32), generator=gen).to(dtype)
+    qk = qkv[:, : 6 * 32].view(5, 6, 32)  # a strided view, as the attention layer passes it
+    out = kernels.rotary(qk, positions, cache)
+    ref_q, ref_k = reference.rotary_embedding(positions, qk[:, :4].clone(), qk[:, 4:].clone(), cache)
+    torch.testing.assert_close(out.float(), torch.cat([ref_q, ref_k], 1).float(), rtol=ULP[dtype], atol=ULP[dtype])
+    with pytest.raises(RuntimeError, match="position out of range"):
+        kernels.rotary(qk, torch.tensor([0, 1, 2, 3, 300]), cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_paged_decode_attention(
+    kernels, gen: torch.Generator, dtype: torch.dtype, num_heads: int, num_kv_heads: int, block_size: int
+) -> None:
+    head_dim, num_blocks = 32, 96
+    seq_lens = [1, 17, 40, 0, 5]  # 0: an empty sequence gives zeros
+    cache = torch.randn((2, num_blocks, block_size, num_kv_heads, head_dim), generator=gen).to(dtype)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(-(-n // block_size) for n in seq_lens)
+    tables = []
+    for n in seq_lens:
+        used, perm = perm[: -(-n // block_size)], perm[-(-n // block_size) :]
+        tables.append(used + [0] * (width - len(used)))
+    block_tables = torch.tensor(tables, dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    query = torch.randn((len(seq_lens), num_heads, head_dim), generator=gen).to(dtype)
+    out = kernels.paged_decode_attention(query, cache, block_tables, lens, 0.2)
+    live = lens > 0
+    num_live = int(live.sum())
+    ref = reference.paged_attention(
+        query[live].double(), cache.double(), block_tables[live], lens[live],
+        torch.arange(num_live + 1, dtype=torch.int32), 0.2,
+    )  # fmt: skip
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[live].double(), ref, rtol=tol, atol=tol)
+    assert torch.equal(out[~live], torch.zeros_like(out[~live]))
+    bad = block_tables.clone()
+    bad[2, 0] = num_blocks
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        kernels.paged_decode_attention(query, cache, bad, lens, 0.2)
+
+
+def test_the_torch_backend_uses_the_kernel_for_small_decode_batches(kernels, gen: torch.Generator) -> None:
+    """Two decodes through TorchAttentionBackend equal the reference (the kernel path), and so do nine (SDPA)."""
+    for num_seqs in (2, 9):
+        block_size, num_blocks = 4, 64
+        seq_lens = [3 + 5 * i for i in range(num_seqs)]
+        perm = torch.randperm(num_blocks, generator=gen).tolist()
+        tables, slots = [], []
+        for n in seq_lens:
+            table, perm = perm[: -(-n // block_size)], perm[-(-n // block_size) :]
+            tables.append(table)
+            slots.append(table[(n - 1) // block_size] * block_size + (n - 1) % block_size)
+        width = max(len(t) for t in tables)
+        md = AttentionMetadata(
+            slot_mapping=torch.tensor(slots),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
+            max_query_len=1,
+            max_seq_len=max(seq_lens),
+            num_decode_tokens=num_seqs,
+            seq_lens_cpu=seq_lens,
+            query_start_loc_cpu=list(range(num_seqs + 1)),
+        )
+        cache = torch.randn((2, num_blocks, block_size, 2, 16), generator=gen)
+        query = torch.randn((num_seqs, 4, 16), generator=gen)
+        key, value = torch.randn((2, num_seqs, 2, 16), generator=gen)
+        out = TorchAttentionBackend().forward(query, key, value, cache, md, 0.25)
+        ref = reference.paged_attention(query, cache, md.block_tables, md.seq_lens, md.query_start_loc, 0.25)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_fall_back_to_torch_without_the_kernels() -> None:
+    """KUBELLM_CPU_KERNELS=0: no build, and the ops still match the reference."""
+    code = (
+        "import torch\n"
+        "from kubellm.runtime.kernels import cpu, ops, reference\n"
+        "assert cpu.load() is None\n"
+        "x = torch.randn(3, 8).bfloat16(); w = torch.randn(8).bfloat16()\n"
+        "assert torch.equal(ops.rms_norm(x, w, 1e-6, x)[0], reference.rms_norm(x, w, 1e-6, x)[0])\n"
+    )
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBELLM_CPU_KERNELS": "0"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_ops_take_the_kernel_path(kernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = kernels.rms_norm
+
+    class Spy:
+        def __getattr__(self, name: str):
+            return getattr(kernels, name)
+
+        def rms_norm(self, *args):
+            calls.append(args)
+            return real(*args)
+
+    monkeypatch.setattr(cpu, "load", lambda: Spy())
+    x = torch.randn(2, 8)
+    ops.rms_norm(x, torch.ones(8), 1e-6)
+    assert len(calls) == 1
