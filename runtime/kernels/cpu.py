@@ -31,7 +31,8 @@ SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 
 def cflags() -> list[str]:
     arch = os.environ.get("KUBELLM_KERNEL_ARCH") or "native"
-    return ["-O3", f"-march={arch}", "-ffast-math", "-fno-finite-math-only"]
+    # -fopenmp: at::parallel_for is an inline OpenMP loop; without the flag it runs on one thread
+    return ["-O3", f"-march={arch}", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
 
 
 def _cpu_flags() -> str:
@@ -91,7 +92,13 @@ def load() -> ModuleType | None:
 
         _put_ninja_on_path()
         folder.mkdir(parents=True, exist_ok=True)
-        return build(name=name, sources=[str(SOURCE)], extra_cflags=cflags(), build_directory=str(folder))
+        return build(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=cflags(),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+        )
     except Exception as e:  # any failure to build or import means: use the torch ops
         logger.warning("CPU kernels unavailable (%s); using torch ops instead", e)
         return None

@@ -16,6 +16,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
 
@@ -129,6 +133,110 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor positions, torch::Tensor cos
   return out;
 }
 
+// scores[g * len + p] = q_g . k_p for the positions p < len of one sequence's KV head (q pre-scaled, float32).
+template <typename T>
+void score_keys(const float* qf, const T* k_cache, const int32_t* table, int64_t len, int64_t group, int64_t d,
+                int64_t block_size, int64_t block_stride, int64_t slot_stride, int64_t kvh, float* scores) {
+  std::vector<float> kf(d);
+  for (int64_t p = 0; p < len; ++p) {
+    const T* k = k_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+    load_row(k, kf.data(), d);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qf + g * d;
+      float dot = 0.f;
+      for (int64_t i = 0; i < d; ++i) dot += qg[i] * kf[i];
+      scores[g * len + p] = dot;
+    }
+  }
+}
+
+// acc[g * d + i] += weights[g * len + p] * v_p[i] over the positions p < len.
+template <typename T>
+void accumulate_values(const float* weights, const T* v_cache, const int32_t* table, int64_t len, int64_t group,
+                       int64_t d, int64_t block_size, int64_t block_stride, int64_t slot_stride, int64_t kvh,
+                       float* acc) {
+  std::vector<float> vf(d);
+  for (int64_t p = 0; p < len; ++p) {
+    const T* v = v_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+    load_row(v, vf.data(), d);
+    for (int64_t g = 0; g < group; ++g) {
+      const float w = weights[g * len + p];
+      float* ag = acc + g * d;
+      for (int64_t i = 0; i < d; ++i) ag[i] += w * vf[i];
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// bf16 with head_dim a multiple of 16: 16 lanes at a time, bf16 -> float32 by widening and a 16-bit shift.
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <>
+void score_keys<c10::BFloat16>(const float* qf, const c10::BFloat16* k_cache, const int32_t* table, int64_t len,
+                               int64_t group, int64_t d, int64_t block_size, int64_t block_stride,
+                               int64_t slot_stride, int64_t kvh, float* scores) {
+  if (d % 16 != 0 || d > 256) {
+    std::vector<float> kf(d);
+    for (int64_t p = 0; p < len; ++p) {
+      const c10::BFloat16* k =
+          k_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+      load_row(k, kf.data(), d);
+      for (int64_t g = 0; g < group; ++g) {
+        float dot = 0.f;
+        for (int64_t i = 0; i < d; ++i) dot += qf[g * d + i] * kf[i];
+        scores[g * len + p] = dot;
+      }
+    }
+    return;
+  }
+  const int64_t chunks = d / 16;
+  __m512 k[16];
+  for (int64_t p = 0; p < len; ++p) {
+    const c10::BFloat16* row =
+        k_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+    for (int64_t c = 0; c < chunks; ++c) k[c] = load16(row + 16 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qf + g * d), k[0]);
+      for (int64_t c = 1; c < chunks; ++c) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * d + 16 * c), k[c], sum);
+      scores[g * len + p] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+template <>
+void accumulate_values<c10::BFloat16>(const float* weights, const c10::BFloat16* v_cache, const int32_t* table,
+                                      int64_t len, int64_t group, int64_t d, int64_t block_size,
+                                      int64_t block_stride, int64_t slot_stride, int64_t kvh, float* acc) {
+  if (d % 16 != 0 || d > 256) {
+    std::vector<float> vf(d);
+    for (int64_t p = 0; p < len; ++p) {
+      const c10::BFloat16* v =
+          v_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+      load_row(v, vf.data(), d);
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t i = 0; i < d; ++i) acc[g * d + i] += weights[g * len + p] * vf[i];
+    }
+    return;
+  }
+  const int64_t chunks = d / 16;
+  __m512 v[16];
+  for (int64_t p = 0; p < len; ++p) {
+    const c10::BFloat16* row =
+        v_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+    for (int64_t c = 0; c < chunks; ++c) v[c] = load16(row + 16 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 w = _mm512_set1_ps(weights[g * len + p]);
+      float* ag = acc + g * d;
+      for (int64_t c = 0; c < chunks; ++c)
+        _mm512_storeu_ps(ag + 16 * c, _mm512_fmadd_ps(w, v[c], _mm512_loadu_ps(ag + 16 * c)));
+    }
+  }
+}
+#endif
+
 // Decode attention over the paged cache: query [B, Hq, D] (one new token per sequence, already written to the
 // cache), kv_cache [2, num_blocks, block_size, Hkv, D], block_tables [B, W] int32, seq_lens [B] int32
 // (including the new token) -> out [B, Hq, D]. One task per (sequence, KV head): the GROUP query heads that
@@ -151,17 +259,8 @@ void decode_impl(const T* q, const T* cache, const int32_t* tables, const int32_
       for (int64_t g = 0; g < group; ++g)
         for (int64_t i = 0; i < d; ++i) qf[g * d + i] = to_f(q[seq * q_s0 + (kvh * group + g) * q_s1 + i]) * scale;
       scores.assign(group * std::max<int64_t>(len, 1), 0.f);
-      std::vector<float> kf(d);
-      for (int64_t p = 0; p < len; ++p) {
-        const T* k = k_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
-        load_row(k, kf.data(), d);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * d;
-          float dot = 0.f;
-          for (int64_t i = 0; i < d; ++i) dot += qg[i] * kf[i];
-          scores[g * len + p] = dot;
-        }
-      }
+      score_keys(qf.data(), k_cache, table, len, group, d, block_size, block_stride, slot_stride, kvh,
+                 scores.data());
       acc.assign(group * d, 0.f);
       std::vector<float> inv_sum(group, 0.f);
       for (int64_t g = 0; g < group; ++g) {
@@ -175,15 +274,8 @@ void decode_impl(const T* q, const T* cache, const int32_t* tables, const int32_
         }
         inv_sum[g] = sum > 0.f ? 1.f / sum : 0.f;
       }
-      for (int64_t p = 0; p < len; ++p) {
-        const T* v = v_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
-        load_row(v, kf.data(), d);
-        for (int64_t g = 0; g < group; ++g) {
-          const float w = scores[g * len + p];
-          float* ag = acc.data() + g * d;
-          for (int64_t i = 0; i < d; ++i) ag[i] += w * kf[i];
-        }
-      }
+      accumulate_values(scores.data(), v_cache, table, len, group, d, block_size, block_stride, slot_stride, kvh,
+                        acc.data());
       for (int64_t g = 0; g < group; ++g) {
         T* o = out + (seq * hq + kvh * group + g) * d;
         for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[g * d + i] * inv_sum[g]);

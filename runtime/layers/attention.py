@@ -19,11 +19,6 @@ import torch.nn.functional as F
 from ..kernels import cpu
 from ..kernels.reference import write_kv_cache
 
-# Decode batches up to this size use the C++ kernel on the CPU (kernels/cpu_ops.cpp), which skips the gather
-# copy; wider ones the gather + SDPA, whose attention is faster there (measured on a 2-core EPYC: 27-39 vs
-# 48-52 us at 1 sequence x 176 positions, 0.7-0.8 vs 0.6 ms at 32).
-CPU_KERNEL_MAX_DECODES = 4
-
 
 @dataclass
 class AttentionMetadata:
@@ -68,7 +63,8 @@ class AttentionBackend(abc.ABC):
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Plain torch: decodes in one padded batched SDPA call, each prefill in its own SDPA call.
+    """The CPU backend: decodes in one call of the C++ paged kernel (kernels/cpu_ops.cpp) when it is built, else in
+    one padded, batched SDPA call over gathered blocks; each prefill in its own SDPA call.
 
     Equal (within float rounding) to ``reference.paged_attention``, which loops over every sequence; the
     batched decode path is what makes CPU decoding fast (tests/runtime/test_attention.py checks both agree).
@@ -116,9 +112,9 @@ class TorchAttentionBackend(AttentionBackend):
     def _decode(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
         # query: [B, Hq, D], one new token per sequence
         num_seqs = query.shape[0]
-        if num_seqs <= CPU_KERNEL_MAX_DECODES and query.device.type == "cpu" and kv_cache.dtype == query.dtype:
+        if query.device.type == "cpu" and kv_cache.dtype == query.dtype:
             kernels = cpu.load()
-            if kernels is not None:  # reads K and V in place: no gather
+            if kernels is not None:  # the C++ kernel reads K and V in place: no gather copy
                 return kernels.paged_decode_attention(
                     query, kv_cache, md.block_tables[:num_seqs], md.seq_lens[:num_seqs], scale
                 )

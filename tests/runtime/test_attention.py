@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kubellm.runtime.kernels import cpu
 from kubellm.runtime.kernels.reference import paged_attention, write_kv_cache
 from kubellm.runtime.layers.attention import AttentionMetadata, TorchAttentionBackend
 
@@ -38,8 +39,14 @@ def make_batch(
     return md, tables
 
 
+@pytest.mark.parametrize("kernels", ["cpu-kernels", "torch-ops"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_backend_matches_reference(dtype: torch.dtype) -> None:
+def test_torch_backend_matches_reference(dtype: torch.dtype, kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both decode paths: the C++ kernel (reads the cache in place) and, without it, gather + SDPA."""
+    if kernels == "torch-ops":
+        monkeypatch.setattr(cpu, "load", lambda: None)
+    else:
+        assert cpu.load() is not None
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     print(f"seed={seed}")
     gen = torch.Generator().manual_seed(seed)

@@ -99,8 +99,20 @@ def test_paged_decode_attention(
         kernels.paged_decode_attention(query, cache, bad, lens, 0.2)
 
 
-def test_the_torch_backend_uses_the_kernel_for_small_decode_batches(kernels, gen: torch.Generator) -> None:
-    """Two decodes through TorchAttentionBackend equal the reference (the kernel path), and so do nine (SDPA)."""
+def test_the_torch_backend_decodes_through_the_kernel(kernels, gen: torch.Generator, monkeypatch) -> None:
+    """Decodes through TorchAttentionBackend go to the kernel and equal the reference."""
+    calls = []
+    real = kernels.paged_decode_attention
+
+    class Spy:
+        def __getattr__(self, name: str):
+            return getattr(kernels, name)
+
+        def paged_decode_attention(self, *args):
+            calls.append(args[0].shape[0])
+            return real(*args)
+
+    monkeypatch.setattr(cpu, "load", lambda: Spy())
     for num_seqs in (2, 9):
         block_size, num_blocks = 4, 64
         seq_lens = [3 + 5 * i for i in range(num_seqs)]
@@ -128,6 +140,7 @@ def test_the_torch_backend_uses_the_kernel_for_small_decode_batches(kernels, gen
         out = TorchAttentionBackend().forward(query, key, value, cache, md, 0.25)
         ref = reference.paged_attention(query, cache, md.block_tables, md.seq_lens, md.query_start_loc, 0.25)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert calls == [2, 9]
 
 
 def test_ops_fall_back_to_torch_without_the_kernels() -> None:
