@@ -9,7 +9,8 @@ optionally side by side with llama.cpp's `llama-server` on the same GGUF file in
 Every request is a streaming /v1/completions call on a fresh connection (no keep-alive), greedy, with
 ``ignore_eos`` so each one generates exactly ``--max-tokens`` tokens. Prompts differ per request (no prefix-cache
 hits across requests). llama-server runs with ``-np`` slots equal to the concurrency (continuous batching) and
-all CPU threads; it is built by bench/setup_llama_server.sh. Writes bench/results/serve-<machine>.json and prints
+all CPU threads; it is built by bench/setup_llama_server.sh. The two run level by level, back to back, so that a
+ratio compares measurements minutes apart at most (this kind of machine drifts). Writes bench/results/serve-<machine>.json and prints
 a table last. Speed is measured here, never in tests.
 """
 
@@ -211,45 +212,60 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def bench_system(
-    name: str, url: str, model: str, args: argparse.Namespace, restart: Any = None
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+async def bench_level(name: str, url: str, level: Any, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """One level (a concurrency, or a Poisson rate) against one running server -> (result key, summary)."""
+    await one_request(url, "bench", "Warm up.", 4)
     if args.mode == "poisson":
-        levels: list[Any] = [args.rate]
+        results, wall = await run_poisson(url, "bench", level, args.num_requests, args.max_tokens, args.seed)
+        key = f"rate={level}"
     else:
-        levels = args.concurrency
-    for level in levels:
-        proc = None
-        if restart is not None:
-            proc = await restart(level)
-            url = proc.url
-        try:
-            await one_request(url, model, "Warm up.", 4)
-            if args.mode == "poisson":
-                results, wall = await run_poisson(url, model, level, args.num_requests, args.max_tokens, args.seed)
-                key = f"rate={level}"
-            else:
-                n = args.num_requests or max(4, 2 * level)
-                results, wall = await run_fixed(url, model, level, n, args.max_tokens, args.seed)
-                key = f"concurrency={level}"
-        finally:
-            if proc is not None:
-                proc.stop()
-        out[key] = summarize(results, wall)
-        s = out[key]
-        print(
-            f"  {name:<13} {key:<16} {s['output_token_throughput']:>8.1f} tok/s  TTFT p50 {s['ttft_ms']['p50']:>8.1f}"
-            f" ms  TPOT p50 {s['tpot_ms']['p50']:>7.1f} ms  failed {s['failed']}",
-            flush=True,
-        )
-    return out
+        n = args.num_requests or max(8, 2 * level)
+        results, wall = await run_fixed(url, "bench", level, n, args.max_tokens, args.seed)
+        key = f"concurrency={level}"
+    s = summarize(results, wall)
+    print(
+        f"  {name:<13} {key:<16} {s['output_token_throughput']:>8.1f} tok/s  TTFT p50 {s['ttft_ms']['p50']:>8.1f}"
+        f" ms  TPOT p50 {s['tpot_ms']['p50']:>7.1f} ms  failed {s['failed']}",
+        flush=True,
+    )
+    return key, s
+
+
+def llama_server_binary() -> tuple[str, str | None]:
+    """(path, version line) of llama-server, built by bench/setup_llama_server.sh on first use."""
+    setup = subprocess.run(
+        [str(REPO_ROOT / "bench" / "setup_llama_server.sh")], check=True, capture_output=True, text=True
+    )
+    binary = setup.stdout.strip().splitlines()[-1]
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+    line = next((x.strip() for x in (version.stdout + version.stderr).splitlines() if "version" in x), None)
+    return binary, line
 
 
 async def main_async(args: argparse.Namespace) -> int:
     gguf = smollm2_gguf()
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"kubellm": {}}
+    llama_version = None
+    binary = None
+    if args.peer == "llama-server":
+        binary, llama_version = llama_server_binary()
+        results["llama-server"] = {}
+
+    async def start_llama(slots: int) -> Process:
+        """llama-server with one slot per concurrent stream (continuous batching), 1024 tokens of context each."""
+        assert binary is not None
+        port = free_port()
+        ctx_per_slot = 1024
+        proc = Process(
+            [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+             "-c", str(ctx_per_slot * slots), "-t", str(args.llama_threads)],
+            port,
+            "/health",
+        )  # fmt: skip
+        await proc.wait_ready()
+        return proc
+
     ours = None
     try:
         if args.url:
@@ -258,84 +274,32 @@ async def main_async(args: argparse.Namespace) -> int:
             port = free_port()
             ours = Process(
                 [
-                    sys.executable,
-                    "-P",
-                    "-m",
-                    "kubellm.runtime.server.cli",
-                    "--model",
-                    args.model,
-                    "--served-model-name",
-                    "bench",
-                    "--port",
-                    str(port),
-                    "--host",
-                    "127.0.0.1",
-                    "--max-num-seqs",
-                    str(max([*args.concurrency, 64])),
-                    "--log-level",
-                    "warning",
-                    *args.serve_arg,
+                    sys.executable, "-P", "-m", "kubellm.runtime.server.cli", "--model", args.model,
+                    "--served-model-name", "bench", "--port", str(port), "--host", "127.0.0.1",
+                    "--max-num-seqs", str(max([*args.concurrency, 64])), "--log-level", "warning", *args.serve_arg,
                 ],
                 port,
                 "/ready",
                 env={"PYTHONSAFEPATH": "1"},
-            )
+            )  # fmt: skip
             await ours.wait_ready()
             url = ours.url
-        print("kubellm:", flush=True)
-        results["kubellm"] = await bench_system("kubellm", url, "bench", args)
+        # Level by level, both systems back to back: this machine's speed drifts over minutes, and a ratio of two
+        # measurements taken far apart would carry the drift. The idle server uses no CPU meanwhile.
+        levels: list[Any] = [args.rate] if args.mode == "poisson" else args.concurrency
+        for level in levels:
+            key, summary = await bench_level("kubellm", url, level, args)
+            results["kubellm"][key] = summary
+            if binary is not None:
+                peer = await start_llama(32 if args.mode == "poisson" else level)
+                try:
+                    key, summary = await bench_level("llama-server", peer.url, level, args)
+                finally:
+                    peer.stop()
+                results["llama-server"][key] = summary
     finally:
         if ours is not None:
             ours.stop()
-
-    llama_version = None
-    if args.peer == "llama-server":
-        binary = (
-            subprocess.run(
-                [str(REPO_ROOT / "bench" / "setup_llama_server.sh")], check=True, capture_output=True, text=True
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        ctx_per_slot = 1024
-        version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
-        llama_version = next(
-            (line.strip() for line in (version.stdout + version.stderr).splitlines() if "version" in line), None
-        )
-
-        async def start_llama(slots: int) -> Process:
-            port = free_port()
-            proc = Process(
-                [
-                    binary,
-                    "-m",
-                    str(gguf),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "-np",
-                    str(slots),
-                    "-c",
-                    str(ctx_per_slot * slots),
-                    "-t",
-                    str(args.llama_threads),
-                ],
-                port,
-                "/health",
-            )
-            await proc.wait_ready()
-            return proc
-
-        print("llama-server:", flush=True)
-        slots_for_poisson = 32
-        results["llama-server"] = await bench_system(
-            "llama-server",
-            "",
-            "bench",
-            args,
-            restart=(lambda level: start_llama(slots_for_poisson if args.mode == "poisson" else level)),
-        )
 
     import torch
 
@@ -356,6 +320,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "prompt": "~110 tokens, distinct per request",
             "model": str(gguf.name),
             "connection": "fresh per request",
+            "order": "level by level: kubellm, then llama-server (restarted with -np = the level)",
             "llama_server_threads": args.llama_threads if args.peer == "llama-server" else None,
             "sampling": "greedy, ignore_eos",
         },
@@ -402,7 +367,7 @@ def main() -> int:
         "--num-requests",
         type=int,
         default=0,
-        help="requests per level (default: 2 x concurrency, at least 4; poisson: 64)",
+        help="requests per level (default: 2 x concurrency, at least 8; poisson: 64)",
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

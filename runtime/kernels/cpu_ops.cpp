@@ -249,7 +249,12 @@ void decode_impl(const T* q, const T* cache, const int32_t* tables, const int32_
   const int64_t slot_stride = hkv * d, block_stride = block_size * slot_stride;
   const T* k_cache = cache;
   const T* v_cache = cache + num_blocks * block_stride;
-  at::parallel_for(0, b * hkv, 1, [&](int64_t begin, int64_t end) {
+  // one task per (sequence, KV head); tasks run inline below about 2048 positions x query heads of work, where
+  // waking a second thread costs more than it saves (a single short sequence)
+  int64_t max_len = 1;
+  for (int64_t s = 0; s < b; ++s) max_len = std::max<int64_t>(max_len, lens[s]);
+  const int64_t grain = std::max<int64_t>(1, 2048 / (max_len * group));
+  at::parallel_for(0, b * hkv, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, scores, acc;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / hkv, kvh = task % hkv;
