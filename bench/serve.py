@@ -10,8 +10,8 @@ Every request is a streaming /v1/completions call on a fresh connection (no keep
 ``ignore_eos`` so each one generates exactly ``--max-tokens`` tokens. Prompts differ per request (no prefix-cache
 hits across requests). llama-server runs with ``-np`` slots equal to the concurrency (continuous batching) and
 all CPU threads; it is built by bench/setup_llama_server.sh. The two run level by level, back to back, so that a
-ratio compares measurements minutes apart at most (this kind of machine drifts). Writes bench/results/serve-<machine>.json and prints
-a table last. Speed is measured here, never in tests.
+ratio compares measurements minutes apart at most (this kind of machine drifts). Writes
+bench/results/serve-<mode>-<machine>.json and prints a table last. Speed is measured here, never in tests.
 """
 
 from __future__ import annotations
