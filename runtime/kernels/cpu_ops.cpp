@@ -1,11 +1,11 @@
 // CPU kernels for the decode hot path: RMSNorm (with the residual add), rotary embedding and paged decode
-// attention, each one call. (SiLU-and-mul stays with torch, whose vectorized exp this scalar loop could not match.)
+// attention, each one call. (SiLU-and-mul stays with torch: its vectorized exp beat a scalar loop here.)
 //
 // On a CPU a decode step of a small model is hundreds of tiny torch ops, and each op's fixed cost (dispatch,
 // allocation, a microsecond or more) outweighs its arithmetic. These kernels do the same float32 arithmetic as
 // kubellm.runtime.kernels.reference in one pass each. Decode attention reads K and V straight from the paged
 // cache (no gather copy). Built on first use by cpu.py (torch.utils.cpp_extension); numerics are tested
-// against the reference ops in tests/kernels/test_cpu_ops.py.
+// against the reference ops in tests/runtime/test_cpu_kernels.py.
 
 #include <torch/extension.h>
 
