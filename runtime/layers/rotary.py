@@ -67,9 +67,7 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T]; query: [T, Hq, D]; key: [T, Hkv, D] (views are fine) -> rotated (query, key).
 
-        On a GPU the fused kernel rotates contiguous copies in place. On the CPU each layer does
-        ``x * cos + roll(x, D/2) * sin`` in float32 (the reference's arithmetic in fewer ops), with cos and sin
-        gathered once per step: every layer of a forward pass gets the same ``positions`` tensor.
+        On a GPU the fused kernel rotates contiguous copies in place. On the CPU see :meth:`rotate`.
         """
         if query.is_cuda:
             return ops.rotary_embedding(positions, query.contiguous(), key.contiguous(), self.cos_sin_cache, True)
@@ -77,7 +75,11 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """CPU: positions [T]; x [T, H, D] (a view is fine) -> a new rotated tensor. Query and key heads may come
-        as one tensor (their columns are adjacent in the fused qkv projection): one pass rotates both."""
+        as one tensor (their columns are adjacent in the fused qkv projection): one pass rotates both.
+
+        The C++ kernel when it is built (kernels/cpu.py); else ``x * cos + roll(x, D/2) * sin`` in float32 (the
+        reference's arithmetic in fewer ops), with cos and sin gathered once per step: every layer of a forward
+        pass gets the same ``positions`` tensor."""
         kernels = cpu.load()
         if kernels is not None and x.stride(-1) == 1:
             if self._table_f32 is None or self._table_f32[0] is not self.cos_sin_cache:  # .to() replaces the buffer

@@ -5,12 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kubellm.runtime.kernels import cpu
 from kubellm.runtime.kernels.reference import rotary_embedding
 from kubellm.runtime.layers.rotary import RotaryEmbedding
 
 
+@pytest.mark.parametrize("kernels", ["cpu-kernels", "torch-ops"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_rotary_equals_the_reference_across_steps(dtype: torch.dtype) -> None:
+def test_cpu_rotary_equals_the_reference_across_steps(
+    dtype: torch.dtype, kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both CPU paths: the C++ kernel, and the torch composition that serves without it."""
+    if kernels == "torch-ops":
+        monkeypatch.setattr(cpu, "load", lambda: None)
+    else:
+        assert cpu.load() is not None
     gen = torch.Generator().manual_seed(7)
     num_heads, num_kv_heads, head_dim = 6, 2, 32
     scaling = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}
