@@ -1,5 +1,5 @@
-// CPU kernels for the decode hot path: RMSNorm (with the residual add), rotary embedding and paged decode
-// attention, each one call. (SiLU-and-mul stays with torch: its vectorized exp beat a scalar loop here.)
+// CPU kernels for the decode hot path: RMSNorm (with the residual add), rotary embedding, paged decode
+// attention and an int8 head (32-column groups), each one call. (SiLU-and-mul stays with torch: its vectorized exp beat a scalar loop here.)
 //
 // On a CPU a decode step of a small model is hundreds of tiny torch ops, and each op's fixed cost (dispatch,
 // allocation, a microsecond or more) outweighs its arithmetic. These kernels do the same float32 arithmetic as
@@ -319,10 +319,59 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor kv_cache
   return out;
 }
 
+// Logits through an int8 head: x [M, K] float32, codes [N, K] int8, scales [N, K / 32] float32 (one per 32
+// columns, GGUF Q8_0's layout) -> [M, N] float32 = x @ (codes * scales).T. Reads a bit over half of a bf16 head's
+// bytes; rows are split across threads.
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "x must be [rows, K] float32");
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 2 && codes.is_contiguous(), "codes: [N, K] int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: [N, K / 32] float32");
+  const int64_t m = x.size(0), k = x.size(1), n = codes.size(0), blocks = k / 32;
+  TORCH_CHECK(codes.size(1) == k && k % 32 == 0, "K must match and be a multiple of 32");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == blocks, "scales must be [N, K / 32]");
+  x = x.contiguous();
+  auto out = torch::empty({m, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int8_t* c = cp + row * k;
+      const float* sc = sp + row * blocks;
+      for (int64_t i = 0; i < m; ++i) {
+        const float* xr = xp + i * k;
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < blocks; ++b) {
+          const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32 * b));
+          const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32 * b + 16));
+          __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), _mm512_loadu_ps(xr + 32 * b));
+          dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), _mm512_loadu_ps(xr + 32 * b + 16), dot);
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[b]), dot, acc);
+        }
+        op[i * n + row] = _mm512_reduce_add_ps(acc);
+#else
+        float acc = 0.f;
+        for (int64_t b = 0; b < blocks; ++b) {
+          float dot = 0.f;
+          for (int64_t j = 0; j < 32; ++j) dot += static_cast<float>(c[32 * b + j]) * xr[32 * b + j];
+          acc += sc[b] * dot;
+        }
+        op[i * n + row] = acc;
+#endif
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "(out, new_residual) = rms_norm(x + residual) * weight");
   m.def("rotary", &rotary, "neox rotary embedding of [T, H, D] by positions");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
+  m.def("int8_matmul", &int8_matmul, "x @ (codes * scales per 32 columns).T");
 }

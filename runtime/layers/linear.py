@@ -54,6 +54,20 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tu
     return codes.reshape(n, k), scales_and_zeros
 
 
+def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] weight -> (codes [N, K] int8, scales [N, K / group_size] float32), ``w = q * scale`` per group: the
+    layout of GGUF's Q8_0, whose own codes come back from its dequantized weights (the largest value of a Q8_0
+    block is stored as +-127). For the C++ kernel ``int8_matmul`` (kernels/cpu_ops.cpp)."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"in_features ({k}) must be a multiple of the group size ({group_size})")
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    scale = groups.abs().amax(-1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(groups / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return codes.reshape(n, k).contiguous(), scale.contiguous()
+
+
 def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`quantize_int4`: [N, K] float32 weights."""
     n, k = codes.shape

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu
 from ..layers.activation import SiluAndMul
 from ..layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
-from ..layers.linear import Linear, MergedLinear, pack_weight, packed_linear
+from ..layers.linear import INT4_MAX_ROWS, Linear, MergedLinear, pack_weight, packed_linear, quantize_int8_groups
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from .config import ModelConfig
@@ -114,6 +115,7 @@ class LlamaForCausalLM(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self.packed_head: torch.Tensor | None = None  # pack_for_cpu()
+        self.int8_head: tuple[torch.Tensor, torch.Tensor] | None = None  # quantize_int4(): (codes, group scales)
 
     def forward(
         self,
@@ -140,11 +142,20 @@ class LlamaForCausalLM(nn.Module):
         return sum(m.pack() for m in self.layers.modules() if isinstance(m, Linear)) + (self.packed_head is not None)
 
     def quantize_int4(self) -> int:
-        """Give every decoder-layer linear an int4 copy for small batches (CPU); returns how many took one."""
+        """Give every decoder-layer linear an int4 copy for small batches (CPU), and the head an int8 one in 32-column
+        groups (GGUF's Q8_0 layout, where checkpoints keep their head: the file's own codes come back) when the C++
+        kernels are built. Returns how many linears took an int4 copy."""
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if head.device.type == "cpu" and head.shape[1] % 32 == 0 and cpu.load() is not None:
+            self.int8_head = quantize_int8_groups(head.data)
         return sum(m.quantize_int4() for m in self.layers.modules() if isinstance(m, Linear))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, vocab_size]."""
+        if self.int8_head is not None and hidden.shape[0] <= INT4_MAX_ROWS:
+            kernels = cpu.load()
+            assert kernels is not None
+            return kernels.int8_matmul(hidden.float(), *self.int8_head)
         if self.packed_head is not None:
             return packed_linear(hidden, self.packed_head).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -99,6 +99,19 @@ def test_paged_decode_attention(
         kernels.paged_decode_attention(query, cache, bad, lens, 0.2)
 
 
+def test_int8_matmul(kernels, gen: torch.Generator) -> None:
+    codes = torch.randint(-127, 128, (300, 96), generator=gen, dtype=torch.int8)
+    scales = torch.rand(300, 3, generator=gen) * 0.01
+    weight = (codes.float().reshape(300, 3, 32) * scales[..., None]).reshape(300, 96)
+    for rows in (1, 3):
+        x = torch.randn(rows, 96, generator=gen)
+        torch.testing.assert_close(kernels.int8_matmul(x, codes, scales), x @ weight.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        kernels.int8_matmul(x, codes, scales[:, :2].contiguous())
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.int8_matmul(x.bfloat16(), codes, scales)
+
+
 def test_the_torch_backend_decodes_through_the_kernel(kernels, gen: torch.Generator, monkeypatch) -> None:
     """Decodes through TorchAttentionBackend go to the kernel and equal the reference."""
     calls = []

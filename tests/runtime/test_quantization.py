@@ -18,6 +18,7 @@ from kubellm.runtime.layers.linear import (
     MergedLinear,
     dequantize_int4,
     quantize_int4,
+    quantize_int8_groups,
 )
 from kubellm.runtime.models.loader import LoadedModel
 from kubellm.runtime.sampling_params import SamplingParams
@@ -48,6 +49,19 @@ def test_quantizing_a_q4_1_weight_recovers_it_exactly(gen: torch.Generator) -> N
     assert codes.shape == (24, 96) and int(codes.min()) == 0 and int(codes.max()) == 15
     assert scales_and_zeros.shape == (96 // INT4_GROUP_SIZE, 24, 2)
     torch.testing.assert_close(dequantize_int4(codes, scales_and_zeros), w, rtol=0, atol=1e-6)
+
+
+def test_quantizing_a_q8_0_weight_recovers_it_exactly(gen: torch.Generator) -> None:
+    d = torch.rand(12, 3, 1, generator=gen) * 0.01 + 1e-4
+    q = torch.randint(-127, 128, (12, 3, 32), generator=gen)
+    q[..., 5] = 127  # Q8_0 maps each block's largest magnitude to +-127
+    w = (d * q).reshape(12, 96)
+    codes, scales = quantize_int8_groups(w)
+    assert codes.dtype == torch.int8 and scales.shape == (12, 3)
+    assert torch.equal(codes.reshape(12, 3, 32).long(), q)
+    torch.testing.assert_close((codes.reshape(12, 3, 32).float() * scales[..., None]).reshape(12, 96), w)
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        quantize_int8_groups(torch.zeros(2, 40))
 
 
 def test_quantization_error_of_a_dense_weight_is_within_half_a_step(gen: torch.Generator) -> None:
@@ -108,8 +122,8 @@ def test_resolve_quantization() -> None:
 
 
 def test_the_bundled_model_computes_the_same_through_int4(smollm2: LoadedModel) -> None:
-    """SmolLM2's layers are Q4_1 in the file: the int4 path runs the file's own weights, so float32 logprobs
-    agree with the dense path to rounding (the tied head, Q8_0 in the file, is dense in both)."""
+    """SmolLM2's layers are Q4_1 in the file and its tied head Q8_0: the int4 layers and the int8 head run the
+    file's own codes, so float32 logprobs agree with the dense path to rounding."""
     state = list(smollm2.weights or [])
     results = {}
     for quantization in ("none", "int4"):
@@ -122,6 +136,7 @@ def test_the_bundled_model_computes_the_same_through_int4(smollm2: LoadedModel) 
         linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
         assert len(linears) == 4 * smollm2.config.num_hidden_layers
         assert all((m.int4_weight is not None) == (quantization == "int4") for m in linears)
+        assert (engine.model.int8_head is not None) == (quantization == "int4")  # the head in Q8_0's layout
         engine.add_request("r", "The capital of France is", SamplingParams(max_tokens=4, temperature=0, logprobs=5))
         outputs = []
         while engine.has_unfinished_requests():
