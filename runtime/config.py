@@ -38,7 +38,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     load_format: str = "auto"
-    # int4: an int4 weight-only copy of the decoder's linears for small batches (CPU; see layers/linear.py).
+    # int4: an int4 weight-only copy of the decoder's linears and an int8 copy of the head (32-column groups) for
+    # small batches (CPU; see layers/linear.py and LlamaForCausalLM.quantize_int4).
     # auto: int4 on the CPU when the checkpoint's layers are 4-bit already (GGUF Q4_0/Q4_1), else none.
     quantization: str = "auto"
     seed: int = 0

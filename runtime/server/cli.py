@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantization",
         default="auto",
         choices=["auto", "none", "int4"],
-        help="int4: int4 weight-only matmuls for small batches (CPU); auto: int4 for a Q4_0/Q4_1 GGUF on the CPU",
+        help="int4: int4 weight-only linears and an int8 head for small batches (CPU); auto: int4 for a Q4_0/Q4_1 "
+        "GGUF on the CPU",
     )
     model.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation")
     model.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
