@@ -74,7 +74,8 @@ def test_greedy_tokens_are_batch_invariant(smollm2: LoadedModel, mixed_prompts: 
     """The same greedy tokens alone and inside a batch of 32 mixed-length requests, with prefix caching on or
     off, with chunked prefills, and under forced preemption. (8 of the 32 run alone, to keep CI time down; the
     batched variants are compared on all 32.)"""
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    # 20 tokens > one 16-slot block: every sequence must take a new block while it decodes (see `tiny` below)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     state = list(smollm2.weights or [])
 
     def fresh(**overrides: object) -> LLMEngine:
@@ -94,9 +95,11 @@ def test_greedy_tokens_are_batch_invariant(smollm2: LoadedModel, mixed_prompts: 
     assert [o.outputs[0].token_ids for o in run_all(no_cache, mixed_prompts, params)] == reference
     assert no_cache.stats().prefix_cache_hits == 0
 
-    # room for about 8 of the 32 at once: decodes must preempt others, which later recompute
-    longest = max(len(p) for p in mixed_prompts) + 6
-    tiny = fresh(num_gpu_blocks=8 * -(-longest // 16))
+    # Room for at least 8 of the 32 prompts at once, without prefix sharing. Admission fills the cache but for less
+    # than one prompt's blocks, and each of the >= 8 running sequences needs one more block before any finishes:
+    # some must be preempted (and later recompute), whatever the random prompts.
+    longest = max(len(p) for p in mixed_prompts) + params.max_tokens
+    tiny = fresh(num_gpu_blocks=8 * -(-longest // 16), enable_prefix_caching=False)
     assert [o.outputs[0].token_ids for o in run_all(tiny, mixed_prompts, params)] == reference
     assert tiny.stats().num_preemptions > 0
 
