@@ -133,14 +133,20 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor positions, torch::Tensor cos
   return out;
 }
 
+// The cache row of position p of a sequence (block table `table`) for KV head kvh: head_dim values.
+template <typename T>
+inline const T* cache_row(const T* cache, const int32_t* table, int64_t p, int64_t block_size, int64_t block_stride,
+                          int64_t slot_stride, int64_t kvh, int64_t d) {
+  return cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+}
+
 // scores[g * len + p] = q_g . k_p for the positions p < len of one sequence's KV head (q pre-scaled, float32).
 template <typename T>
-void score_keys(const float* qf, const T* k_cache, const int32_t* table, int64_t len, int64_t group, int64_t d,
+void score_keys_portable(const float* qf, const T* k_cache, const int32_t* table, int64_t len, int64_t group, int64_t d,
                 int64_t block_size, int64_t block_stride, int64_t slot_stride, int64_t kvh, float* scores) {
   std::vector<float> kf(d);
   for (int64_t p = 0; p < len; ++p) {
-    const T* k = k_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
-    load_row(k, kf.data(), d);
+    load_row(cache_row(k_cache, table, p, block_size, block_stride, slot_stride, kvh, d), kf.data(), d);
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = qf + g * d;
       float dot = 0.f;
@@ -152,19 +158,32 @@ void score_keys(const float* qf, const T* k_cache, const int32_t* table, int64_t
 
 // acc[g * d + i] += weights[g * len + p] * v_p[i] over the positions p < len.
 template <typename T>
-void accumulate_values(const float* weights, const T* v_cache, const int32_t* table, int64_t len, int64_t group,
+void accumulate_values_portable(const float* weights, const T* v_cache, const int32_t* table, int64_t len, int64_t group,
                        int64_t d, int64_t block_size, int64_t block_stride, int64_t slot_stride, int64_t kvh,
                        float* acc) {
   std::vector<float> vf(d);
   for (int64_t p = 0; p < len; ++p) {
-    const T* v = v_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
-    load_row(v, vf.data(), d);
+    load_row(cache_row(v_cache, table, p, block_size, block_stride, slot_stride, kvh, d), vf.data(), d);
     for (int64_t g = 0; g < group; ++g) {
       const float w = weights[g * len + p];
       float* ag = acc + g * d;
       for (int64_t i = 0; i < d; ++i) ag[i] += w * vf[i];
     }
   }
+}
+
+template <typename T>
+void score_keys(const float* qf, const T* k_cache, const int32_t* table, int64_t len, int64_t group, int64_t d,
+                int64_t block_size, int64_t block_stride, int64_t slot_stride, int64_t kvh, float* scores) {
+  score_keys_portable(qf, k_cache, table, len, group, d, block_size, block_stride, slot_stride, kvh, scores);
+}
+
+template <typename T>
+void accumulate_values(const float* weights, const T* v_cache, const int32_t* table, int64_t len, int64_t group,
+                       int64_t d, int64_t block_size, int64_t block_stride, int64_t slot_stride, int64_t kvh,
+                       float* acc) {
+  accumulate_values_portable(weights, v_cache, table, len, group, d, block_size, block_stride, slot_stride, kvh,
+                             acc);
 }
 
 #if defined(__AVX512F__)
@@ -179,24 +198,13 @@ void score_keys<c10::BFloat16>(const float* qf, const c10::BFloat16* k_cache, co
                                int64_t group, int64_t d, int64_t block_size, int64_t block_stride,
                                int64_t slot_stride, int64_t kvh, float* scores) {
   if (d % 16 != 0 || d > 256) {
-    std::vector<float> kf(d);
-    for (int64_t p = 0; p < len; ++p) {
-      const c10::BFloat16* k =
-          k_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
-      load_row(k, kf.data(), d);
-      for (int64_t g = 0; g < group; ++g) {
-        float dot = 0.f;
-        for (int64_t i = 0; i < d; ++i) dot += qf[g * d + i] * kf[i];
-        scores[g * len + p] = dot;
-      }
-    }
+    score_keys_portable(qf, k_cache, table, len, group, d, block_size, block_stride, slot_stride, kvh, scores);
     return;
   }
   const int64_t chunks = d / 16;
   __m512 k[16];
   for (int64_t p = 0; p < len; ++p) {
-    const c10::BFloat16* row =
-        k_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+    const c10::BFloat16* row = cache_row(k_cache, table, p, block_size, block_stride, slot_stride, kvh, d);
     for (int64_t c = 0; c < chunks; ++c) k[c] = load16(row + 16 * c);
     for (int64_t g = 0; g < group; ++g) {
       __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qf + g * d), k[0]);
@@ -211,21 +219,14 @@ void accumulate_values<c10::BFloat16>(const float* weights, const c10::BFloat16*
                                       int64_t len, int64_t group, int64_t d, int64_t block_size,
                                       int64_t block_stride, int64_t slot_stride, int64_t kvh, float* acc) {
   if (d % 16 != 0 || d > 256) {
-    std::vector<float> vf(d);
-    for (int64_t p = 0; p < len; ++p) {
-      const c10::BFloat16* v =
-          v_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
-      load_row(v, vf.data(), d);
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < d; ++i) acc[g * d + i] += weights[g * len + p] * vf[i];
-    }
+    accumulate_values_portable(weights, v_cache, table, len, group, d, block_size, block_stride, slot_stride, kvh,
+                               acc);
     return;
   }
   const int64_t chunks = d / 16;
   __m512 v[16];
   for (int64_t p = 0; p < len; ++p) {
-    const c10::BFloat16* row =
-        v_cache + table[p / block_size] * block_stride + (p % block_size) * slot_stride + kvh * d;
+    const c10::BFloat16* row = cache_row(v_cache, table, p, block_size, block_stride, slot_stride, kvh, d);
     for (int64_t c = 0; c < chunks; ++c) v[c] = load16(row + 16 * c);
     for (int64_t g = 0; g < group; ++g) {
       const __m512 w = _mm512_set1_ps(weights[g * len + p]);

@@ -68,10 +68,12 @@ def test_rotary(kernels, gen: torch.Generator, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("head_dim", [32, 24])  # 24: not whole 16-lane vectors, the portable loops
 def test_paged_decode_attention(
-    kernels, gen: torch.Generator, dtype: torch.dtype, num_heads: int, num_kv_heads: int, block_size: int
-) -> None:
-    head_dim, num_blocks = 32, 96
+    kernels, gen: torch.Generator, dtype: torch.dtype, num_heads: int, num_kv_heads: int, block_size: int,
+    head_dim: int,
+) -> None:  # fmt: skip
+    num_blocks = 96
     seq_lens = [1, 17, 40, 0, 5]  # 0: an empty sequence gives zeros
     cache = torch.randn((2, num_blocks, block_size, num_kv_heads, head_dim), generator=gen).to(dtype)
     perm = torch.randperm(num_blocks, generator=gen).tolist()
@@ -112,20 +114,23 @@ def test_int8_matmul(kernels, gen: torch.Generator) -> None:
         kernels.int8_matmul(x.bfloat16(), codes, scales)
 
 
-def test_the_torch_backend_decodes_through_the_kernel(kernels, gen: torch.Generator, monkeypatch) -> None:
-    """Decodes through TorchAttentionBackend go to the kernel and equal the reference."""
-    calls = []
-    real = kernels.paged_decode_attention
+def spy_on(kernels, name: str, calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cpu.load() returns the kernels with `name` recording each call's arguments in `calls`."""
+    real = getattr(kernels, name)
 
     class Spy:
-        def __getattr__(self, name: str):
-            return getattr(kernels, name)
-
-        def paged_decode_attention(self, *args):
-            calls.append(args[0].shape[0])
-            return real(*args)
+        def __getattr__(self, attr: str):
+            if attr == name:
+                return lambda *args: (calls.append(args), real(*args))[1]
+            return getattr(kernels, attr)
 
     monkeypatch.setattr(cpu, "load", lambda: Spy())
+
+
+def test_the_torch_backend_decodes_through_the_kernel(kernels, gen: torch.Generator, monkeypatch) -> None:
+    """Decodes through TorchAttentionBackend go to the kernel and equal the reference."""
+    calls: list = []
+    spy_on(kernels, "paged_decode_attention", calls, monkeypatch)
     for num_seqs in (2, 9):
         block_size, num_blocks = 4, 64
         seq_lens = [3 + 5 * i for i in range(num_seqs)]
@@ -153,7 +158,7 @@ def test_the_torch_backend_decodes_through_the_kernel(kernels, gen: torch.Genera
         out = TorchAttentionBackend().forward(query, key, value, cache, md, 0.25)
         ref = reference.paged_attention(query, cache, md.block_tables, md.seq_lens, md.query_start_loc, 0.25)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert calls == [2, 9]
+    assert [args[0].shape[0] for args in calls] == [2, 9]
 
 
 def test_ops_fall_back_to_torch_without_the_kernels() -> None:
@@ -171,18 +176,8 @@ def test_ops_fall_back_to_torch_without_the_kernels() -> None:
 
 
 def test_ops_take_the_kernel_path(kernels, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = kernels.rms_norm
-
-    class Spy:
-        def __getattr__(self, name: str):
-            return getattr(kernels, name)
-
-        def rms_norm(self, *args):
-            calls.append(args)
-            return real(*args)
-
-    monkeypatch.setattr(cpu, "load", lambda: Spy())
+    calls: list = []
+    spy_on(kernels, "rms_norm", calls, monkeypatch)
     x = torch.randn(2, 8)
     ops.rms_norm(x, torch.ones(8), 1e-6)
     assert len(calls) == 1
