@@ -24,6 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/machine.py
+from machine import cpu_model
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -149,7 +152,7 @@ def machine_info(device: Any) -> dict[str, Any]:
             driver=_nvidia_smi("driver_version"),
         )
     else:
-        info["cpu"] = _cpu_model()
+        info["cpu"] = cpu_model()
         info["cpu_threads"] = torch.get_num_threads()
     return info
 
@@ -162,16 +165,6 @@ def _nvidia_smi(field: str) -> str:
         return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def device_slug(device: Any, smoke: bool) -> str:

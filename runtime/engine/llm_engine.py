@@ -10,7 +10,6 @@ and ``AsyncEngine`` (server) are thin drivers of this loop.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import time
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import CacheConfig, EngineConfig, SchedulerConfig
+from ..kernels import cpu
 from ..layers.attention import get_attention_backend
 from ..layers.sampler import Sampler, SamplingRow
 from ..models.llama import LlamaForCausalLM
@@ -51,13 +51,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-@functools.cache
 def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu.cpu_flags())
 
 
 def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str) -> torch.dtype:

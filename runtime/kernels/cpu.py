@@ -35,14 +35,16 @@ def cflags() -> list[str]:
     return ["-O3", f"-march={arch}", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (x86 ``flags``, Arm ``Features``); empty where unreadable."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return line
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return ""
+    return frozenset()
 
 
 def enabled() -> bool:
@@ -54,7 +56,7 @@ def build_directory() -> tuple[str, Path]:
     flags = cflags()
     key = SOURCE.read_bytes() + " ".join(flags).encode()
     if "-march=native" in flags:
-        key += _cpu_flags().encode()
+        key += " ".join(sorted(cpu_flags())).encode()
     digest = hashlib.sha256(key).hexdigest()[:12]
     name = f"kubellm_cpu_ops_{digest}"
     root = Path(os.environ.get("KUBELLM_KERNEL_CACHE") or Path.home() / ".cache" / "kubellm" / "cpu-kernels")

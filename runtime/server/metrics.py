@@ -9,7 +9,8 @@ registry, so two servers in one process (tests) never share counters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -139,33 +140,18 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineStatsCollector(model_name, stats))
         labels = ["model_name"]
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds",
-            "Time to first token.",
-            labels,
-            buckets=TTFT_BUCKETS,
-            registry=self.registry,
-        ).labels(model_name)
-        self.itl = Histogram(
-            "vllm:inter_token_latency_seconds",
-            "Time between consecutive output tokens.",
-            labels,
-            buckets=ITL_BUCKETS,
-            registry=self.registry,
-        ).labels(model_name)
-        self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds",
-            "End-to-end request latency.",
-            labels,
-            buckets=E2E_BUCKETS,
-            registry=self.registry,
-        ).labels(model_name)
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=self.registry
-        ).labels(model_name)
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Tokens generated.", labels, registry=self.registry
-        ).labels(model_name)
+
+        def histogram(name: str, documentation: str, buckets: Sequence[float]) -> Any:
+            return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry).labels(model_name)
+
+        def counter(name: str, documentation: str) -> Any:
+            return Counter(name, documentation, labels, registry=self.registry).labels(model_name)
+
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between consecutive output tokens.", ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS)
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
         self._success = Counter(
             "vllm:request_success",
             "Finished requests by finish reason.",
