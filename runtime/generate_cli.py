@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import DTYPES, QUANTIZATIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -30,10 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int4"])
+    parser.add_argument("--quantization", default="auto", choices=QUANTIZATIONS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import DTYPES, QUANTIZATIONS
+
 DEFAULT_PORT = 8000
 
 
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--served-model-name", default=None, help="the name clients use in the 'model' field (default: --model)"
     )
-    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    model.add_argument("--dtype", default="auto", choices=DTYPES)
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument(
         "--max-model-len", type=_positive_int, default=None, help="context length in tokens (default: the model's)"
@@ -88,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--quantization",
         default="auto",
-        choices=["auto", "none", "int4"],
+        choices=QUANTIZATIONS,
         help="int4: int4 weight-only linears and an int8 head for small batches (CPU); auto: int4 for a Q4_0/Q4_1 "
         "GGUF on the CPU",
     )
