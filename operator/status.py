@@ -1,18 +1,28 @@
 """PURE: what the LLMDeployment's status says, from what its Deployment and pods say.
 
-Conditions follow the Kubernetes conventions: one entry per type, `lastTransitionTime` moves only when the
-status flips, `observedGeneration` records the spec generation the condition was computed from.
+The status is built as the typed `LLMDeploymentStatus` (spec.py, the same model the CRD's status schema comes
+from), one function per condition. Conditions follow the Kubernetes API conventions: one entry per type, a
+CamelCase reason and a message, `lastTransitionTime` moving only when the status flips, `observedGeneration` the
+spec generation the condition was computed from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pydantic
+
 from kubellm.operator import constants as c
 from kubellm.operator.resources import Owner, endpoint, selector_string
-from kubellm.operator.spec import LLMDeploymentSpec
+from kubellm.operator.spec import (
+    Condition,
+    LLMDeploymentSpec,
+    LLMDeploymentStatus,
+    MetricsSnapshot,
+    ScalingDecisionRecord,
+)
 
 JSON = dict[str, Any]
 # Waiting reasons that mean the pod will not come up on its own.
@@ -83,6 +93,14 @@ class DeploymentState:
             conditions={cond["type"]: cond for cond in status.get("conditions") or [] if "type" in cond},
         )
 
+    def rolled_out(self, desired: int) -> bool:
+        return (
+            self.observed_generation >= self.generation
+            and self.updated_replicas >= desired
+            and self.replicas <= desired
+            and self.available_replicas >= desired
+        )
+
 
 @dataclass(frozen=True)
 class ScalingReport:
@@ -92,51 +110,199 @@ class ScalingReport:
     reason: str
     message: str
     limited: str | None = None  # the decision was held below the load's ask (e.g. at maxReplicas)
-    metrics: JSON | None = None  # status.metrics
-    decision: JSON | None = None  # a new status.scalingDecisions entry, when replicas changed
+    metrics: MetricsSnapshot | None = None  # status.metrics
+    decision: ScalingDecisionRecord | None = None  # a new status.scalingDecisions entry, when replicas changed
     scale_time: str | None = None
 
 
-def condition(type_: str, ok: bool | None, reason: str, message: str) -> JSON:
+@dataclass(frozen=True)
+class Observed:
+    """What the status is computed from: the Deployment and pods as the watches last saw them."""
+
+    deployment: DeploymentState | None
+    pods: Sequence[PodSummary]
+
+    @property
+    def live(self) -> list[PodSummary]:
+        return [p for p in self.pods if not p.terminating]
+
+    @property
+    def ready(self) -> int:
+        return sum(p.ready for p in self.live)
+
+    @property
+    def unschedulable(self) -> list[PodSummary]:
+        return [p for p in self.live if p.unschedulable_message]
+
+    @property
+    def broken(self) -> list[PodSummary]:
+        return [p for p in self.live if p.broken_reason]
+
+
+def condition(type_: str, ok: bool | None, reason: str, message: str) -> Condition:
     status = "Unknown" if ok is None else "True" if ok else "False"
-    return {"type": type_, "status": status, "reason": reason, "message": message}
+    return Condition(type=type_, status=status, reason=reason, message=message[:4096])
+
+
+def parse_status(raw: Mapping[str, Any] | None) -> LLMDeploymentStatus:
+    """The stored status as the typed model; fields this version does not know (or cannot read) are dropped."""
+    known = {f.alias or name for name, f in LLMDeploymentStatus.model_fields.items()}
+    data = {k: v for k, v in (raw or {}).items() if k in known and v is not None}
+    try:
+        return LLMDeploymentStatus.model_validate(data)
+    except pydantic.ValidationError:
+        keep = {k: v for k, v in data.items() if k not in ("metrics", "scalingDecisions", "conditions")}
+        return LLMDeploymentStatus.model_validate(keep)
+
+
+def previous_condition(previous: LLMDeploymentStatus, type_: str) -> Condition | None:
+    return next((cond for cond in previous.conditions if cond.type == type_), None)
 
 
 def merge_conditions(
-    previous: Iterable[Mapping[str, Any]], new: Sequence[JSON], generation: int, now: str
-) -> list[JSON]:
+    previous: Sequence[Condition], new: Sequence[Condition], generation: int, now: str
+) -> list[Condition]:
     """Stamp new conditions, keeping lastTransitionTime from the previous entry when the status did not flip."""
-    before = {cond.get("type"): cond for cond in previous}
+    before = {cond.type: cond for cond in previous}
     out = []
     for cond in new:
-        old = before.get(cond["type"])
-        flipped = old is None or old.get("status") != cond["status"]
-        stamped = {**cond, "observedGeneration": generation}
-        stamped["lastTransitionTime"] = now if flipped or old is None else old.get("lastTransitionTime", now)
-        out.append(stamped)
+        old = before.get(cond.type)
+        flipped = old is None or old.status != cond.status
+        since = now if flipped or old is None or old.last_transition_time is None else old.last_transition_time
+        out.append(cond.model_copy(update={"observed_generation": generation, "last_transition_time": since}))
     return out
 
 
-def _scaling_conditions(spec: LLMDeploymentSpec, previous: Mapping[str, Any], report: ScalingReport | None) -> JSON:
+def ready_condition(spec: LLMDeploymentSpec, observed: Observed) -> Condition:
+    desired, ready, unschedulable = spec.replicas, observed.ready, observed.unschedulable
+    if desired == 0:
+        return condition(c.CONDITION_READY, False, "ScaledToZero", "spec.replicas is 0")
+    if ready >= desired:
+        return condition(c.CONDITION_READY, True, "AllReplicasReady", f"{ready}/{desired} replicas ready")
+    if ready > 0:
+        return condition(
+            c.CONDITION_READY, True, "PartiallyReady", f"{ready}/{desired} replicas ready; serving with fewer"
+        )
+    why = f"; {len(unschedulable)} Pending: {unschedulable[0].unschedulable_message}" if unschedulable else ""
+    return condition(c.CONDITION_READY, False, "ReplicasNotReady", f"0/{desired} replicas ready{why}")
+
+
+def progressing_condition(spec: LLMDeploymentSpec, observed: Observed) -> Condition:
+    desired, deployment = spec.replicas, observed.deployment
+    deadline = (deployment or DeploymentState()).conditions.get("Progressing", {})
+    if deadline.get("reason") == "ProgressDeadlineExceeded":
+        return condition(c.CONDITION_PROGRESSING, False, "ProgressDeadlineExceeded", str(deadline.get("message", "")))
+    if deployment is None:
+        return condition(c.CONDITION_PROGRESSING, True, "Creating", "creating the Deployment")
+    if deployment.rolled_out(desired):
+        return condition(c.CONDITION_PROGRESSING, False, "RolloutComplete", f"{desired} replicas up to date")
+    dep = deployment
+    message = f"{dep.updated_replicas}/{desired} updated, {dep.available_replicas} available, {dep.replicas} pods"
+    return condition(c.CONDITION_PROGRESSING, True, "RollingOut", message)
+
+
+def degraded_condition(spec: LLMDeploymentSpec, observed: Observed, error: Condition | None) -> Condition:
+    """`error`: the reconcile's verdict (a refused apply, an invalid spec), which outranks what the pods show."""
+    if error is not None:
+        return condition(c.CONDITION_DEGRADED, True, error.reason, error.message)
+    dep = observed.deployment or DeploymentState()
+    deadline = dep.conditions.get("Progressing", {})
+    replica_failure = dep.conditions.get("ReplicaFailure", {})
+    broken, unschedulable = observed.broken, observed.unschedulable
+    if deadline.get("reason") == "ProgressDeadlineExceeded":
+        return condition(c.CONDITION_DEGRADED, True, "ProgressDeadlineExceeded", str(deadline.get("message", "")))
+    if replica_failure.get("status") == "True":
+        reason = str(replica_failure.get("reason", "ReplicaFailure"))
+        return condition(c.CONDITION_DEGRADED, True, reason, str(replica_failure.get("message", "")))
+    if broken:
+        reason = broken[0].broken_reason or "PodFailing"
+        return condition(c.CONDITION_DEGRADED, True, reason, f"{len(broken)} pod(s): {broken[0].name}")
+    if unschedulable and observed.ready < spec.replicas:
+        message = f"{len(unschedulable)} pod(s) Pending: {unschedulable[0].unschedulable_message}"
+        return condition(c.CONDITION_DEGRADED, True, "Unschedulable", message)
+    return condition(c.CONDITION_DEGRADED, False, "AsExpected", "")
+
+
+def scaling_active_condition(
+    spec: LLMDeploymentSpec, previous: LLMDeploymentStatus, report: ScalingReport | None
+) -> Condition:
     auto = spec.autoscaling
     if not auto.enabled:
         return condition(c.CONDITION_SCALING_ACTIVE, False, "AutoscalingDisabled", "spec.autoscaling.enabled is false")
     if auto.mode == "external":
-        return condition(
-            c.CONDITION_SCALING_ACTIVE,
-            True,
-            "ExternalAutoscaler",
-            "spec.replicas is left to an external autoscaler (HPA/KEDA) through the scale subresource",
-        )
+        message = "spec.replicas is left to an external autoscaler (HPA/KEDA) through the scale subresource"
+        return condition(c.CONDITION_SCALING_ACTIVE, True, "ExternalAutoscaler", message)
     if report is not None:
         return condition(c.CONDITION_SCALING_ACTIVE, report.active, report.reason, report.message)
-    for cond in previous.get("conditions") or []:
-        if cond.get("type") == c.CONDITION_SCALING_ACTIVE and cond.get("reason") not in (
-            "AutoscalingDisabled",
-            "ExternalAutoscaler",
-        ):
-            return condition(c.CONDITION_SCALING_ACTIVE, cond.get("status") == "True", cond["reason"], cond["message"])
+    old = previous_condition(previous, c.CONDITION_SCALING_ACTIVE)
+    if old is not None and old.reason not in ("AutoscalingDisabled", "ExternalAutoscaler"):
+        return condition(c.CONDITION_SCALING_ACTIVE, old.status == "True", old.reason, old.message)
     return condition(c.CONDITION_SCALING_ACTIVE, False, "AwaitingMetrics", "no evaluation yet")
+
+
+def scaling_limited_condition(
+    spec: LLMDeploymentSpec, observed: Observed, previous: LLMDeploymentStatus, report: ScalingReport | None
+) -> Condition:
+    unschedulable = observed.unschedulable
+    if unschedulable:
+        message = unschedulable[0].unschedulable_message or ""
+        reason = "InsufficientGPU" if f"Insufficient {spec.resources.gpu_resource_name}" in message else "Unschedulable"
+        return condition(c.CONDITION_SCALING_LIMITED, True, reason, f"{len(unschedulable)} pod(s) Pending: {message}")
+    if report is not None and report.limited:
+        return condition(c.CONDITION_SCALING_LIMITED, True, "MaxReplicas", report.limited)
+    old = previous_condition(previous, c.CONDITION_SCALING_LIMITED)
+    if report is None and old is not None and old.reason == "MaxReplicas":
+        # The loop's last verdict stands until its next evaluation.
+        return condition(c.CONDITION_SCALING_LIMITED, old.status == "True", "MaxReplicas", old.message)
+    return condition(c.CONDITION_SCALING_LIMITED, False, "NotLimited", "")
+
+
+def compute_status(
+    *,
+    owner: Owner,
+    generation: int,
+    spec: LLMDeploymentSpec,
+    observed: Observed,
+    previous: LLMDeploymentStatus,
+    now: str,
+    error: Condition | None = None,
+    scaling: ScalingReport | None = None,
+) -> LLMDeploymentStatus:
+    """The whole status (the operator owns all of it). `generation`: the spec generation it reports on."""
+    new_conditions = [
+        ready_condition(spec, observed),
+        progressing_condition(spec, observed),
+        degraded_condition(spec, observed, error),
+        scaling_active_condition(spec, previous, scaling),
+        scaling_limited_condition(spec, observed, previous, scaling),
+    ]
+    decisions = list(previous.scaling_decisions)
+    metrics, last_scale = previous.metrics, previous.last_scale_time
+    if scaling is not None and scaling.metrics is not None:
+        metrics = scaling.metrics
+    if scaling is not None and scaling.decision is not None:
+        decisions = [*decisions, scaling.decision][-c.MAX_SCALING_DECISIONS :]
+        last_scale = scaling.scale_time
+    dep = observed.deployment or DeploymentState()
+    return LLMDeploymentStatus(
+        observed_generation=generation,
+        conditions=merge_conditions(previous.conditions, new_conditions, generation, now),
+        replicas=len(observed.live),
+        ready_replicas=observed.ready,
+        updated_replicas=dep.updated_replicas,
+        desired_replicas=spec.replicas,
+        pending_replicas=len(observed.unschedulable),
+        ready=f"{observed.ready}/{spec.replicas}",
+        selector=selector_string(owner.name),
+        endpoint=endpoint(owner, spec),
+        metrics=metrics,
+        last_scale_time=last_scale,
+        scaling_decisions=decisions,
+    )
+
+
+def to_json(status: LLMDeploymentStatus) -> JSON:
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def build_status(
@@ -151,137 +317,28 @@ def build_status(
     error: str | None = None,
     scaling: ScalingReport | None = None,
 ) -> JSON:
-    """The whole status (as the operator owns all of it). `previous` is the current status, for carry-overs."""
-    desired = spec.replicas
-    live = [p for p in pods if not p.terminating]
-    ready = sum(p.ready for p in live)
-    unschedulable = [p for p in live if p.unschedulable_message]
-    broken = [p for p in live if p.broken_reason]
-    dep = deployment or DeploymentState()
-    rolled_out = (
-        deployment is not None
-        and dep.observed_generation >= dep.generation
-        and dep.updated_replicas >= desired
-        and dep.replicas <= desired
-        and dep.available_replicas >= desired
+    """`compute_status` from and to the JSON the API server stores (what the handlers read and patch)."""
+    return to_json(
+        compute_status(
+            owner=owner,
+            generation=generation,
+            spec=spec,
+            observed=Observed(deployment, pods),
+            previous=parse_status(previous),
+            now=now,
+            error=None if error is None else condition(c.CONDITION_DEGRADED, True, "ReconcileError", error),
+            scaling=scaling,
+        )
     )
-
-    if desired == 0:
-        ready_cond = condition(c.CONDITION_READY, False, "ScaledToZero", "spec.replicas is 0")
-    elif ready >= desired:
-        ready_cond = condition(c.CONDITION_READY, True, "AllReplicasReady", f"{ready}/{desired} replicas ready")
-    elif ready > 0:
-        ready_cond = condition(
-            c.CONDITION_READY, True, "PartiallyReady", f"{ready}/{desired} replicas ready; serving with fewer"
-        )
-    else:
-        why = f"; {len(unschedulable)} Pending: {unschedulable[0].unschedulable_message}" if unschedulable else ""
-        ready_cond = condition(c.CONDITION_READY, False, "ReplicasNotReady", f"0/{desired} replicas ready{why}")
-
-    deadline = dep.conditions.get("Progressing", {})
-    if deadline.get("reason") == "ProgressDeadlineExceeded":
-        progressing = condition(
-            c.CONDITION_PROGRESSING, False, "ProgressDeadlineExceeded", str(deadline.get("message", ""))
-        )
-    elif deployment is None:
-        progressing = condition(c.CONDITION_PROGRESSING, True, "Creating", "creating the Deployment")
-    elif rolled_out:
-        progressing = condition(c.CONDITION_PROGRESSING, False, "RolloutComplete", f"{desired} replicas up to date")
-    else:
-        progressing = condition(
-            c.CONDITION_PROGRESSING,
-            True,
-            "RollingOut",
-            f"{dep.updated_replicas}/{desired} updated, {dep.available_replicas} available, {dep.replicas} pods",
-        )
-
-    replica_failure = dep.conditions.get("ReplicaFailure", {})
-    if error is not None:
-        degraded = condition(c.CONDITION_DEGRADED, True, "ReconcileError", error)
-    elif deadline.get("reason") == "ProgressDeadlineExceeded":
-        degraded = condition(c.CONDITION_DEGRADED, True, "ProgressDeadlineExceeded", str(deadline.get("message", "")))
-    elif replica_failure.get("status") == "True":
-        degraded = condition(
-            c.CONDITION_DEGRADED,
-            True,
-            str(replica_failure.get("reason", "ReplicaFailure")),
-            replica_failure.get("message", ""),
-        )
-    elif broken:
-        degraded = condition(
-            c.CONDITION_DEGRADED,
-            True,
-            broken[0].broken_reason or "PodFailing",
-            f"{len(broken)} pod(s): {broken[0].name}",
-        )
-    elif unschedulable and ready < desired:
-        degraded = condition(
-            c.CONDITION_DEGRADED,
-            True,
-            "Unschedulable",
-            f"{len(unschedulable)} pod(s) Pending: {unschedulable[0].unschedulable_message}",
-        )
-    else:
-        degraded = condition(c.CONDITION_DEGRADED, False, "AsExpected", "")
-
-    gpu = spec.resources.gpu_resource_name
-    previous_limit = _previous_condition(previous, c.CONDITION_SCALING_LIMITED)
-    if unschedulable:
-        message = unschedulable[0].unschedulable_message or ""
-        reason = "InsufficientGPU" if f"Insufficient {gpu}" in message else "Unschedulable"
-        limited_cond = condition(
-            c.CONDITION_SCALING_LIMITED, True, reason, f"{len(unschedulable)} pod(s) Pending: {message}"
-        )
-    elif scaling is not None and scaling.limited:
-        limited_cond = condition(c.CONDITION_SCALING_LIMITED, True, "MaxReplicas", scaling.limited)
-    elif scaling is None and previous_limit.get("reason") == "MaxReplicas":
-        # The timer's last verdict stands until its next evaluation.
-        limited_cond = condition(
-            c.CONDITION_SCALING_LIMITED,
-            previous_limit.get("status") == "True",
-            "MaxReplicas",
-            previous_limit["message"],
-        )
-    else:
-        limited_cond = condition(c.CONDITION_SCALING_LIMITED, False, "NotLimited", "")
-
-    new_conditions = [ready_cond, progressing, degraded, _scaling_conditions(spec, previous, scaling), limited_cond]
-    status: JSON = {
-        "observedGeneration": generation,
-        "conditions": merge_conditions(previous.get("conditions") or [], new_conditions, generation, now),
-        "replicas": len(live),
-        "readyReplicas": ready,
-        "updatedReplicas": dep.updated_replicas,
-        "desiredReplicas": desired,
-        "pendingReplicas": len(unschedulable),
-        "ready": f"{ready}/{desired}",
-        "selector": selector_string(owner.name),
-        "endpoint": endpoint(owner, spec),
-        "metrics": previous.get("metrics"),
-        "lastScaleTime": previous.get("lastScaleTime"),
-        "scalingDecisions": list(previous.get("scalingDecisions") or []),
-    }
-    if scaling is not None and scaling.metrics is not None:
-        status["metrics"] = scaling.metrics
-    if scaling is not None and scaling.decision is not None:
-        status["scalingDecisions"] = [*status["scalingDecisions"], scaling.decision][-c.MAX_SCALING_DECISIONS :]
-        status["lastScaleTime"] = scaling.scale_time
-    return {k: v for k, v in status.items() if v is not None}
 
 
 def invalid_spec_status(previous: Mapping[str, Any], generation: int, error: str, now: str) -> JSON:
     """A spec the operator cannot use (one the CRD schema could not refuse): only Degraded changes."""
-    others = [cond for cond in previous.get("conditions") or [] if cond.get("type") != c.CONDITION_DEGRADED]
+    before = parse_status(previous)
     degraded = condition(c.CONDITION_DEGRADED, True, "InvalidSpec", error)
-    merged = merge_conditions(previous.get("conditions") or [], [degraded], generation, now)
-    return {**previous, "observedGeneration": generation, "conditions": [*others, *merged]}
-
-
-def _previous_condition(previous: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
-    for cond in previous.get("conditions") or []:
-        if cond.get("type") == type_:
-            return cond
-    return {}
+    others = [cond for cond in before.conditions if cond.type != c.CONDITION_DEGRADED]
+    merged = merge_conditions(before.conditions, [degraded], generation, now)
+    return to_json(before.model_copy(update={"observed_generation": generation, "conditions": [*others, *merged]}))
 
 
 def status_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> JSON:

@@ -8,7 +8,7 @@ import pytest
 
 from kubellm.operator.resources import Owner
 from kubellm.operator.settings import Settings, SettingsError
-from kubellm.operator.spec import LLMDeploymentSpec
+from kubellm.operator.spec import LLMDeploymentSpec, MetricsSnapshot, ScalingDecisionRecord
 from kubellm.operator.status import (
     DeploymentState,
     PodSummary,
@@ -40,6 +40,18 @@ def _deployment(replicas: int, ready: int, updated: int | None = None, **extra: 
         updated_replicas=replicas if updated is None else updated,
         available_replicas=ready,
         **extra,
+    )
+
+
+def _metrics(queue: float) -> MetricsSnapshot:
+    return MetricsSnapshot(
+        time=T0,
+        queue_depth=queue,
+        running_requests=0.0,
+        kv_cache_utilization=0.1,
+        kv_cache_percent=10,
+        pods_scraped=1,
+        pods_failed=0,
     )
 
 
@@ -145,15 +157,15 @@ def test_scaling_report_decisions_are_capped_at_ten() -> None:
             active=True,
             reason="MetricsAvailable",
             message="ok",
-            metrics={"queueDepth": float(i)},
-            decision={"time": T0, "fromReplicas": i, "toReplicas": i + 1, "reason": f"r{i}"},
+            metrics=_metrics(float(i)),
+            decision=ScalingDecisionRecord(time=T0, from_replicas=i, to_replicas=i + 1, reason=f"r{i}"),
             scale_time=T1,
         )
         status = build_status(
             owner=OWNER, generation=1, spec=spec, deployment=None, pods=[], previous=status, now=T0, scaling=report
         )
     assert [d["reason"] for d in status["scalingDecisions"]] == [f"r{i}" for i in range(2, 12)]
-    assert status["lastScaleTime"] == T1 and status["metrics"] == {"queueDepth": 11.0}
+    assert status["lastScaleTime"] == T1 and status["metrics"]["queueDepth"] == 11.0
     assert _conditions(status)["ScalingActive"]["status"] == "True"
     # A later status refresh without a new evaluation keeps the loop's verdict.
     again = build_status(owner=OWNER, generation=1, spec=spec, deployment=None, pods=[], previous=status, now=T1)

@@ -1,0 +1,89 @@
+"""Bring the cluster to what one LLMDeployment's spec asks for: parse, render, server-side apply, prune.
+
+Returns a typed outcome instead of raising for what is the user's to fix (an invalid spec, an apply the API server
+refuses): the status shows it, and the handler decides whether kopf should retry. Transient API errors (5xx, 409,
+429, connection errors) do raise, so kopf retries them with backoff.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+from kubernetes.client.exceptions import ApiException
+
+from kubellm.operator.apply import Kube
+from kubellm.operator.resources import Owner, render
+from kubellm.operator.settings import Settings
+from kubellm.operator.spec import LLMDeploymentSpec, parse_spec
+from kubellm.operator.status import DeploymentState
+
+
+@dataclass(frozen=True)
+class ReconcileOutcome:
+    """What one reconcile did for generation `generation` of the spec."""
+
+    generation: int
+    spec: LLMDeploymentSpec | None  # None: the spec is invalid (`error` says why)
+    applied: bool  # every desired object was applied (and stale ones pruned)
+    error: str | None = None  # the API server's refusal, or the spec's first validation error
+    deployment: DeploymentState | None = None  # the Deployment as the apply returned it
+
+    @property
+    def invalid_spec(self) -> bool:
+        return self.spec is None
+
+
+def parse_or_error(spec: Mapping[str, Any]) -> tuple[LLMDeploymentSpec | None, str | None]:
+    try:
+        return parse_spec(dict(spec)), None
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = "spec." + ".".join(str(p) for p in first["loc"])
+        return None, f"{where}: {first['msg']}"
+
+
+def is_permanent(exc: ApiException) -> bool:
+    """A refusal that retrying the same request cannot fix (invalid object, forbidden), as opposed to a 409/429."""
+    return exc.status is not None and 400 <= exc.status < 500 and exc.status not in (409, 429)
+
+
+def api_message(exc: ApiException) -> str:
+    """The API server's own message (a Status object's `message`), else the HTTP status line."""
+    try:
+        body = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        body = None
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    return f"HTTP {exc.status}: {exc.reason}"
+
+
+def reconcile(
+    kube: Kube, owner: Owner, raw_spec: Mapping[str, Any], generation: int, settings: Settings, has_pdb: bool
+) -> ReconcileOutcome:
+    """Apply everything the spec renders to, in dependency order; prune the PDB when there must be none."""
+    spec, error = parse_or_error(raw_spec)
+    if spec is None:
+        return ReconcileOutcome(generation=generation, spec=None, applied=False, error=error)
+    desired = render(owner, spec, settings)
+    deployment = None
+    what = ""
+    try:
+        for obj in desired.to_apply():
+            what = f"applying {obj['kind']} {obj['metadata']['name']}"
+            applied = kube.apply(obj)
+            if obj["kind"] == "Deployment":
+                deployment = DeploymentState.from_object(applied)
+        if desired.pdb is None and has_pdb:
+            what = f"pruning PodDisruptionBudget {owner.name}"
+            kube.delete_owned("policy/v1", "PodDisruptionBudget", owner.namespace, owner.name, owner.uid)
+    except ApiException as exc:
+        if not is_permanent(exc):
+            raise
+        message = f"{what} failed: {api_message(exc)}"
+        return ReconcileOutcome(generation=generation, spec=spec, applied=False, error=message, deployment=deployment)
+    return ReconcileOutcome(generation=generation, spec=spec, applied=True, deployment=deployment)

@@ -1,0 +1,117 @@
+"""One autoscaling evaluation of one LLMDeployment: scrape its Ready pods, decide, write /scale, report.
+
+The decision itself is autoscaler.decide (pure); this module is the thin part around it that touches the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from kubellm.operator.apply import Kube
+from kubellm.operator.autoscaler import Observation, Policy, Recommendation, decide, seed_history
+from kubellm.operator.metrics import Scraper, ScrapeResult, ScrapeTarget, metrics_url
+from kubellm.operator.resources import Owner
+from kubellm.operator.spec import LLMDeploymentSpec, MetricsSnapshot, ScalingDecisionRecord
+from kubellm.operator.status import PodSummary, ScalingReport
+
+
+@dataclass
+class AutoscaleMemory:
+    """Per-LLMDeployment loop state, in memory only: lost on restart, then re-seeded conservatively."""
+
+    history: tuple[Recommendation, ...] = ()
+    last_evaluation: float = -float("inf")
+    failures_logged: set[str] = field(default_factory=set)  # pods whose failing scrape was already reported
+
+
+def snapshot(result: ScrapeResult, now: str) -> MetricsSnapshot | None:
+    if not result.samples:
+        return None
+    kv = sum(s.kv_cache_usage for s in result.samples) / len(result.samples)
+    return MetricsSnapshot(
+        time=now,
+        queue_depth=sum(s.num_requests_waiting for s in result.samples),
+        running_requests=sum(s.num_requests_running for s in result.samples),
+        kv_cache_utilization=round(kv, 4),
+        kv_cache_percent=round(100 * kv),
+        pods_scraped=len(result.samples),
+        pods_failed=len(result.failures),
+    )
+
+
+async def autoscale(
+    *,
+    body: kopf.Body,
+    owner: Owner,
+    spec: LLMDeploymentSpec,
+    pods: list[PodSummary],
+    memory: AutoscaleMemory,
+    kube: Kube,
+    scraper: Scraper,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    now: str,
+) -> tuple[ScalingReport, LLMDeploymentSpec]:
+    """Scrape, decide, and (builtin mode) scale. Returns the report and the spec as it is after scaling."""
+    auto = spec.autoscaling
+    live = [p for p in pods if not p.terminating]
+    ready = [p for p in live if p.ready and p.ip]
+    result = await scraper.scrape([ScrapeTarget(p.name, metrics_url(p.ip or "")) for p in ready])
+    # Warn once per pod when it starts failing (kopf turns warnings into Events: no Event storm per evaluation).
+    failing = dict(result.failures)
+    for pod in sorted(set(failing) - memory.failures_logged):
+        logger.warning("scraping %s failed: %s", pod, failing[pod])
+    memory.failures_logged = set(failing)
+    metrics = snapshot(result, now)
+    active = bool(result.samples)
+    reason = "MetricsAvailable" if active else "MetricsUnavailable"
+    if auto.mode == "external":
+        message = "metrics reported; spec.replicas is left to an external autoscaler"
+        return ScalingReport(active=True, reason="ExternalAutoscaler", message=message, metrics=metrics), spec
+
+    clock = time.monotonic()
+    if not memory.history:
+        memory.history = seed_history(clock, spec.replicas)
+    observation = Observation(
+        time=clock,
+        current_replicas=spec.replicas,
+        samples=result.samples,
+        failed_scrapes=len(result.failures),
+        not_ready=sum(1 for p in live if not p.ready and not p.unschedulable_message),
+        pending_unschedulable=sum(1 for p in live if p.unschedulable_message),
+    )
+    decision = decide(observation, Policy.from_spec(auto), memory.history)
+    memory.history = decision.history
+    message = decision.reason if active else f"no metrics from {len(ready)} Ready pod(s): holding"
+    record = None
+    if decision.changed:
+        try:
+            await asyncio.to_thread(kube.scale, owner.namespace, owner.name, decision.desired_replicas)
+        except ApiException as exc:
+            logger.warning("scaling to %d failed: HTTP %s", decision.desired_replicas, exc.status)
+            return ScalingReport(active, reason, f"scaling failed: HTTP {exc.status}", metrics=metrics), spec
+        verb = "ScaledUp" if decision.desired_replicas > decision.current_replicas else "ScaledDown"
+        kopf.event(body, type="Normal", reason=verb, message=decision.reason[:1024])
+        logger.info("%s", decision.reason)
+        record = ScalingDecisionRecord(
+            time=now,
+            from_replicas=decision.current_replicas,
+            to_replicas=decision.desired_replicas,
+            reason=decision.reason[:1024],
+        )
+        spec = spec.model_copy(update={"replicas": decision.desired_replicas})
+    report = ScalingReport(
+        active=active,
+        reason=reason,
+        message=message[:4096],
+        limited=decision.limited,
+        metrics=metrics,
+        decision=record,
+        scale_time=now if record else None,
+    )
+    return report, spec
