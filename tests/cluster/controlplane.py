@@ -209,10 +209,14 @@ class ControlPlane:
         return k8s_config.new_client_from_config(config_file=str(self.kubeconfig))
 
     @contextlib.contextmanager
-    def namespace(self, prefix: str = "test-") -> Iterator[str]:
-        """A fresh namespace `<prefix><8 hex>`, deleted (without waiting) on exit."""
+    def namespace(self, prefix: str = "test-", pod_security: str | None = "restricted") -> Iterator[str]:
+        """A fresh namespace `<prefix><8 hex>`, deleted (without waiting) on exit. Pod Security Admission enforces
+        `pod_security` there (restricted by default, as platform teams set it; None: the cluster default)."""
         name = f"{prefix}{uuid.uuid4().hex[:8]}"
         self.kubectl("create", "namespace", name)
+        if pod_security is not None:
+            levels = [f"pod-security.kubernetes.io/{mode}={pod_security}" for mode in ("enforce", "warn", "audit")]
+            self.kubectl("label", "namespace", name, *levels)
         # Pods are refused until the service-account controller has created the namespace's default account.
         self.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=30s", timeout=40)
         try:
@@ -415,6 +419,9 @@ class ControlPlane:
                 "--allow-privileged=true",
                 # No kubelet and no node lifecycle controller: nothing would lift the not-ready taint it adds.
                 "--disable-admission-plugins=TaintNodesByCondition",
+                # As OpenShift has it: setting ownerReferences needs `delete` on the object, and blockOwnerDeletion
+                # `update` on the owner's finalizers subresource. (PodSecurity is on by default; namespaces opt in.)
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 # The apiserver's own Endpoints for `kubernetes` would point at loopback, which validation refuses.
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",

@@ -140,7 +140,8 @@ def test_dockerignore_sends_only_the_sources() -> None:
 _IMPORT_FENCE = r"""
 import importlib, importlib.abc, importlib.machinery, pkgutil, site, sys
 allowed = set(sys.argv[1].split(","))
-site_dirs = tuple(site.getsitepackages())
+# With the site-packages a .pth file chains in (a worktree's venv that sees the main venv's packages).
+site_dirs = tuple(site.getsitepackages()) + tuple(p for p in sys.path if p.rstrip("/").endswith("site-packages"))
 
 class Fence(importlib.abc.MetaPathFinder):
     # Refuses every installed top-level module the operator image would not have (not pinned there).

@@ -12,6 +12,10 @@ from typing import Any
 import pytest
 from cluster import GPU_RESOURCE, ControlPlane, wait_until
 
+# The test namespaces enforce Pod Security `restricted`, as platform teams set them.
+RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
 pytestmark = pytest.mark.k8s
 
 
@@ -33,7 +37,17 @@ def _deployment(name: str, replicas: int, resources: dict[str, str]) -> dict[str
             "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{"name": "main", "image": "kubellm:test", "resources": {"limits": resources}}]},
+                "spec": {
+                    "securityContext": RESTRICTED_POD,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "kubellm:test",
+                            "resources": {"limits": resources},
+                            "securityContext": RESTRICTED_CONTAINER,
+                        }
+                    ],
+                },
             },
         },
     }
@@ -122,7 +136,15 @@ def test_pod_asking_for_more_gpus_than_any_node_stays_pending(k8s_cluster: Contr
         "kind": "Pod",
         "metadata": {"name": "too-big"},
         "spec": {
-            "containers": [{"name": "main", "image": "x", "resources": {"limits": {GPU_RESOURCE: str(most + 1)}}}]
+            "securityContext": RESTRICTED_POD,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "x",
+                    "resources": {"limits": {GPU_RESOURCE: str(most + 1)}},
+                    "securityContext": RESTRICTED_CONTAINER,
+                }
+            ],
         },
     }
     _apply(k8s_cluster, k8s_namespace, pod)
