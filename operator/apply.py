@@ -2,7 +2,8 @@
 
 Server-side apply makes reconciliation idempotent by construction: the operator states the fields it owns, the
 API server merges them and skips the write (the resourceVersion stays put) when nothing changed. Conflicts with
-other managers are forced: the operator is the owner of what it renders (kubectl edits to those fields get undone).
+other managers are forced: the operator is the owner of what it renders. Edits to those fields by hand are undone
+by the drift handlers (handlers.py, drift.py), which watch the owned objects and re-apply.
 """
 
 from __future__ import annotations
@@ -130,6 +131,15 @@ class Kube:
                 return False
             raise
         return True
+
+    def get_llmd(self, namespace: str, name: str) -> JSON | None:
+        """The LLMDeployment as stored now (None if it is gone)."""
+        try:
+            return self._call("GET", object_path(c.API_VERSION, c.KIND, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def patch_status(self, namespace: str, name: str, status: JSON) -> JSON:
         """JSON merge patch of an LLMDeployment's status subresource."""

@@ -2,7 +2,9 @@
 
     create / update / resume  ->  reconcile.reconcile (parse -> render -> server-side apply) -> status
     timer (every few seconds) ->  [scaling.autoscale: scrape Ready pods -> decide -> /scale + Event] -> status
+                                  [every resync_seconds: reconcile again, whatever happened]
     Deployment event          ->  status (readiness shows at once, not at the next tick)
+    owned object event        ->  drift: deleted, or written by another manager -> re-apply it
 
 Deployments, pods, PDBs and the LLMDeployments themselves are not read from the API server on every tick:
 kopf indices keep their current state in memory, fed by watches. Every handler is a module-level function that
@@ -26,8 +28,9 @@ import kopf
 
 from kubellm.operator import constants as c
 from kubellm.operator.apply import Kube, make_api_client
+from kubellm.operator.drift import controller_owner, foreign_writes, write_key
 from kubellm.operator.metrics import Scraper
-from kubellm.operator.reconcile import parse_or_error, reconcile
+from kubellm.operator.reconcile import parse_or_error, reapply_one, reconcile
 from kubellm.operator.resources import Owner
 from kubellm.operator.scaling import AutoscaleMemory, autoscale
 from kubellm.operator.settings import Settings
@@ -44,6 +47,13 @@ from kubellm.operator.status import (
 _SCALING_KEYS = ("metrics", "lastScaleTime", "scalingDecisions")
 _MANAGED = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
 _RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
+# What resources.render produces: watched for drift.
+_OWNED = (
+    ("", "v1", "configmaps"),
+    ("apps", "v1", "deployments"),
+    ("", "v1", "services"),
+    ("policy", "v1", "poddisruptionbudgets"),
+)
 
 
 def now_iso() -> str:
@@ -58,12 +68,14 @@ class LLMDeploymentRef:
     generation: int
     spec: dict[str, Any]
     status: dict[str, Any]
+    deleting: bool = False
 
     @classmethod
     def from_body(cls, body: kopf.Body) -> LLMDeploymentRef:
         return cls(
             uid=str(body.metadata.uid),
             generation=int(body.metadata.get("generation", 0)),
+            deleting=body.metadata.get("deletionTimestamp") is not None,
             # Shallow copies: kopf builds a fresh body per watch event and never mutates an old one.
             spec=dict(body.spec),
             status=dict(body.status),
@@ -172,6 +184,50 @@ async def deployment_changed(
         await asyncio.wait_for(asyncio.to_thread(kube.patch_status, namespace, name, patch), timeout)
 
 
+async def owned_changed(
+    type: str | None,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    llmds_by_key: kopf.Index[Any, LLMDeploymentRef] | None = None,
+    **_: Any,
+) -> None:
+    """Drift correction: an owned object was deleted, or another manager wrote it after our last apply -> re-apply
+    it from its owner's spec (a forced apply takes back the fields we own; a no-op when none changed)."""
+    assert llmds_by_key is not None
+    owner_key = controller_owner(body)
+    if namespace is None or owner_key is None:
+        return
+    ref: LLMDeploymentRef | None = _one(llmds_by_key.get((namespace, owner_key[0])))
+    if ref is None or ref.uid != owner_key[1] or ref.deleting:
+        return
+    harmless: set[Any] = memo.setdefault("harmless_writes", set())
+    before = str(body.metadata.get("resourceVersion"))
+    writes = [key for w in foreign_writes(body) if (key := write_key(w, before)) not in harmless]
+    if type != "DELETED" and not writes:
+        return
+    kube: Kube = memo.kube
+    owner = Owner(name=owner_key[0], namespace=namespace, uid=ref.uid)
+    if type == "DELETED":
+        # The garbage collector deletes the children of a deleted owner: ask the API server, not the index.
+        current = await asyncio.to_thread(kube.get_llmd, namespace, owner.name)
+        meta = (current or {}).get("metadata") or {}
+        if meta.get("uid") != ref.uid or meta.get("deletionTimestamp"):
+            return
+    kind = str(body.get("kind"))
+    applied = await asyncio.to_thread(reapply_one, kube, owner, ref.spec, memo.settings, kind, name)
+    if applied is None:
+        return
+    if type == "DELETED":
+        logger.info("re-created %s %s, deleted by someone else", kind, name)
+    elif applied.get("metadata", {}).get("resourceVersion") == before:
+        harmless.update(writes)  # they touched no field we own
+    else:
+        logger.info("re-applied %s %s after writes by %s", kind, name, sorted({w.manager for w, _ in writes}))
+
+
 def reconcile_handler(
     name: str,
     namespace: str | None,
@@ -223,6 +279,7 @@ async def refresh(
     logger: kopf.Logger,
     pods_by_owner: kopf.Index[Any, PodSummary] | None = None,
     deployments_by_owner: kopf.Index[Any, DeploymentState] | None = None,
+    pdbs_by_owner: kopf.Index[Any, bool] | None = None,
     **_: Any,
 ) -> None:
     assert pods_by_owner is not None and deployments_by_owner is not None
@@ -236,6 +293,12 @@ async def refresh(
     auto = parsed.autoscaling
     memory: AutoscaleMemory = memo.setdefault("autoscale", AutoscaleMemory())
     clock = time.monotonic()
+    if clock - memo.setdefault("last_resync", clock) >= memo.settings.resync_seconds:
+        # Re-apply everything whatever happened: no object stays unreconciled after a missed event or an outage.
+        memo.last_resync = clock
+        has_pdb = (namespace, name) in (pdbs_by_owner or {})
+        generation = int(meta.get("generation", 0))
+        await asyncio.to_thread(reconcile, memo.kube, owner, spec, generation, memo.settings, has_pdb)
     if auto.enabled and clock - memory.last_evaluation >= auto.evaluation_period_seconds - 0.05:
         memory.last_evaluation = clock
         report, parsed = await autoscale(
@@ -287,6 +350,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     on.event("apps", "v1", "deployments", id="deployment_changed", labels=_MANAGED, registry=registry)(
         deployment_changed
     )
+    for group, version, plural in _OWNED:
+        on.event(group, version, plural, id=f"drift_{plural}", labels=_MANAGED, registry=registry)(owned_changed)
     for decorator in (on.resume, on.create, on.update):
         decorator(*_RESOURCE, id="reconcile", **policy)(reconcile_handler)
     # A failed tick is logged and the next one runs as usual (a timer that gave up would end autoscaling).

@@ -87,3 +87,17 @@ def reconcile(
         message = f"{what} failed: {api_message(exc)}"
         return ReconcileOutcome(generation=generation, spec=spec, applied=False, error=message, deployment=deployment)
     return ReconcileOutcome(generation=generation, spec=spec, applied=True, deployment=deployment)
+
+
+def reapply_one(
+    kube: Kube, owner: Owner, raw_spec: Mapping[str, Any], settings: Settings, kind: str, name: str
+) -> dict[str, Any] | None:
+    """Re-apply the one desired object `kind`/`name` (drift correction); returns it as stored. None if the spec
+    wants no such object (a PDB pruned at one replica) or cannot be parsed; API errors raise."""
+    spec, _error = parse_or_error(raw_spec)
+    if spec is None:
+        return None
+    for obj in render(owner, spec, settings).to_apply():
+        if obj["kind"] == kind and obj["metadata"]["name"] == name:
+            return kube.apply(obj)
+    return None

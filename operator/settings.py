@@ -32,6 +32,9 @@ class Settings:
     log_level: str = "INFO"
     # Per-object timer: refresh status (pods Pending for GPUs, readiness) and, when due, evaluate autoscaling.
     timer_interval_seconds: float = 5.0
+    # Every LLMDeployment's objects are re-applied this often whatever happened (nothing is left unreconciled after
+    # an outage or a missed event); drift seen by the watches is corrected at once.
+    resync_seconds: float = 300.0
     # Metric scraping: per-pod timeout and the most scrapes in flight at once (all LLMDeployments together).
     scrape_timeout_seconds: float = 2.0
     scrape_concurrency: int = 32
@@ -67,6 +70,7 @@ class Settings:
     def check(self) -> None:
         positive = {
             "timer_interval_seconds": self.timer_interval_seconds,
+            "resync_seconds": self.resync_seconds,
             "scrape_timeout_seconds": self.scrape_timeout_seconds,
             "scrape_concurrency": self.scrape_concurrency,
             "startup_timeout_seconds": self.startup_timeout_seconds,
@@ -129,6 +133,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "log_level": _text,
     "liveness_endpoint": _text,
     "timer_interval_seconds": _number(float),
+    "resync_seconds": _number(float),
     "scrape_timeout_seconds": _number(float),
     "scrape_concurrency": _number(int),
     "startup_timeout_seconds": _number(int),

@@ -186,6 +186,15 @@ def used_permissions(*, cluster_wide: bool, peering: bool) -> tuple[set[Permissi
                     # A server-side apply that creates the object is authorized as `create` too (the API server
                     # says "cannot create resource" without it; test_k8s_deploy.py sees it).
                     namespaced.add((group, resource, "create"))
+    # OwnerReferencesPermissionEnforcement (on in OpenShift and in the test control plane): writing an object's
+    # ownerReferences needs `delete` on it, and blockOwnerDeletion `update` on the owner's finalizers subresource.
+    for obj in rendered:
+        for ref in obj["metadata"].get("ownerReferences") or []:
+            group, plural = _path_to_resource(apply.object_path(obj["apiVersion"], obj["kind"], "ns"))
+            namespaced.add((group, plural, "delete"))
+            if ref.get("blockOwnerDeletion"):
+                owner_group, owner_plural = _path_to_resource(apply.object_path(ref["apiVersion"], ref["kind"], "ns"))
+                namespaced.add((owner_group, f"{owner_plural}/finalizers", "update"))
 
     # Events: kopf.event in the handlers, and kopf posts its own warnings (settings.posting) as Events.
     namespaced.add(("", "events", "create"))
@@ -265,4 +274,6 @@ def test_the_derivation_sees_the_operators_api_calls() -> None:
     assert ("kubellm.io", "llmdeployments/scale", "patch") in namespaced  # the autoscaler
     assert ("", "pods", "watch") in namespaced  # the pods index
     assert ("policy", "poddisruptionbudgets", "delete") in namespaced  # pruning a stale PDB
+    assert ("apps", "deployments", "delete") in namespaced  # setting its ownerReferences
+    assert ("kubellm.io", "llmdeployments/finalizers", "update") in namespaced  # blockOwnerDeletion
     assert ("kopf.dev", "clusterkopfpeerings", "patch") in cluster

@@ -21,10 +21,11 @@
 
 {{/* Rules on namespaced resources: in the ClusterRole (cluster-wide mode) or a Role per watched namespace. */}}
 {{- define "kubellm.namespacedRules" -}}
-# kopf (handlers.py): watch LLMDeployments; patch them for the finalizer and the progress annotations.
+# kopf (handlers.py): watch LLMDeployments; patch them for the progress annotations. apply.py Kube.get_llmd: the
+# drift handler asks whether the owner of a deleted child still exists before re-creating the child.
 - apiGroups: ["kubellm.io"]
   resources: ["llmdeployments"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 # kopf (handlers.py): conditions, replicas, metrics and scaling decisions in status.
 - apiGroups: ["kubellm.io"]
   resources: ["llmdeployments/status"]
@@ -33,14 +34,19 @@
 - apiGroups: ["kubellm.io"]
   resources: ["llmdeployments/scale"]
   verbs: ["patch"]
+# OwnerReferencesPermissionEnforcement (on in OpenShift): the children's blockOwnerDeletion owner references
+# need `update` on the owner's finalizers subresource, and their ownerReferences `delete` on each child kind.
+- apiGroups: ["kubellm.io"]
+  resources: ["llmdeployments/finalizers"]
+  verbs: ["update"]
 # apply.py Kube.apply: server-side apply of what resources.py renders (an apply that creates the object needs
-# `create` as well as `patch`); handlers.py indexes Deployments by watch.
+# `create` as well as `patch`; owner references need `delete`); handlers.py watches them all for drift.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # apply.py Kube.apply; Kube.delete_owned when replicas drop to one (it reads the owner first); handlers.py indexes
 # the PDBs by watch to know when there is one to prune.
 - apiGroups: ["policy"]
