@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,14 +142,42 @@ class Kube:
                 return None
             raise
 
-    def patch_status(self, namespace: str, name: str, status: JSON) -> JSON:
-        """JSON merge patch of an LLMDeployment's status subresource."""
+    def patch_status(self, namespace: str, name: str, status: JSON, resource_version: str | None = None) -> JSON:
+        """JSON merge patch of an LLMDeployment's status subresource; with `resource_version`, only if the object
+        is still that version (409 Conflict otherwise)."""
+        body: JSON = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         return self._call(
             "PATCH",
             object_path(c.API_VERSION, c.KIND, namespace, name) + "/status",
-            body={"status": status},
+            body=body,
             content_type="application/merge-patch+json",
         )
+
+    def update_status(
+        self, namespace: str, name: str, seen: JSON, compute: Callable[[JSON], JSON], attempts: int = 4
+    ) -> bool:
+        """Optimistic concurrency for status: `compute(status)` gives the merge patch for the LLMDeployment as
+        `seen` (a watch's copy, with its resourceVersion); it is written only onto that version. On a conflict the
+        object is read again and the patch recomputed from what is there now, so no writer overwrites a status it
+        has not seen. An empty patch writes nothing. True if a write happened."""
+        current: JSON | None = seen
+        for attempt in range(attempts):
+            if current is None:
+                return False  # deleted meanwhile
+            patch = compute(dict(current.get("status") or {}))
+            if not patch:
+                return False
+            version = (current.get("metadata") or {}).get("resourceVersion")
+            try:
+                self.patch_status(namespace, name, patch, resource_version=version)
+                return True
+            except ApiException as exc:
+                if exc.status != 409 or attempt == attempts - 1:
+                    raise
+            current = self.get_llmd(namespace, name)
+        return False
 
     def scale(self, namespace: str, name: str, replicas: int, resource_version: str | None = None) -> JSON:
         """Write spec.replicas through the scale subresource (what `kubectl scale` and HPA do)."""

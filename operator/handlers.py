@@ -16,6 +16,7 @@ of them missed).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -30,7 +31,7 @@ from kubellm.operator import constants as c
 from kubellm.operator.apply import Kube, make_api_client
 from kubellm.operator.drift import controller_owner, foreign_writes, write_key
 from kubellm.operator.metrics import Scraper
-from kubellm.operator.reconcile import parse_or_error, reapply_one, reconcile
+from kubellm.operator.reconcile import ReconcileOutcome, parse_or_error, reapply_one, reconcile
 from kubellm.operator.resources import Owner
 from kubellm.operator.scaling import AutoscaleMemory, autoscale
 from kubellm.operator.settings import Settings
@@ -39,6 +40,8 @@ from kubellm.operator.status import (
     PodSummary,
     build_status,
     invalid_spec_status,
+    metrics_due,
+    parse_status,
     status_patch,
     summarize_pod,
 )
@@ -68,6 +71,7 @@ class LLMDeploymentRef:
     generation: int
     spec: dict[str, Any]
     status: dict[str, Any]
+    resource_version: str = ""
     deleting: bool = False
 
     @classmethod
@@ -75,6 +79,7 @@ class LLMDeploymentRef:
         return cls(
             uid=str(body.metadata.uid),
             generation=int(body.metadata.get("generation", 0)),
+            resource_version=str(body.metadata.get("resourceVersion", "")),
             deleting=body.metadata.get("deletionTimestamp") is not None,
             # Shallow copies: kopf builds a fresh body per watch event and never mutates an old one.
             spec=dict(body.spec),
@@ -90,6 +95,11 @@ def _one(store: Iterable[Any] | None) -> Any | None:
 
 def _without_scaling(status: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in status.items() if k not in _SCALING_KEYS}
+
+
+def _seen(resource_version: Any, status: Any) -> dict[str, Any]:
+    """An LLMDeployment as a watch delivered it, reduced to what Kube.update_status needs."""
+    return {"metadata": {"resourceVersion": str(resource_version or "")}, "status": dict(status or {})}
 
 
 # ---- operator-level handlers ----
@@ -165,23 +175,30 @@ async def deployment_changed(
     ref: LLMDeploymentRef | None = _one(llmds_by_key.get((namespace, name)))
     if type == "DELETED" or namespace is None or ref is None:
         return
-    parsed, _error = parse_or_error(ref.spec)
-    if parsed is None:
+    spec, _error = parse_or_error(ref.spec)
+    if spec is None:
         return
-    new = build_status(
-        owner=Owner(name=name, namespace=namespace, uid=ref.uid),
-        generation=int(ref.status.get("observedGeneration") or ref.generation),
-        spec=parsed,
-        deployment=DeploymentState.from_object(body),
-        pods=list(pods_by_owner.get((namespace, name), ())),
-        previous=ref.status,
-        now=now_iso(),
-    )
-    patch = status_patch(_without_scaling(ref.status), _without_scaling(new))
-    if patch:
-        kube: Kube = memo.kube
-        timeout = memo.settings.handler_timeout_seconds
-        await asyncio.wait_for(asyncio.to_thread(kube.patch_status, namespace, name, patch), timeout)
+    owner = Owner(name=name, namespace=namespace, uid=ref.uid)
+    deployment = DeploymentState.from_object(body)
+    pods = list(pods_by_owner.get((namespace, name), ()))
+    now = now_iso()
+
+    def compute(current: dict[str, Any]) -> dict[str, Any]:
+        new = build_status(
+            owner=owner,
+            generation=ref.generation,
+            spec=spec,
+            deployment=deployment,
+            pods=pods,
+            previous=current,
+            now=now,
+        )
+        return status_patch(_without_scaling(current), _without_scaling(new))
+
+    kube: Kube = memo.kube
+    seen = _seen(ref.resource_version, ref.status)
+    timeout = memo.settings.handler_timeout_seconds
+    await asyncio.wait_for(asyncio.to_thread(kube.update_status, namespace, name, seen, compute), timeout)
 
 
 async def owned_changed(
@@ -235,7 +252,6 @@ def reconcile_handler(
     spec: kopf.Spec,
     status: kopf.Status,
     meta: kopf.Meta,
-    patch: kopf.Patch,
     memo: kopf.Memo,
     pods_by_owner: kopf.Index[Any, PodSummary] | None = None,  # kopf passes indices by name
     pdbs_by_owner: kopf.Index[Any, bool] | None = None,
@@ -244,26 +260,42 @@ def reconcile_handler(
     assert pods_by_owner is not None and pdbs_by_owner is not None
     assert namespace is not None  # the CRD is namespaced
     owner = Owner(name=name, namespace=namespace, uid=uid)
-    generation = int(meta.get("generation", 0))
-    previous = dict(status)
-    outcome = reconcile(memo.kube, owner, spec, generation, memo.settings, (namespace, name) in pdbs_by_owner)
-    if outcome.spec is None:
-        assert outcome.error is not None
-        patch.status.update(status_patch(previous, invalid_spec_status(previous, generation, outcome.error, now_iso())))
-        raise kopf.PermanentError(f"invalid spec: {outcome.error}")
-    new = build_status(
-        owner=owner,
-        generation=generation,
-        spec=outcome.spec,
-        deployment=outcome.deployment,
-        pods=list(pods_by_owner.get((namespace, name), ())),
-        previous=previous,
-        now=now_iso(),
-        error=outcome.error,
+    outcome = reconcile(
+        memo.kube, owner, spec, int(meta.get("generation", 0)), memo.settings, (namespace, name) in pdbs_by_owner
     )
-    patch.status.update(status_patch(_without_scaling(previous), _without_scaling(new)))
+    pods = list(pods_by_owner.get((namespace, name), ()))
+    write_outcome(memo.kube, owner, outcome, pods, _seen(meta.get("resourceVersion"), status))
     if outcome.error is not None:
-        raise kopf.PermanentError(outcome.error)
+        # Not retried by kopf: the status shows it, and the periodic resync (or the next spec change) tries again.
+        raise kopf.PermanentError(f"invalid spec: {outcome.error}" if outcome.invalid_spec else outcome.error)
+
+
+def write_outcome(
+    kube: Kube, owner: Owner, outcome: ReconcileOutcome, pods: list[PodSummary], seen: dict[str, Any]
+) -> None:
+    """The status after a reconcile: observedGeneration advances only if the generation was applied; a failure
+    shows in Degraded with the API server's message until a reconcile succeeds."""
+    now = now_iso()
+    generation, spec = outcome.generation, outcome.spec
+
+    def compute(current: dict[str, Any]) -> dict[str, Any]:
+        if spec is None:
+            assert outcome.error is not None
+            return status_patch(current, invalid_spec_status(current, generation, outcome.error, now))
+        new = build_status(
+            owner=owner,
+            generation=generation,
+            spec=spec,
+            deployment=outcome.deployment,
+            pods=pods,
+            previous=current,
+            now=now,
+            error=outcome.error,
+            applied=outcome.applied,
+        )
+        return status_patch(_without_scaling(current), _without_scaling(new))
+
+    kube.update_status(owner.namespace, owner.name, seen, compute)
 
 
 async def refresh(
@@ -293,12 +325,16 @@ async def refresh(
     auto = parsed.autoscaling
     memory: AutoscaleMemory = memo.setdefault("autoscale", AutoscaleMemory())
     clock = time.monotonic()
+    kube: Kube = memo.kube
+    seen = _seen(meta.get("resourceVersion"), status)
     if clock - memo.setdefault("last_resync", clock) >= memo.settings.resync_seconds:
         # Re-apply everything whatever happened: no object stays unreconciled after a missed event or an outage.
         memo.last_resync = clock
         has_pdb = (namespace, name) in (pdbs_by_owner or {})
         generation = int(meta.get("generation", 0))
-        await asyncio.to_thread(reconcile, memo.kube, owner, spec, generation, memo.settings, has_pdb)
+        outcome = await asyncio.to_thread(reconcile, kube, owner, spec, generation, memo.settings, has_pdb)
+        await asyncio.to_thread(write_outcome, kube, owner, outcome, pods, seen)
+        return  # the next tick refreshes from the status just written
     if auto.enabled and clock - memory.last_evaluation >= auto.evaluation_period_seconds - 0.05:
         memory.last_evaluation = clock
         report, parsed = await autoscale(
@@ -312,17 +348,27 @@ async def refresh(
             logger=logger,
             now=now_iso(),
         )
-    new = build_status(
-        owner=owner,
-        generation=int(status.get("observedGeneration") or meta.get("generation", 0)),
-        spec=parsed,
-        deployment=deployment,
-        pods=pods,
-        previous=dict(status),
-        now=now_iso(),
-        scaling=report,
-    )
-    patch.status.update(status_patch(dict(status), new))
+        previous_metrics = parse_status(status).metrics
+        interval = memo.settings.metrics_status_interval_seconds
+        if report.metrics is not None and not metrics_due(previous_metrics, report.metrics, interval):
+            report = dataclasses.replace(report, metrics=None)  # rate-limited: the last snapshot stands
+    now = now_iso()
+    generation = int(meta.get("generation", 0))
+
+    def compute(current: dict[str, Any]) -> dict[str, Any]:
+        new = build_status(
+            owner=owner,
+            generation=generation,
+            spec=parsed,
+            deployment=deployment,
+            pods=pods,
+            previous=current,
+            now=now,
+            scaling=report,
+        )
+        return status_patch(current, new)
+
+    await asyncio.to_thread(kube.update_status, namespace, name, seen, compute)
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:

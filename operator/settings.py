@@ -35,6 +35,8 @@ class Settings:
     # Every LLMDeployment's objects are re-applied this often whatever happened (nothing is left unreconciled after
     # an outage or a missed event); drift seen by the watches is corrected at once.
     resync_seconds: float = 300.0
+    # status.metrics is rewritten at most this often, and only when its numbers moved (a quiet fleet writes nothing).
+    metrics_status_interval_seconds: float = 30.0
     # Metric scraping: per-pod timeout and the most scrapes in flight at once (all LLMDeployments together).
     scrape_timeout_seconds: float = 2.0
     scrape_concurrency: int = 32
@@ -84,6 +86,7 @@ class Settings:
         non_negative = {
             "drain_seconds": self.drain_seconds,
             "prestop_sleep_seconds": self.prestop_sleep_seconds,
+            "metrics_status_interval_seconds": self.metrics_status_interval_seconds,
             "handler_retries": self.handler_retries,
         }
         for name, value in non_negative.items():
@@ -134,6 +137,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "liveness_endpoint": _text,
     "timer_interval_seconds": _number(float),
     "resync_seconds": _number(float),
+    "metrics_status_interval_seconds": _number(float),
     "scrape_timeout_seconds": _number(float),
     "scrape_concurrency": _number(int),
     "startup_timeout_seconds": _number(int),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pydantic
@@ -25,6 +26,9 @@ from kubellm.operator.spec import (
 )
 
 JSON = dict[str, Any]
+# Degraded reasons only a reconcile sets and clears (the other status writers carry them over): the spec could not
+# be used, or the API server refused an object it renders to.
+RECONCILE_REASONS = frozenset({"InvalidSpec", "ApplyFailed"})
 # Waiting reasons that mean the pod will not come up on its own.
 BROKEN_WAITING_REASONS = frozenset(
     {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName"}
@@ -159,6 +163,26 @@ def previous_condition(previous: LLMDeploymentStatus, type_: str) -> Condition |
     return next((cond for cond in previous.conditions if cond.type == type_), None)
 
 
+def carried_error(previous: LLMDeploymentStatus) -> Condition | None:
+    """The last reconcile's failure, which stands until a reconcile succeeds (whatever the pods do meanwhile)."""
+    old = previous_condition(previous, c.CONDITION_DEGRADED)
+    return old if old is not None and old.status == "True" and old.reason in RECONCILE_REASONS else None
+
+
+def metrics_due(previous: MetricsSnapshot | None, new: MetricsSnapshot, min_interval_seconds: float) -> bool:
+    """Rate limit on status.metrics: write a snapshot only when its numbers moved, and not more often than the
+    interval (a quiet fleet writes nothing; a busy one a status per interval, not per evaluation)."""
+    if previous is None:
+        return True
+    if previous.model_dump(exclude={"time"}) == new.model_dump(exclude={"time"}):
+        return False
+    try:
+        elapsed = (datetime.fromisoformat(new.time) - datetime.fromisoformat(previous.time)).total_seconds()
+    except ValueError:
+        return True
+    return elapsed >= min_interval_seconds
+
+
 def merge_conditions(
     previous: Sequence[Condition], new: Sequence[Condition], generation: int, now: str
 ) -> list[Condition]:
@@ -267,8 +291,11 @@ def compute_status(
     now: str,
     error: Condition | None = None,
     scaling: ScalingReport | None = None,
+    applied_generation: int | None = None,
 ) -> LLMDeploymentStatus:
-    """The whole status (the operator owns all of it). `generation`: the spec generation it reports on."""
+    """The whole status (the operator owns all of it). `generation`: the spec generation the conditions were
+    computed from; `applied_generation`: the last generation applied in full (status.observedGeneration, which
+    never advances for a generation that was not applied)."""
     new_conditions = [
         ready_condition(spec, observed),
         progressing_condition(spec, observed),
@@ -285,7 +312,7 @@ def compute_status(
         last_scale = scaling.scale_time
     dep = observed.deployment or DeploymentState()
     return LLMDeploymentStatus(
-        observed_generation=generation,
+        observed_generation=applied_generation,
         conditions=merge_conditions(previous.conditions, new_conditions, generation, now),
         replicas=len(observed.live),
         ready_replicas=observed.ready,
@@ -316,29 +343,40 @@ def build_status(
     now: str,
     error: str | None = None,
     scaling: ScalingReport | None = None,
+    applied: bool = False,
 ) -> JSON:
-    """`compute_status` from and to the JSON the API server stores (what the handlers read and patch)."""
+    """`compute_status` from and to the JSON the API server stores (what the handlers read and write).
+
+    applied: a reconcile just applied `generation` in full (observedGeneration moves to it, a carried reconcile
+    failure clears). error: a reconcile's failure to apply (Degraded=True/ApplyFailed with the API server's
+    message). Neither: the previous reconcile's verdict and observedGeneration stand."""
+    before = parse_status(previous)
+    failure = None if applied else carried_error(before)
+    if error is not None:
+        failure = condition(c.CONDITION_DEGRADED, True, "ApplyFailed", error)
     return to_json(
         compute_status(
             owner=owner,
             generation=generation,
             spec=spec,
             observed=Observed(deployment, pods),
-            previous=parse_status(previous),
+            previous=before,
             now=now,
-            error=None if error is None else condition(c.CONDITION_DEGRADED, True, "ReconcileError", error),
+            error=failure,
             scaling=scaling,
+            applied_generation=generation if applied else before.observed_generation,
         )
     )
 
 
 def invalid_spec_status(previous: Mapping[str, Any], generation: int, error: str, now: str) -> JSON:
-    """A spec the operator cannot use (one the CRD schema could not refuse): only Degraded changes."""
+    """A spec the operator cannot use (one the CRD schema could not refuse): only Degraded changes (the generation
+    was not applied, so observedGeneration stays where it was)."""
     before = parse_status(previous)
     degraded = condition(c.CONDITION_DEGRADED, True, "InvalidSpec", error)
     others = [cond for cond in before.conditions if cond.type != c.CONDITION_DEGRADED]
     merged = merge_conditions(before.conditions, [degraded], generation, now)
-    return to_json(before.model_copy(update={"observed_generation": generation, "conditions": [*others, *merged]}))
+    return to_json(before.model_copy(update={"conditions": [*others, *merged]}))
 
 
 def status_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> JSON:

@@ -15,6 +15,7 @@ from .procs import die_with_parent, wait_for
 # short drains so that a removed replica's runtime stops within seconds.
 FAST_LOOPS = {
     "KUBELLM_TIMER_INTERVAL_SECONDS": "0.5",
+    "KUBELLM_METRICS_STATUS_INTERVAL_SECONDS": "0",  # the observer sees every moved snapshot
     "KUBELLM_SCRAPE_TIMEOUT_SECONDS": "1",
     "KUBELLM_HANDLER_BACKOFF_SECONDS": "0.5",
     "KUBELLM_DRAIN_SECONDS": "5",

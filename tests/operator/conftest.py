@@ -20,6 +20,7 @@ NAMESPACE_PREFIX = "kubellm-op-"
 # Fast loops for tests: status/autoscaling ticks every half second, short drains.
 OPERATOR_ENV = {
     "KUBELLM_TIMER_INTERVAL_SECONDS": "0.5",
+    "KUBELLM_METRICS_STATUS_INTERVAL_SECONDS": "0",  # every moved snapshot shows at once
     "KUBELLM_SCRAPE_TIMEOUT_SECONDS": "1",
     "KUBELLM_HANDLER_BACKOFF_SECONDS": "0.5",
     "KUBELLM_DRAIN_SECONDS": "5",

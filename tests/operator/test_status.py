@@ -15,6 +15,7 @@ from kubellm.operator.status import (
     ScalingReport,
     build_status,
     invalid_spec_status,
+    metrics_due,
     status_patch,
     summarize_pod,
 )
@@ -68,6 +69,7 @@ def test_all_ready() -> None:
         pods=[_pod("a", True), _pod("b", True)],
         previous={},
         now=T0,
+        applied=True,
     )
     conds = _conditions(status)
     assert conds["Ready"]["status"] == "True" and conds["Ready"]["reason"] == "AllReplicasReady"
@@ -183,11 +185,54 @@ def test_scaling_report_decisions_are_capped_at_ten() -> None:
 
 
 def test_invalid_spec_only_touches_degraded() -> None:
-    good = build_status(owner=OWNER, generation=1, spec=_spec(), deployment=None, pods=[], previous={}, now=T0)
+    good = build_status(
+        owner=OWNER, generation=1, spec=_spec(), deployment=None, pods=[], previous={}, now=T0, applied=True
+    )
     bad = invalid_spec_status(good, 2, "spec.model.source: bad", T1)
     assert _conditions(bad)["Degraded"]["reason"] == "InvalidSpec"
     assert _conditions(bad)["Ready"] == _conditions(good)["Ready"]
-    assert bad["observedGeneration"] == 2
+    assert bad["observedGeneration"] == 1, "generation 2 was not applied"
+    # A status refresh (pods, Deployment) keeps the verdict; only a reconcile that applies clears it.
+    refreshed = build_status(
+        owner=OWNER,
+        generation=2,
+        spec=_spec(),
+        deployment=_deployment(1, 1),
+        pods=[_pod("a", True)],
+        previous=bad,
+        now=T1,
+    )
+    assert _conditions(refreshed)["Degraded"]["reason"] == "InvalidSpec"
+    assert refreshed["observedGeneration"] == 1
+
+
+def test_apply_failure_stands_until_an_apply_succeeds() -> None:
+    args: dict[str, Any] = {"owner": OWNER, "spec": _spec(), "deployment": _deployment(1, 1), "pods": [_pod("a", True)]}
+    applied = build_status(**args, generation=1, previous={}, now=T0, applied=True)
+    message = 'applying Deployment smol failed: spec.template.spec.tolerations[0].operator: Unsupported value: "Nope"'
+    failed = build_status(**args, generation=2, previous=applied, now=T1, error=message)
+    degraded = _conditions(failed)["Degraded"]
+    assert (degraded["status"], degraded["reason"], degraded["message"]) == ("True", "ApplyFailed", message)
+    assert degraded["lastTransitionTime"] == T1
+    assert failed["observedGeneration"] == 1
+    # Seconds later the pods are all fine and a refresh runs: the failure still shows, unchanged (no write).
+    later = build_status(**args, generation=2, previous=failed, now="2026-01-01T00:02:00Z")
+    assert _conditions(later)["Degraded"] == degraded and later["observedGeneration"] == 1
+    assert status_patch(failed, later) == {}
+    fixed = build_status(**args, generation=3, previous=later, now="2026-01-01T00:03:00Z", applied=True)
+    assert _conditions(fixed)["Degraded"]["reason"] == "AsExpected" and fixed["observedGeneration"] == 3
+
+
+def test_metrics_in_status_are_rate_limited() -> None:
+    first = _metrics(0.0)
+    same_numbers_later = first.model_copy(update={"time": "2026-01-01T01:00:00Z"})
+    assert metrics_due(None, first, 30)
+    assert not metrics_due(first, same_numbers_later, 30), "a quiet fleet writes nothing"
+    moved_soon = _metrics(5.0).model_copy(update={"time": "2026-01-01T00:00:10Z"})
+    moved_later = _metrics(5.0).model_copy(update={"time": "2026-01-01T00:00:30Z"})
+    assert not metrics_due(first, moved_soon, 30)
+    assert metrics_due(first, moved_later, 30)
+    assert metrics_due(first, moved_soon, 0)
 
 
 def test_summarize_pod() -> None:
