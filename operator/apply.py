@@ -25,6 +25,7 @@ _COLLECTIONS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "/api/v1/namespaces/{namespace}/configmaps",
     ("v1", "Service"): "/api/v1/namespaces/{namespace}/services",
     ("v1", "Pod"): "/api/v1/namespaces/{namespace}/pods",
+    ("v1", "Event"): "/api/v1/namespaces/{namespace}/events",
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{namespace}/deployments",
     ("policy/v1", "PodDisruptionBudget"): "/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
     (c.API_VERSION, c.KIND): f"/apis/{c.API_VERSION}/namespaces/{{namespace}}/{c.PLURAL}",
@@ -178,6 +179,36 @@ class Kube:
                     raise
             current = self.get_llmd(namespace, name)
         return False
+
+    def post_event(self, involved: JSON, type_: str, reason: str, message: str, now: str) -> JSON:
+        """A core/v1 Event about `involved` (an object's apiVersion, kind and metadata name/namespace/uid)."""
+        meta = involved["metadata"]
+        event = {
+            "apiVersion": c.EVENT_API_VERSION,
+            "kind": c.EVENT_KIND,
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid", ""),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": self.field_manager},
+            "reportingComponent": self.field_manager,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        return self._call(
+            "POST",
+            object_path(c.EVENT_API_VERSION, c.EVENT_KIND, meta["namespace"]),
+            body=event,
+            content_type="application/json",
+        )
 
     def scale(self, namespace: str, name: str, replicas: int, resource_version: str | None = None) -> JSON:
         """Write spec.replicas through the scale subresource (what `kubectl scale` and HPA do)."""

@@ -41,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     import asyncio
+    import getpass
+    import os
     import random
+    import socket
+    import time
+    import uuid
 
     import kopf
 
@@ -73,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("kopf.objects").addFilter(_QuietSuccesses())
     registry = kopf.OperatorRegistry()
     handlers.register(registry, settings)
+    priority = settings.peering_priority or random.randint(1, 2**31 - 1)
+    # Our peering identity, as kopf would make it (the pod's name, else user@host/start/random): the fleet loop
+    # compares it with the peering object's entries to know whether this replica leads.
+    stamp = f"{time.strftime('%Y%m%d%H%M%S', time.gmtime())}/{uuid.uuid4().hex[:4]}"
+    identity = os.environ.get("POD_ID") or f"{getpass.getuser()}@{socket.gethostname()}/{stamp}"
     asyncio.run(
         kopf.operator(
             registry=registry,
@@ -80,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
             namespaces=settings.namespaces,
             standalone=not settings.peering,
             peering_name=settings.peering or None,
-            priority=settings.peering_priority or random.randint(1, 2**31 - 1),
+            priority=priority,
+            identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
             liveness_endpoint=settings.liveness_endpoint or None,
-            memo=kopf.Memo(),
+            memo=kopf.Memo(identity=identity, priority=priority),
         )
     )
     return 0

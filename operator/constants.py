@@ -48,6 +48,10 @@ API_KEY_MOUNT_PATH: Final = "/var/run/secrets/kubellm"
 DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
 RUN_AS_USER: Final = 1000
 
+# Events the operator posts (core/v1, what `kubectl describe` shows).
+EVENT_API_VERSION: Final = "v1"
+EVENT_KIND: Final = "Event"
+
 # Condition types reported in status.conditions.
 CONDITION_READY: Final = "Ready"
 CONDITION_PROGRESSING: Final = "Progressing"

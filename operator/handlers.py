@@ -1,28 +1,26 @@
 """The kopf handlers: thin glue between watch events and the domain modules.
 
     create / update / resume  ->  reconcile.reconcile (parse -> render -> server-side apply) -> status
-    timer (every few seconds) ->  [scaling.autoscale: scrape Ready pods -> decide -> /scale + Event] -> status
-                                  [every resync_seconds: reconcile again, whatever happened]
-    Deployment event          ->  status (readiness shows at once, not at the next tick)
+    Deployment event          ->  status (readiness shows at once, not at the loop's next tick)
     owned object event        ->  drift: deleted, or written by another manager -> re-apply it
+    startup                   ->  loop.FleetLoop, one task over the indices: status, autoscaling, periodic resync
+    peering object event      ->  which peer's loop acts (with kopf peering on)
 
 Deployments, pods, PDBs and the LLMDeployments themselves are not read from the API server on every tick:
-kopf indices keep their current state in memory, fed by watches. Every handler is a module-level function that
-reads the operator's settings and clients from kopf's memo; `register()` only applies kopf's decorators, each
-stating its retries, backoff and timeout (kopf's event handlers take none: the timer's next tick redoes what one
-of them missed).
+kopf indices keep their current state in memory, fed by watches. No handler needs a finalizer (no timer, no
+daemon, no deletion handler), so deleting an LLMDeployment never waits for the operator. Every handler is a
+module-level function that reads the operator's settings and clients from kopf's memo; `register()` only applies
+kopf's decorators, each stating its retries, backoff and timeout (kopf's event handlers take none: the loop's
+next tick redoes what one of them missed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import functools
 import logging
-import time
-from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -30,24 +28,15 @@ import kopf
 from kubellm.operator import constants as c
 from kubellm.operator.apply import Kube, make_api_client
 from kubellm.operator.drift import controller_owner, foreign_writes, write_key
+from kubellm.operator.loop import FleetLoop, one
 from kubellm.operator.metrics import Scraper
-from kubellm.operator.reconcile import ReconcileOutcome, parse_or_error, reapply_one, reconcile
+from kubellm.operator.peering import Leadership
+from kubellm.operator.reconcile import parse_or_error, reapply_one, reconcile
 from kubellm.operator.resources import Owner
-from kubellm.operator.scaling import AutoscaleMemory, autoscale
 from kubellm.operator.settings import Settings
-from kubellm.operator.status import (
-    DeploymentState,
-    PodSummary,
-    build_status,
-    invalid_spec_status,
-    metrics_due,
-    parse_status,
-    status_patch,
-    summarize_pod,
-)
+from kubellm.operator.status import DeploymentState, PodSummary, summarize_pod
+from kubellm.operator.status_writes import seen, write_outcome, write_refresh
 
-# Status keys that only the autoscaling timer writes; the reconcile handler leaves them alone.
-_SCALING_KEYS = ("metrics", "lastScaleTime", "scalingDecisions")
 _MANAGED = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
 _RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
 # What resources.render produces: watched for drift.
@@ -59,13 +48,9 @@ _OWNED = (
 )
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 @dataclass(frozen=True)
 class LLMDeploymentRef:
-    """What the Deployment event handler needs of an LLMDeployment (kept in a kopf index)."""
+    """What the loop and the event handlers need of an LLMDeployment (kept in a kopf index)."""
 
     uid: str
     generation: int
@@ -79,27 +64,12 @@ class LLMDeploymentRef:
         return cls(
             uid=str(body.metadata.uid),
             generation=int(body.metadata.get("generation", 0)),
-            resource_version=str(body.metadata.get("resourceVersion", "")),
-            deleting=body.metadata.get("deletionTimestamp") is not None,
             # Shallow copies: kopf builds a fresh body per watch event and never mutates an old one.
             spec=dict(body.spec),
             status=dict(body.status),
+            resource_version=str(body.metadata.get("resourceVersion", "")),
+            deleting=body.metadata.get("deletionTimestamp") is not None,
         )
-
-
-def _one(store: Iterable[Any] | None) -> Any | None:
-    for item in store or ():
-        return item
-    return None
-
-
-def _without_scaling(status: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in status.items() if k not in _SCALING_KEYS}
-
-
-def _seen(resource_version: Any, status: Any) -> dict[str, Any]:
-    """An LLMDeployment as a watch delivered it, reduced to what Kube.update_status needs."""
-    return {"metadata": {"resourceVersion": str(resource_version or "")}, "status": dict(status or {})}
 
 
 # ---- operator-level handlers ----
@@ -112,6 +82,7 @@ def configure(
     # (kopf's default status.kopf field would be pruned by the API server).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.KOPF_ANNOTATION_PREFIX, v1=False)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=c.KOPF_ANNOTATION_PREFIX, v1=False)
+    # Named, so that kopf removes it from objects an older version of the operator put it on.
     settings.persistence.finalizer = f"{c.KOPF_ANNOTATION_PREFIX}/finalizer"
     # Only warnings become Events by kopf itself; scaling decisions are posted explicitly.
     settings.posting.level = logging.WARNING
@@ -123,6 +94,34 @@ def configure(
     memo.scraper = Scraper(
         timeout_seconds=operator_settings.scrape_timeout_seconds, concurrency=operator_settings.scrape_concurrency
     )
+    memo.leadership = Leadership(
+        identity=str(memo.get("identity", "")),
+        priority=int(memo.get("priority", 0)),
+        peering=bool(operator_settings.peering),
+    )
+
+
+async def start_loop(
+    memo: kopf.Memo,
+    llmds_by_key: kopf.Index[Any, LLMDeploymentRef] | None = None,  # kopf hands startup handlers the indices
+    pods_by_owner: kopf.Index[Any, PodSummary] | None = None,
+    deployments_by_owner: kopf.Index[Any, DeploymentState] | None = None,
+    pdbs_by_owner: kopf.Index[Any, bool] | None = None,
+    **_: Any,
+) -> None:
+    assert llmds_by_key is not None and pods_by_owner is not None
+    assert deployments_by_owner is not None and pdbs_by_owner is not None
+    loop = FleetLoop(
+        settings=memo.settings,
+        kube=memo.kube,
+        scraper=memo.scraper,
+        leadership=memo.leadership,
+        llmds=llmds_by_key,
+        pods=pods_by_owner,
+        deployments=deployments_by_owner,
+        pdbs=pdbs_by_owner,
+    )
+    memo.loop_task = asyncio.create_task(loop.run(), name="kubellm fleet loop")
 
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -131,6 +130,11 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("loop_task")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     scraper = memo.get("scraper")
     if scraper is not None:
         await scraper.close()
@@ -159,6 +163,15 @@ def llmds_by_key(namespace: str | None, name: str, body: kopf.Body, **_: Any) ->
 # ---- resource handlers ----
 
 
+def peering_changed(
+    type: str | None, namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    if name != memo.settings.peering:
+        return
+    status = None if type == "DELETED" else {k: dict(v) for k, v in (body.get("status") or {}).items()}
+    memo.leadership.observe((namespace, name), status)
+
+
 async def deployment_changed(
     type: str | None,
     namespace: str | None,
@@ -170,35 +183,20 @@ async def deployment_changed(
     **_: Any,
 ) -> None:
     """A Deployment's status moved (pods became Ready, a rollout progressed): show it at once in the owner's
-    status rather than at the owner's next timer tick."""
+    status rather than at the loop's next tick."""
     assert llmds_by_key is not None and pods_by_owner is not None
-    ref: LLMDeploymentRef | None = _one(llmds_by_key.get((namespace, name)))
-    if type == "DELETED" or namespace is None or ref is None:
+    ref: LLMDeploymentRef | None = one(llmds_by_key.get((namespace, name)))
+    if type == "DELETED" or namespace is None or ref is None or not memo.leadership.active():
         return
     spec, _error = parse_or_error(ref.spec)
     if spec is None:
         return
     owner = Owner(name=name, namespace=namespace, uid=ref.uid)
-    deployment = DeploymentState.from_object(body)
     pods = list(pods_by_owner.get((namespace, name), ()))
-    now = now_iso()
-
-    def compute(current: dict[str, Any]) -> dict[str, Any]:
-        new = build_status(
-            owner=owner,
-            generation=ref.generation,
-            spec=spec,
-            deployment=deployment,
-            pods=pods,
-            previous=current,
-            now=now,
-        )
-        return status_patch(_without_scaling(current), _without_scaling(new))
-
-    kube: Kube = memo.kube
-    seen = _seen(ref.resource_version, ref.status)
-    timeout = memo.settings.handler_timeout_seconds
-    await asyncio.wait_for(asyncio.to_thread(kube.update_status, namespace, name, seen, compute), timeout)
+    args = (memo.kube, owner, ref.generation, spec, DeploymentState.from_object(body), pods)
+    last_seen = seen(ref.resource_version, ref.status)
+    write = functools.partial(write_refresh, *args, last_seen, with_scaling_keys=False)
+    await asyncio.wait_for(asyncio.to_thread(write), memo.settings.handler_timeout_seconds)
 
 
 async def owned_changed(
@@ -217,7 +215,7 @@ async def owned_changed(
     owner_key = controller_owner(body)
     if namespace is None or owner_key is None:
         return
-    ref: LLMDeploymentRef | None = _one(llmds_by_key.get((namespace, owner_key[0])))
+    ref: LLMDeploymentRef | None = one(llmds_by_key.get((namespace, owner_key[0])))
     if ref is None or ref.uid != owner_key[1] or ref.deleting:
         return
     harmless: set[Any] = memo.setdefault("harmless_writes", set())
@@ -260,115 +258,13 @@ def reconcile_handler(
     assert pods_by_owner is not None and pdbs_by_owner is not None
     assert namespace is not None  # the CRD is namespaced
     owner = Owner(name=name, namespace=namespace, uid=uid)
-    outcome = reconcile(
-        memo.kube, owner, spec, int(meta.get("generation", 0)), memo.settings, (namespace, name) in pdbs_by_owner
-    )
+    has_pdb = (namespace, name) in pdbs_by_owner
+    outcome = reconcile(memo.kube, owner, spec, int(meta.get("generation", 0)), memo.settings, has_pdb)
     pods = list(pods_by_owner.get((namespace, name), ()))
-    write_outcome(memo.kube, owner, outcome, pods, _seen(meta.get("resourceVersion"), status))
+    write_outcome(memo.kube, owner, outcome, pods, seen(meta.get("resourceVersion"), status))
     if outcome.error is not None:
         # Not retried by kopf: the status shows it, and the periodic resync (or the next spec change) tries again.
         raise kopf.PermanentError(f"invalid spec: {outcome.error}" if outcome.invalid_spec else outcome.error)
-
-
-def write_outcome(
-    kube: Kube, owner: Owner, outcome: ReconcileOutcome, pods: list[PodSummary], seen: dict[str, Any]
-) -> None:
-    """The status after a reconcile: observedGeneration advances only if the generation was applied; a failure
-    shows in Degraded with the API server's message until a reconcile succeeds."""
-    now = now_iso()
-    generation, spec = outcome.generation, outcome.spec
-
-    def compute(current: dict[str, Any]) -> dict[str, Any]:
-        if spec is None:
-            assert outcome.error is not None
-            return status_patch(current, invalid_spec_status(current, generation, outcome.error, now))
-        new = build_status(
-            owner=owner,
-            generation=generation,
-            spec=spec,
-            deployment=outcome.deployment,
-            pods=pods,
-            previous=current,
-            now=now,
-            error=outcome.error,
-            applied=outcome.applied,
-        )
-        return status_patch(_without_scaling(current), _without_scaling(new))
-
-    kube.update_status(owner.namespace, owner.name, seen, compute)
-
-
-async def refresh(
-    name: str,
-    namespace: str | None,
-    uid: str,
-    body: kopf.Body,
-    spec: kopf.Spec,
-    status: kopf.Status,
-    meta: kopf.Meta,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    logger: kopf.Logger,
-    pods_by_owner: kopf.Index[Any, PodSummary] | None = None,
-    deployments_by_owner: kopf.Index[Any, DeploymentState] | None = None,
-    pdbs_by_owner: kopf.Index[Any, bool] | None = None,
-    **_: Any,
-) -> None:
-    assert pods_by_owner is not None and deployments_by_owner is not None
-    parsed, _error = parse_or_error(spec)
-    if parsed is None or namespace is None:
-        return  # the reconcile handler reported it
-    owner = Owner(name=name, namespace=namespace, uid=uid)
-    pods: list[PodSummary] = list(pods_by_owner.get((namespace, name), ()))
-    deployment: DeploymentState | None = _one(deployments_by_owner.get((namespace, name)))
-    report = None
-    auto = parsed.autoscaling
-    memory: AutoscaleMemory = memo.setdefault("autoscale", AutoscaleMemory())
-    clock = time.monotonic()
-    kube: Kube = memo.kube
-    seen = _seen(meta.get("resourceVersion"), status)
-    if clock - memo.setdefault("last_resync", clock) >= memo.settings.resync_seconds:
-        # Re-apply everything whatever happened: no object stays unreconciled after a missed event or an outage.
-        memo.last_resync = clock
-        has_pdb = (namespace, name) in (pdbs_by_owner or {})
-        generation = int(meta.get("generation", 0))
-        outcome = await asyncio.to_thread(reconcile, kube, owner, spec, generation, memo.settings, has_pdb)
-        await asyncio.to_thread(write_outcome, kube, owner, outcome, pods, seen)
-        return  # the next tick refreshes from the status just written
-    if auto.enabled and clock - memory.last_evaluation >= auto.evaluation_period_seconds - 0.05:
-        memory.last_evaluation = clock
-        report, parsed = await autoscale(
-            body=body,
-            owner=owner,
-            spec=parsed,
-            pods=pods,
-            memory=memory,
-            kube=memo.kube,
-            scraper=memo.scraper,
-            logger=logger,
-            now=now_iso(),
-        )
-        previous_metrics = parse_status(status).metrics
-        interval = memo.settings.metrics_status_interval_seconds
-        if report.metrics is not None and not metrics_due(previous_metrics, report.metrics, interval):
-            report = dataclasses.replace(report, metrics=None)  # rate-limited: the last snapshot stands
-    now = now_iso()
-    generation = int(meta.get("generation", 0))
-
-    def compute(current: dict[str, Any]) -> dict[str, Any]:
-        new = build_status(
-            owner=owner,
-            generation=generation,
-            spec=parsed,
-            deployment=deployment,
-            pods=pods,
-            previous=current,
-            now=now,
-            scaling=report,
-        )
-        return status_patch(current, new)
-
-    await asyncio.to_thread(kube.update_status, namespace, name, seen, compute)
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
@@ -384,6 +280,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     on.startup(id="configure", retries=3, backoff=2.0, timeout=60.0, registry=registry)(
         functools.partial(configure, operator_settings=settings)
     )
+    on.startup(id="start_loop", retries=1, backoff=1.0, timeout=10.0, registry=registry)(start_loop)
     on.login(id="login", retries=3, backoff=2.0, timeout=30.0, registry=registry)(login)
     on.cleanup(id="close", retries=1, backoff=1.0, timeout=10.0, registry=registry)(close)
 
@@ -392,7 +289,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index("policy", "v1", "poddisruptionbudgets", id="pdbs_by_owner", labels=_MANAGED, **quick)(pdbs_by_owner)
     kopf.index(*_RESOURCE, id="llmds_by_key", **quick)(llmds_by_key)
 
-    # kopf's event handlers have no retry policy: a status refresh lost here is redone by the timer's next tick.
+    if settings.peering:
+        plural = "kopfpeerings" if settings.namespaces else "clusterkopfpeerings"
+        on.event("kopf.dev", "v1", plural, id="peering_changed", registry=registry)(peering_changed)
+    # kopf's event handlers have no retry policy: a status refresh lost here is redone by the loop's next tick.
     on.event("apps", "v1", "deployments", id="deployment_changed", labels=_MANAGED, registry=registry)(
         deployment_changed
     )
@@ -400,7 +300,3 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         on.event(group, version, plural, id=f"drift_{plural}", labels=_MANAGED, registry=registry)(owned_changed)
     for decorator in (on.resume, on.create, on.update):
         decorator(*_RESOURCE, id="reconcile", **policy)(reconcile_handler)
-    # A failed tick is logged and the next one runs as usual (a timer that gave up would end autoscaling).
-    kopf.timer(
-        *_RESOURCE, id="refresh", interval=settings.timer_interval_seconds, errors=kopf.ErrorsMode.IGNORED, **policy
-    )(refresh)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kubellm.operator.apply import Kube
@@ -45,16 +45,20 @@ def snapshot(result: ScrapeResult, now: str) -> MetricsSnapshot | None:
     )
 
 
+# (type, reason, message) -> an Event on the LLMDeployment.
+PostEvent = Callable[[str, str, str], Awaitable[None]]
+
+
 async def autoscale(
     *,
-    body: kopf.Body,
+    post_event: PostEvent,
     owner: Owner,
     spec: LLMDeploymentSpec,
     pods: list[PodSummary],
     memory: AutoscaleMemory,
     kube: Kube,
     scraper: Scraper,
-    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    logger: logging.Logger,
     now: str,
 ) -> tuple[ScalingReport, LLMDeploymentSpec]:
     """Scrape, decide, and (builtin mode) scale. Returns the report and the spec as it is after scaling."""
@@ -62,10 +66,11 @@ async def autoscale(
     live = [p for p in pods if not p.terminating]
     ready = [p for p in live if p.ready and p.ip]
     result = await scraper.scrape([ScrapeTarget(p.name, metrics_url(p.ip or "")) for p in ready])
-    # Warn once per pod when it starts failing (kopf turns warnings into Events: no Event storm per evaluation).
+    # Warn once per pod when it starts failing (an Event then, not an Event storm per evaluation).
     failing = dict(result.failures)
     for pod in sorted(set(failing) - memory.failures_logged):
-        logger.warning("scraping %s failed: %s", pod, failing[pod])
+        logger.warning("%s/%s: scraping %s failed: %s", owner.namespace, owner.name, pod, failing[pod])
+        await post_event("Warning", "ScrapeFailed", f"scraping {pod} failed: {failing[pod]}")
     memory.failures_logged = set(failing)
     metrics = snapshot(result, now)
     active = bool(result.samples)
@@ -96,8 +101,8 @@ async def autoscale(
             logger.warning("scaling to %d failed: HTTP %s", decision.desired_replicas, exc.status)
             return ScalingReport(active, reason, f"scaling failed: HTTP {exc.status}", metrics=metrics), spec
         verb = "ScaledUp" if decision.desired_replicas > decision.current_replicas else "ScaledDown"
-        kopf.event(body, type="Normal", reason=verb, message=decision.reason[:1024])
-        logger.info("%s", decision.reason)
+        await post_event("Normal", verb, decision.reason[:1024])
+        logger.info("%s/%s: %s", owner.namespace, owner.name, decision.reason)
         record = ScalingDecisionRecord(
             time=now,
             from_replicas=decision.current_replicas,

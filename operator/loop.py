@@ -1,0 +1,132 @@
+"""The fleet loop: one operator-level asyncio task over kopf's LLMDeployment index, every few seconds.
+
+    for each LLMDeployment in the index (kept by watches; nothing is read from the API server):
+        every resync_seconds      reconcile again, whatever happened (no object is left unreconciled)
+        every evaluation period   scrape its Ready pods -> decide -> /scale + Event   (scaling.autoscale)
+        every tick                status from the Deployment and pods indices, written only when it changed
+
+A kopf timer would do this per object, but a timer makes kopf put a finalizer on every LLMDeployment that
+nothing removes once the operator is gone (uninstalled, scaled to zero, the namespace no longer watched): the
+delete would hang. This loop needs no finalizer. With kopf peering, only the leading peer's loop acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubellm.operator import constants as c
+from kubellm.operator.apply import Kube
+from kubellm.operator.metrics import Scraper
+from kubellm.operator.peering import Leadership
+from kubellm.operator.reconcile import parse_or_error, reconcile
+from kubellm.operator.resources import Owner
+from kubellm.operator.scaling import AutoscaleMemory, PostEvent, autoscale
+from kubellm.operator.settings import Settings
+from kubellm.operator.status import DeploymentState, PodSummary, metrics_due, parse_status
+from kubellm.operator.status_writes import now_iso, seen, write_outcome, write_refresh
+
+log = logging.getLogger("kubellm.operator.loop")
+
+
+@dataclass
+class ObjectMemory:
+    """Loop state of one LLMDeployment (by uid), in memory."""
+
+    autoscale: AutoscaleMemory = field(default_factory=AutoscaleMemory)
+    last_resync: float = field(default_factory=time.monotonic)
+
+
+def one(store: Iterable[Any] | None) -> Any | None:
+    for item in store or ():
+        return item
+    return None
+
+
+@dataclass
+class FleetLoop:
+    settings: Settings
+    kube: Kube
+    scraper: Scraper
+    leadership: Leadership
+    # kopf indices (key -> a store of values), live views kept by the watches.
+    llmds: Mapping[Any, Any]
+    pods: Mapping[Any, Any]
+    deployments: Mapping[Any, Any]
+    pdbs: Mapping[Any, Any]
+    memory: dict[str, ObjectMemory] = field(default_factory=dict)
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            if self.leadership.active():
+                await self.tick()
+            await asyncio.sleep(max(0.05, self.settings.timer_interval_seconds - (time.monotonic() - started)))
+
+    async def tick(self) -> None:
+        refs = [(key, ref) for key, store in list(self.llmds.items()) if (ref := one(store)) is not None]
+        for uid in set(self.memory) - {ref.uid for _, ref in refs}:
+            del self.memory[uid]  # deleted: its loop state goes with it
+        results = await asyncio.gather(*(self.refresh(key, ref) for key, ref in refs), return_exceptions=True)
+        for (key, _), result in zip(refs, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("refreshing %s/%s failed: %s", key[0], key[1], result)
+
+    def _post_event(self, owner: Owner) -> PostEvent:
+        involved = {
+            "apiVersion": c.API_VERSION,
+            "kind": c.KIND,
+            "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
+        }
+
+        async def post(type_: str, reason: str, message: str) -> None:
+            try:
+                await asyncio.to_thread(self.kube.post_event, involved, type_, reason, message, now_iso())
+            except Exception as exc:  # an Event is best effort: never a reason to stop scaling
+                log.warning("posting the %s event on %s failed: %s", reason, owner.name, exc)
+
+        return post
+
+    async def refresh(self, key: tuple[str, str], ref: Any) -> None:
+        namespace, name = key
+        spec, _error = parse_or_error(ref.spec)
+        if spec is None or ref.deleting:
+            return  # the reconcile handler reported an invalid spec
+        owner = Owner(name=name, namespace=namespace, uid=ref.uid)
+        memory = self.memory.setdefault(ref.uid, ObjectMemory())
+        pods: list[PodSummary] = list(self.pods.get(key, ()))
+        last_seen = seen(ref.resource_version, ref.status)
+        clock = time.monotonic()
+        if clock - memory.last_resync >= self.settings.resync_seconds:
+            memory.last_resync = clock
+            args = (self.kube, owner, ref.spec, ref.generation, self.settings, key in self.pdbs)
+            outcome = await asyncio.to_thread(reconcile, *args)
+            await asyncio.to_thread(write_outcome, self.kube, owner, outcome, pods, last_seen)
+            return  # the next tick refreshes from the status just written
+        report = None
+        auto, auto_memory = spec.autoscaling, memory.autoscale
+        if auto.enabled and clock - auto_memory.last_evaluation >= auto.evaluation_period_seconds - 0.05:
+            auto_memory.last_evaluation = clock
+            report, spec = await autoscale(
+                post_event=self._post_event(owner),
+                owner=owner,
+                spec=spec,
+                pods=pods,
+                memory=auto_memory,
+                kube=self.kube,
+                scraper=self.scraper,
+                logger=log,
+                now=now_iso(),
+            )
+            previous = parse_status(ref.status).metrics
+            interval = self.settings.metrics_status_interval_seconds
+            if report.metrics is not None and not metrics_due(previous, report.metrics, interval):
+                report = dataclasses.replace(report, metrics=None)  # rate-limited: the last snapshot stands
+        deployment: DeploymentState | None = one(self.deployments.get(key))
+        args2 = (self.kube, owner, ref.generation, spec, deployment, pods, last_seen, report)
+        await asyncio.to_thread(write_refresh, *args2)
