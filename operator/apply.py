@@ -210,6 +210,39 @@ class Kube:
             content_type="application/json",
         )
 
+    def get_scale(self, namespace: str, name: str) -> JSON:
+        """The LLMDeployment's scale subresource (spec.replicas and the resourceVersion)."""
+        return self._call("GET", object_path(c.API_VERSION, c.KIND, namespace, name) + "/scale")
+
+    def scale_if(
+        self, namespace: str, name: str, expected: int, replicas: int, resource_version: str, attempts: int = 3
+    ) -> bool:
+        """Scale from `expected` to `replicas`, conditional on the object being as observed (resourceVersion).
+        A 409 from a write that did not touch spec.replicas (a status update) is retried on the new version; if
+        spec.replicas is no longer `expected`, someone else scaled: their write stands (False)."""
+        version = resource_version
+        for _ in range(attempts):
+            try:
+                self.scale(namespace, name, replicas, resource_version=version)
+                return True
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            current = self.get_scale(namespace, name)
+            if int((current.get("spec") or {}).get("replicas", 0)) != expected:
+                return False
+            version = (current.get("metadata") or {}).get("resourceVersion") or ""
+        return False
+
+    def clear_annotation(self, namespace: str, name: str, key: str) -> JSON:
+        """Remove one annotation from an LLMDeployment (JSON merge patch: null deletes)."""
+        return self._call(
+            "PATCH",
+            object_path(c.API_VERSION, c.KIND, namespace, name),
+            body={"metadata": {"annotations": {key: None}}},
+            content_type="application/merge-patch+json",
+        )
+
     def scale(self, namespace: str, name: str, replicas: int, resource_version: str | None = None) -> JSON:
         """Write spec.replicas through the scale subresource (what `kubectl scale` and HPA do)."""
         body: JSON = {"spec": {"replicas": replicas}}

@@ -6,6 +6,7 @@
     stabilized  = scale up only to the LOWEST recommendation of the scale-up window,
                   scale down only to the HIGHEST recommendation of the scale-down window
     desired     = stabilized, moved at most maxScaleUpStep / maxScaleDownStep, clamped to [min, max]
+    to zero     = only with minReplicas 0, once the recommendation has been 0 for scaleToZeroAfterSeconds
 
 Replicas that are not Ready, or whose scrape failed, count as idle for scaling up (they will absorb load soon)
 and block scaling down (no data is never a reason to remove capacity). Pods Pending for lack of GPUs block
@@ -64,6 +65,17 @@ class Policy:
     scale_down_stabilization_seconds: float = 300.0
     max_scale_up_step: int = 4
     max_scale_down_step: int = 1
+    # With min_replicas 0: how long the recommendation must have been 0 (no load) before scaling to zero.
+    scale_to_zero_after_seconds: float | None = None
+
+    @property
+    def window(self) -> float:
+        """How far back the history must reach for every rule that reads it."""
+        return max(
+            self.scale_up_stabilization_seconds,
+            self.scale_down_stabilization_seconds,
+            2 * (self.scale_to_zero_after_seconds or 0.0),
+        )
 
     @classmethod
     def from_spec(cls, spec: AutoscalingSpec) -> Policy:
@@ -77,6 +89,7 @@ class Policy:
             scale_down_stabilization_seconds=spec.scale_down_stabilization_seconds,
             max_scale_up_step=spec.max_scale_up_step,
             max_scale_down_step=spec.max_scale_down_step,
+            scale_to_zero_after_seconds=spec.scale_to_zero_after_seconds,
         )
 
 
@@ -108,10 +121,19 @@ def seed_history(now: float, current_replicas: int) -> tuple[Recommendation, ...
     return (Recommendation(now, current_replicas),)
 
 
+def idle_seconds(history: Sequence[Recommendation], now: float) -> float:
+    """How long the recommendation has been 0 without a break (0.0 if the latest one is not 0)."""
+    since = now
+    for rec in reversed(history):
+        if rec.replicas != 0:
+            break
+        since = rec.time
+    return now - since if history and history[-1].replicas == 0 else 0.0
+
+
 def decide(obs: Observation, policy: Policy, history: Sequence[Recommendation]) -> Decision:
     now, current = obs.time, obs.current_replicas
-    window = max(policy.scale_up_stabilization_seconds, policy.scale_down_stabilization_seconds)
-    kept = [r for r in history if now - r.time < window]
+    kept = [r for r in history if now - r.time < policy.window]
     steps: list[str] = []
     limited: str | None = None
 
@@ -179,6 +201,13 @@ def decide(obs: Observation, policy: Policy, history: Sequence[Recommendation]) 
     if clamped != desired:
         steps.append(f"clamped to [{policy.min_replicas}, {policy.max_replicas}]: {clamped}")
         desired = clamped
+    if desired == 0 and current > 0:
+        idle = idle_seconds(new_history, now)
+        after = policy.scale_to_zero_after_seconds
+        if after is None or idle < after:
+            desired = 1
+            wait = "never (no scaleToZeroAfterSeconds)" if after is None else f"after {after:g} s idle"
+            steps.append(f"idle {idle:.0f} s, scale to zero {wait}: hold 1")
     if limited is None and math.ceil(load - 1e-9) > policy.max_replicas and desired == policy.max_replicas:
         limited = f"load asks for {math.ceil(load - 1e-9)} replicas, maxReplicas is {policy.max_replicas}"
 

@@ -29,6 +29,8 @@ RESERVED_LABELS: Final = (LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_MAN
 
 # Pod template annotation holding a hash of the engine ConfigMap: a config change rolls the pods.
 ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
+# Set on an LLMDeployment at 0 replicas (any value): the operator scales it to 1 and removes the annotation.
+ANNOTATION_WAKE: Final = f"{GROUP}/wake"
 # kopf keeps its progress and last-handled state in annotations under this prefix (the status is ours).
 KOPF_ANNOTATION_PREFIX: Final = f"operator.{GROUP}"
 

@@ -58,6 +58,7 @@ class LLMDeploymentRef:
     status: dict[str, Any]
     resource_version: str = ""
     deleting: bool = False
+    wake: bool = False  # the wake annotation is set (scale 0 -> 1)
 
     @classmethod
     def from_body(cls, body: kopf.Body) -> LLMDeploymentRef:
@@ -69,6 +70,7 @@ class LLMDeploymentRef:
             status=dict(body.status),
             resource_version=str(body.metadata.get("resourceVersion", "")),
             deleting=body.metadata.get("deletionTimestamp") is not None,
+            wake=c.ANNOTATION_WAKE in (body.metadata.annotations or {}),
         )
 
 

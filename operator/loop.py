@@ -92,6 +92,14 @@ class FleetLoop:
 
         return post
 
+    async def wake(self, owner: Owner, replicas: int, resource_version: str) -> None:
+        """The documented 0 -> 1 signal: the wake annotation. Scale to 1 if at 0, then remove the annotation."""
+        if replicas == 0:
+            args = (owner.namespace, owner.name, 0, 1, resource_version)
+            if await asyncio.to_thread(self.kube.scale_if, *args):
+                await self._post_event(owner)("Normal", "ScaledUp", f"woken by {c.ANNOTATION_WAKE}: 0 -> 1")
+        await asyncio.to_thread(self.kube.clear_annotation, owner.namespace, owner.name, c.ANNOTATION_WAKE)
+
     async def refresh(self, key: tuple[str, str], ref: Any) -> None:
         namespace, name = key
         spec, _error = parse_or_error(ref.spec)
@@ -108,6 +116,9 @@ class FleetLoop:
             outcome = await asyncio.to_thread(reconcile, *args)
             await asyncio.to_thread(write_outcome, self.kube, owner, outcome, pods, last_seen)
             return  # the next tick refreshes from the status just written
+        if ref.wake:
+            await self.wake(owner, spec.replicas, ref.resource_version)
+            return  # the next tick sees the new replicas
         report = None
         auto, auto_memory = spec.autoscaling, memory.autoscale
         if auto.enabled and clock - auto_memory.last_evaluation >= auto.evaluation_period_seconds - 0.05:
@@ -118,6 +129,8 @@ class FleetLoop:
                 spec=spec,
                 pods=pods,
                 memory=auto_memory,
+                stored=list(parse_status(ref.status).recommendations),
+                resource_version=ref.resource_version,
                 kube=self.kube,
                 scraper=self.scraper,
                 logger=log,

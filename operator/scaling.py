@@ -14,18 +14,20 @@ from dataclasses import dataclass, field
 from kubernetes.client.exceptions import ApiException
 
 from kubellm.operator.apply import Kube
-from kubellm.operator.autoscaler import Observation, Policy, Recommendation, decide, seed_history
+from kubellm.operator.autoscaler import Observation, Policy, decide
+from kubellm.operator.history import expand, record, seed
 from kubellm.operator.metrics import Scraper, ScrapeResult, ScrapeTarget, metrics_url
 from kubellm.operator.resources import Owner
-from kubellm.operator.spec import LLMDeploymentSpec, MetricsSnapshot, ScalingDecisionRecord
+from kubellm.operator.spec import LLMDeploymentSpec, MetricsSnapshot, RecommendationSegment, ScalingDecisionRecord
 from kubellm.operator.status import PodSummary, ScalingReport
 
 
 @dataclass
 class AutoscaleMemory:
-    """Per-LLMDeployment loop state, in memory only: lost on restart, then re-seeded conservatively."""
+    """Per-LLMDeployment loop state. The recommendation history is also in status (history.py), so that a
+    restarted operator continues its windows; the rest starts over."""
 
-    history: tuple[Recommendation, ...] = ()
+    segments: list[RecommendationSegment] | None = None  # None: not loaded from status yet
     last_evaluation: float = -float("inf")
     failures_logged: set[str] = field(default_factory=set)  # pods whose failing scrape was already reported
 
@@ -56,12 +58,17 @@ async def autoscale(
     spec: LLMDeploymentSpec,
     pods: list[PodSummary],
     memory: AutoscaleMemory,
+    stored: list[RecommendationSegment],
+    resource_version: str,
     kube: Kube,
     scraper: Scraper,
     logger: logging.Logger,
     now: str,
 ) -> tuple[ScalingReport, LLMDeploymentSpec]:
-    """Scrape, decide, and (builtin mode) scale. Returns the report and the spec as it is after scaling."""
+    """Scrape, decide, and (builtin mode) scale. Returns the report and the spec as it is after scaling.
+
+    stored: the history as status has it (used when memory has none: after a restart or a failover).
+    resource_version: the LLMDeployment's as observed; the scale write is conditional on it (scale_if)."""
     auto = spec.autoscaling
     live = [p for p in pods if not p.terminating]
     ready = [p for p in live if p.ready and p.ip]
@@ -79,9 +86,14 @@ async def autoscale(
         message = "metrics reported; spec.replicas is left to an external autoscaler"
         return ScalingReport(active=True, reason="ExternalAutoscaler", message=message, metrics=metrics), spec
 
-    clock = time.monotonic()
-    if not memory.history:
-        memory.history = seed_history(clock, spec.replicas)
+    clock = time.time()  # wall clock: the history outlives this process, in status
+    if memory.segments is None:
+        memory.segments = list(stored)
+    if spec.replicas == 0:
+        memory.segments = []  # at zero nothing is recommended; a wake starts a fresh window
+    elif not memory.segments:
+        memory.segments = seed(clock, spec.replicas)
+    policy = Policy.from_spec(auto)
     observation = Observation(
         time=clock,
         current_replicas=spec.replicas,
@@ -90,20 +102,29 @@ async def autoscale(
         not_ready=sum(1 for p in live if not p.ready and not p.unschedulable_message),
         pending_unschedulable=sum(1 for p in live if p.unschedulable_message),
     )
-    decision = decide(observation, Policy.from_spec(auto), memory.history)
-    memory.history = decision.history
+    decision = decide(observation, policy, expand(memory.segments, clock))
+    recommended = decision.history[-1].replicas if decision.ratio is not None and decision.history else None
+    if spec.replicas > 0:
+        memory.segments = record(memory.segments, recommended, clock, policy.window)
     message = decision.reason if active else f"no metrics from {len(ready)} Ready pod(s): holding"
-    record = None
+    entry = None
     if decision.changed:
+        args = (owner.namespace, owner.name, decision.current_replicas, decision.desired_replicas, resource_version)
         try:
-            await asyncio.to_thread(kube.scale, owner.namespace, owner.name, decision.desired_replicas)
+            scaled = await asyncio.to_thread(kube.scale_if, *args)
         except ApiException as exc:
             logger.warning("scaling to %d failed: HTTP %s", decision.desired_replicas, exc.status)
-            return ScalingReport(active, reason, f"scaling failed: HTTP {exc.status}", metrics=metrics), spec
+            message = f"scaling failed: HTTP {exc.status}"
+            return ScalingReport(active, reason, message, metrics=metrics, history=memory.segments), spec
+        if not scaled:
+            # Someone else (kubectl scale, GitOps) changed spec.replicas since the observation: theirs stands,
+            # and the next evaluation decides from it.
+            message = f"not scaled to {decision.desired_replicas}: spec.replicas changed meanwhile"
+            return ScalingReport(active, reason, message, metrics=metrics, history=memory.segments), spec
         verb = "ScaledUp" if decision.desired_replicas > decision.current_replicas else "ScaledDown"
         await post_event("Normal", verb, decision.reason[:1024])
         logger.info("%s/%s: %s", owner.namespace, owner.name, decision.reason)
-        record = ScalingDecisionRecord(
+        entry = ScalingDecisionRecord(
             time=now,
             from_replicas=decision.current_replicas,
             to_replicas=decision.desired_replicas,
@@ -116,7 +137,8 @@ async def autoscale(
         message=message[:4096],
         limited=decision.limited,
         metrics=metrics,
-        decision=record,
-        scale_time=now if record else None,
+        decision=entry,
+        scale_time=now if entry else None,
+        history=memory.segments,
     )
     return report, spec

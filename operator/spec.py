@@ -260,7 +260,13 @@ class AutoscalingSpec(_Spec):
                     "self.minReplicas <= self.maxReplicas",
                     "minReplicas must be <= maxReplicas",
                     ".minReplicas",
-                )
+                ),
+                cel_when(
+                    ("minReplicas",),
+                    "self.minReplicas > 0 || has(self.scaleToZeroAfterSeconds)",
+                    "minReplicas 0 needs scaleToZeroAfterSeconds (how long idle before scaling to zero)",
+                    ".scaleToZeroAfterSeconds",
+                ),
             ]
         }
     )
@@ -269,7 +275,9 @@ class AutoscalingSpec(_Spec):
     mode: Literal["builtin", "external"] = Field(
         default="builtin", description="builtin: this operator scales; external: HPA/KEDA own spec.replicas."
     )
-    min_replicas: int = Field(default=1, ge=1, le=1000)
+    min_replicas: int = Field(
+        default=1, ge=0, le=1000, description="0 allows scaling to zero once idle for scaleToZeroAfterSeconds."
+    )
     max_replicas: int = Field(default=4, ge=1, le=1000)
     target_queue_depth: float = Field(default=4.0, gt=0.0, le=100_000.0, description="Waiting requests per replica.")
     target_kv_cache_utilization: float = Field(
@@ -281,11 +289,22 @@ class AutoscalingSpec(_Spec):
     scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=3600)
     max_scale_up_step: int = Field(default=4, ge=1, le=1000, description="Most replicas added per evaluation.")
     max_scale_down_step: int = Field(default=1, ge=1, le=1000, description="Most replicas removed per evaluation.")
+    scale_to_zero_after_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=86_400,
+        description=(
+            "With minReplicas 0: scale to 0 after this long without a waiting or running request. From 0, the "
+            f"annotation {constants.ANNOTATION_WAKE} (any value) or the scale subresource brings back 1 replica."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas})")
+        if self.min_replicas == 0 and self.scale_to_zero_after_seconds is None:
+            raise ValueError("minReplicas 0 needs scaleToZeroAfterSeconds (how long idle before scaling to zero)")
         return self
 
 
@@ -440,6 +459,13 @@ class ScalingDecisionRecord(_Spec):
     reason: str = Field(max_length=1024)
 
 
+class RecommendationSegment(_Spec):
+    """The autoscaler recommended `replicas` from `since` until the next segment (the last one: until now)."""
+
+    since: str = Field(json_schema_extra={"format": "date-time"})
+    replicas: int = Field(ge=0)
+
+
 class LLMDeploymentStatus(_Spec):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(
@@ -457,6 +483,11 @@ class LLMDeploymentStatus(_Spec):
     metrics: MetricsSnapshot | None = None
     last_scale_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     scaling_decisions: list[ScalingDecisionRecord] = Field(default_factory=list, max_length=10)
+    recommendations: list[RecommendationSegment] = Field(
+        default_factory=list,
+        max_length=32,
+        description="The autoscaler's recent recommendations (its stabilization windows survive a restart).",
+    )
 
 
 def parse_spec(spec: dict[str, Any]) -> LLMDeploymentSpec:

@@ -22,6 +22,7 @@ from kubellm.operator.spec import (
     LLMDeploymentSpec,
     LLMDeploymentStatus,
     MetricsSnapshot,
+    RecommendationSegment,
     ScalingDecisionRecord,
 )
 
@@ -117,6 +118,7 @@ class ScalingReport:
     metrics: MetricsSnapshot | None = None  # status.metrics
     decision: ScalingDecisionRecord | None = None  # a new status.scalingDecisions entry, when replicas changed
     scale_time: str | None = None
+    history: Sequence[RecommendationSegment] | None = None  # status.recommendations (None: leave as it is)
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,9 @@ def compute_status(
     if scaling is not None and scaling.decision is not None:
         decisions = [*decisions, scaling.decision][-c.MAX_SCALING_DECISIONS :]
         last_scale = scaling.scale_time
+    history = list(previous.recommendations)
+    if scaling is not None and scaling.history is not None:
+        history = list(scaling.history)
     dep = observed.deployment or DeploymentState()
     return LLMDeploymentStatus(
         observed_generation=applied_generation,
@@ -325,6 +330,7 @@ def compute_status(
         metrics=metrics,
         last_scale_time=last_scale,
         scaling_decisions=decisions,
+        recommendations=history,
     )
 
 

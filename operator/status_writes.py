@@ -26,7 +26,7 @@ from kubellm.operator.status import (
 
 JSON = dict[str, Any]
 # Status keys only the fleet loop writes (its autoscaler's); the other writers leave them alone.
-SCALING_KEYS = ("metrics", "lastScaleTime", "scalingDecisions")
+SCALING_KEYS = ("metrics", "lastScaleTime", "scalingDecisions", "recommendations")
 
 
 def now_iso() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ class MetricsFleet:
         self.core: Any = client.CoreV1Api(api)
         self.namespace, self.instance = namespace, instance
         self.waiting_per_pod = 0
+        self.kv_cache_usage = 0.1
         self.served: dict[str, web.AppRunner] = {}
         self.scrapes = 0
         self.loop = asyncio.new_event_loop()
@@ -47,7 +49,7 @@ class MetricsFleet:
         stats = EngineStats(
             num_requests_waiting=self.waiting_per_pod,
             num_requests_running=min(self.waiting_per_pod, 4),
-            kv_cache_usage=0.1,
+            kv_cache_usage=self.kv_cache_usage,
             num_gpu_blocks=1024,
             block_size=16,
         )
@@ -158,3 +160,63 @@ def test_queue_depth_scales_up_then_down(kubellm_operator: Any, op_namespace: st
     events: Any = client.CoreV1Api(api).list_namespaced_event(op_namespace, field_selector="involvedObject.name=auto")
     reasons = [e.reason for e in events.items]
     assert reasons.count("ScaledUp") >= 2 and reasons.count("ScaledDown") >= 2, reasons
+
+
+def _llmd(api: Any, namespace: str, name: str) -> dict[str, Any]:
+    custom: Any = client.CustomObjectsApi(api)
+    return dict(custom.get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name))
+
+
+def test_scale_to_zero_after_idle_then_wake_on_the_annotation(
+    kubellm_operator: Any, op_namespace: str, api: Any, k8s_cluster: Any
+) -> None:
+    custom: Any = client.CustomObjectsApi(api)
+    auto = {
+        "enabled": True,
+        "minReplicas": 0,
+        "maxReplicas": 2,
+        "scaleToZeroAfterSeconds": 3,
+        "evaluationPeriodSeconds": 1,
+        "scaleDownStabilizationSeconds": 1,
+    }
+    spec = {"model": {"source": "builtin:smollm2-135m-instruct"}, "replicas": 1, "autoscaling": auto}
+    body = {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": "nap"}, "spec": spec}
+    custom.create_namespaced_custom_object(c.GROUP, c.VERSION, op_namespace, c.PLURAL, body)
+    with MetricsFleet(api, op_namespace, "nap") as fleet:
+        fleet.kv_cache_usage = 0.0  # idle: nothing waiting, nothing running, no KV in use
+        obj = wait_until(
+            lambda: (
+                (o := _llmd(api, op_namespace, "nap"))["spec"]["replicas"] == 0
+                and (o.get("status") or {}).get("replicas") == 0
+                and o
+            ),
+            timeout=60,
+            what="scaled to zero after 3 s idle, and no pod left",
+        )
+        assert fleet.scrapes > 0
+    status = obj["status"]
+    assert (status["ready"], status["desiredReplicas"], status["readyReplicas"]) == ("0/0", 0, 0)
+    ready = {x["type"]: x for x in status["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "ScaledToZero")
+    assert status["scalingDecisions"][-1]["toReplicas"] == 0
+    apps: Any = client.AppsV1Api(api)
+    assert apps.read_namespaced_deployment("nap", op_namespace).spec.replicas == 0
+    printed = k8s_cluster.kubectl("get", "llmd", "nap", "-n", op_namespace).stdout
+    assert "0/0" in printed, printed
+    # At zero there are no pods and so no metrics: over several evaluations nothing scales it up.
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert _llmd(api, op_namespace, "nap")["spec"]["replicas"] == 0
+        time.sleep(0.5)
+    # The documented signal: the wake annotation -> 1 replica, and the annotation is taken off.
+    k8s_cluster.kubectl("annotate", "llmd", "nap", "-n", op_namespace, f"{c.ANNOTATION_WAKE}=now")
+    woken = wait_until(
+        lambda: (
+            (o := _llmd(api, op_namespace, "nap"))["spec"]["replicas"] == 1
+            and c.ANNOTATION_WAKE not in (o["metadata"].get("annotations") or {})
+            and o
+        ),
+        timeout=30,
+        what="woken to 1 replica, annotation removed",
+    )
+    assert woken["spec"]["replicas"] == 1

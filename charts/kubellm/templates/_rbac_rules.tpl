@@ -30,10 +30,11 @@
 - apiGroups: ["kubellm.io"]
   resources: ["llmdeployments/status"]
   verbs: ["patch"]
-# apply.py Kube.scale: the autoscaler writes spec.replicas through the scale subresource.
+# apply.py Kube.scale_if: the autoscaler writes spec.replicas through the scale subresource, conditional on the
+# resourceVersion it observed; after a conflict it reads the scale again.
 - apiGroups: ["kubellm.io"]
   resources: ["llmdeployments/scale"]
-  verbs: ["patch"]
+  verbs: ["get", "patch"]
 # OwnerReferencesPermissionEnforcement (on in OpenShift): the children's blockOwnerDeletion owner references
 # need `update` on the owner's finalizers subresource, and their ownerReferences `delete` on each child kind.
 - apiGroups: ["kubellm.io"]
