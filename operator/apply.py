@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,10 @@ _COLLECTIONS: dict[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{namespace}/deployments",
     ("policy/v1", "PodDisruptionBudget"): "/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
     (c.API_VERSION, c.KIND): f"/apis/{c.API_VERSION}/namespaces/{{namespace}}/{c.PLURAL}",
+    # kopf's peering objects (read by the fleet loop to know whether this replica leads); the cluster one has no
+    # namespace in its path.
+    (c.PEERING_API_VERSION, c.PEERING_KIND): "/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings",
+    (c.PEERING_API_VERSION, c.CLUSTER_PEERING_KIND): "/apis/kopf.dev/v1/clusterkopfpeerings",
 }
 
 
@@ -134,6 +139,17 @@ class Kube:
             raise
         return True
 
+    def get_peering(self, namespace: str | None, name: str) -> JSON | None:
+        """kopf's peering object: the ClusterKopfPeering (namespace None) or a namespace's KopfPeering."""
+        try:
+            if namespace is None:
+                return self._call("GET", object_path(c.PEERING_API_VERSION, c.CLUSTER_PEERING_KIND, "", name))
+            return self._call("GET", object_path(c.PEERING_API_VERSION, c.PEERING_KIND, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def get_llmd(self, namespace: str, name: str) -> JSON | None:
         """The LLMDeployment as stored now (None if it is gone)."""
         try:
@@ -157,12 +173,13 @@ class Kube:
         )
 
     def update_status(
-        self, namespace: str, name: str, seen: JSON, compute: Callable[[JSON], JSON], attempts: int = 4
+        self, namespace: str, name: str, seen: JSON, compute: Callable[[JSON], JSON], attempts: int = 8
     ) -> bool:
         """Optimistic concurrency for status: `compute(status)` gives the merge patch for the LLMDeployment as
         `seen` (a watch's copy, with its resourceVersion); it is written only onto that version. On a conflict the
         object is read again and the patch recomputed from what is there now, so no writer overwrites a status it
-        has not seen. An empty patch writes nothing. True if a write happened."""
+        has not seen (kopf's own annotation patches bump the version too, hence the generous bound, with a short
+        growing pause). An empty patch writes nothing. True if a write happened."""
         current: JSON | None = seen
         for attempt in range(attempts):
             if current is None:
@@ -177,6 +194,7 @@ class Kube:
             except ApiException as exc:
                 if exc.status != 409 or attempt == attempts - 1:
                     raise
+            time.sleep(0.02 * attempt)  # a burst of writers (a rollout, a scale) passes in a few round trips
             current = self.get_llmd(namespace, name)
         return False
 

@@ -48,7 +48,11 @@ MODEL_CACHE_PATH: Final = "/var/cache/kubellm"
 MODELS_PVC_MOUNT_ROOT: Final = "/models"
 API_KEY_MOUNT_PATH: Final = "/var/run/secrets/kubellm"
 DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
-RUN_AS_USER: Final = 1000
+
+# kopf's peering objects, which the fleet loop reads to know whether this replica leads.
+PEERING_API_VERSION: Final = "kopf.dev/v1"
+PEERING_KIND: Final = "KopfPeering"
+CLUSTER_PEERING_KIND: Final = "ClusterKopfPeering"
 
 # Events the operator posts (core/v1, what `kubectl describe` shows).
 EVENT_API_VERSION: Final = "v1"

@@ -4,7 +4,6 @@
     Deployment event          ->  status (readiness shows at once, not at the loop's next tick)
     owned object event        ->  drift: deleted, or written by another manager -> re-apply it
     startup                   ->  loop.FleetLoop, one task over the indices: status, autoscaling, periodic resync
-    peering object event      ->  which peer's loop acts (with kopf peering on)
 
 Deployments, pods, PDBs and the LLMDeployments themselves are not read from the API server on every tick:
 kopf indices keep their current state in memory, fed by watches. No handler needs a finalizer (no timer, no
@@ -165,15 +164,6 @@ def llmds_by_key(namespace: str | None, name: str, body: kopf.Body, **_: Any) ->
 # ---- resource handlers ----
 
 
-def peering_changed(
-    type: str | None, namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
-) -> None:
-    if name != memo.settings.peering:
-        return
-    status = None if type == "DELETED" else {k: dict(v) for k, v in (body.get("status") or {}).items()}
-    memo.leadership.observe((namespace, name), status)
-
-
 async def deployment_changed(
     type: str | None,
     namespace: str | None,
@@ -291,9 +281,6 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index("policy", "v1", "poddisruptionbudgets", id="pdbs_by_owner", labels=_MANAGED, **quick)(pdbs_by_owner)
     kopf.index(*_RESOURCE, id="llmds_by_key", **quick)(llmds_by_key)
 
-    if settings.peering:
-        plural = "kopfpeerings" if settings.namespaces else "clusterkopfpeerings"
-        on.event("kopf.dev", "v1", plural, id="peering_changed", registry=registry)(peering_changed)
     # kopf's event handlers have no retry policy: a status refresh lost here is redone by the loop's next tick.
     on.event("apps", "v1", "deployments", id="deployment_changed", labels=_MANAGED, registry=registry)(
         deployment_changed

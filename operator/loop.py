@@ -28,7 +28,7 @@ from kubellm.operator.reconcile import parse_or_error, reconcile
 from kubellm.operator.resources import Owner
 from kubellm.operator.scaling import AutoscaleMemory, PostEvent, autoscale
 from kubellm.operator.settings import Settings
-from kubellm.operator.status import DeploymentState, PodSummary, metrics_due, parse_status
+from kubellm.operator.status import DeploymentState, PodSummary, ScalingReport, metrics_due, parse_status
 from kubellm.operator.status_writes import now_iso, seen, write_outcome, write_refresh
 
 log = logging.getLogger("kubellm.operator.loop")
@@ -40,6 +40,8 @@ class ObjectMemory:
 
     autoscale: AutoscaleMemory = field(default_factory=AutoscaleMemory)
     last_resync: float = field(default_factory=time.monotonic)
+    # A report with a scaling decision whose status write failed: written with the next tick, never lost.
+    pending: ScalingReport | None = None
 
 
 def one(store: Iterable[Any] | None) -> Any | None:
@@ -64,9 +66,27 @@ class FleetLoop:
     async def run(self) -> None:
         while True:
             started = time.monotonic()
+            if self.leadership.peering:
+                await self.read_peering()
             if self.leadership.active():
                 await self.tick()
             await asyncio.sleep(max(0.05, self.settings.timer_interval_seconds - (time.monotonic() - started)))
+
+    async def read_peering(self) -> None:
+        """kopf's peering objects, as kopf's own peering reads them (a kopf handler on them would disturb kopf's
+        watch of the same resource): cluster-wide one object, namespaced one per namespace in use."""
+        name = self.settings.peering
+        try:
+            if not self.settings.namespaces:
+                found = await asyncio.to_thread(self.kube.get_peering, None, name)
+                self.leadership.observe(("", name), (found or {}).get("status") if found else None)
+                return
+            for namespace in sorted({key[0] for key in list(self.llmds)}):
+                found = await asyncio.to_thread(self.kube.get_peering, namespace, name)
+                self.leadership.observe((namespace, name), (found or {}).get("status") if found else None)
+        except Exception as exc:  # unknown: stand by until it is known again
+            log.warning("reading the peering object %s failed: %s", name, exc)
+            self.leadership.peers.clear()
 
     async def tick(self) -> None:
         refs = [(key, ref) for key, store in list(self.llmds.items()) if (ref := one(store)) is not None]
@@ -140,6 +160,23 @@ class FleetLoop:
             interval = self.settings.metrics_status_interval_seconds
             if report.metrics is not None and not metrics_due(previous, report.metrics, interval):
                 report = dataclasses.replace(report, metrics=None)  # rate-limited: the last snapshot stands
+        pending = memory.pending
+        if pending is not None:
+            report = (
+                pending
+                if report is None
+                else dataclasses.replace(
+                    report,
+                    decision=report.decision or pending.decision,
+                    scale_time=report.scale_time or pending.scale_time,
+                )
+            )
         deployment: DeploymentState | None = one(self.deployments.get(key))
         args2 = (self.kube, owner, ref.generation, spec, deployment, pods, last_seen, report)
-        await asyncio.to_thread(write_refresh, *args2)
+        try:
+            await asyncio.to_thread(write_refresh, *args2)
+        except Exception:
+            if report is not None and report.decision is not None:
+                memory.pending = report
+            raise
+        memory.pending = None

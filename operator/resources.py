@@ -263,6 +263,18 @@ def _probe(path: str, period: int, timeout: int, failures: int) -> JSON:
     }
 
 
+def pod_security_context(spec: LLMDeploymentSpec, settings: Settings) -> JSON:
+    """The restricted Pod Security Standard's pod-level part, with no fixed UID (the image's numeric USER runs,
+    and OpenShift's arbitrary UIDs work): then the operator's setting (KUBELLM_RUNTIME_POD_SECURITY_CONTEXT, the
+    chart's `operator.runtimePodSecurityContext`, e.g. an fsGroup for a PVC cache), then the spec's, key by key."""
+    return {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+        **settings.runtime_pod_security_context,
+        **spec.pod.security_context,
+    }
+
+
 def render_deployment(owner: Owner, spec: LLMDeploymentSpec, settings: Settings, config_map: JSON) -> JSON:
     res = spec.resources
     volumes, mounts = _volumes(owner, spec)
@@ -303,13 +315,7 @@ def render_deployment(owner: Owner, spec: LLMDeploymentSpec, settings: Settings,
         "terminationGracePeriodSeconds": settings.drain_seconds,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": c.RUN_AS_USER,
-            "runAsGroup": c.RUN_AS_USER,
-            "fsGroup": c.RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(spec, settings),
     }
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)

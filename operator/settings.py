@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 PREFIX = "KUBELLM_"
@@ -54,6 +55,9 @@ class Settings:
     max_workers: int = 16
     # kopf's liveness endpoint (empty: none), e.g. http://0.0.0.0:8080/healthz
     liveness_endpoint: str = ""
+    # A JSON core/v1 PodSecurityContext merged into every runtime pod's (e.g. {"fsGroup": 1000} for a PVC cache
+    # on a cluster that assigns none); an LLMDeployment's spec.pod.securityContext goes on top.
+    runtime_pod_security_context: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -119,6 +123,16 @@ def _text(var: str, raw: str) -> str:
     return raw.strip()
 
 
+def _json_object(var: str, raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        raise SettingsError(f"{var} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise SettingsError(f"{var} must be a JSON object, got {raw!r}")
+    return value
+
+
 def parse_namespaces(var: str, raw: str) -> tuple[str, ...]:
     """Namespace names or kopf's glob patterns (`team-*`, `!team-test`)."""
     names = tuple(n.strip() for n in raw.split(",") if n.strip())
@@ -147,4 +161,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "handler_backoff_seconds": _number(float),
     "handler_timeout_seconds": _number(float),
     "max_workers": _number(int),
+    "runtime_pod_security_context": _json_object,
 }

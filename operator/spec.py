@@ -379,6 +379,13 @@ class PodOverrides(_Spec):
     labels: LabelMap = Field(default_factory=dict)
     annotations: AnnotationMap = Field(default_factory=dict)
     env: list[EnvVar] = Field(default_factory=list, max_length=128)
+    security_context: FreeForm = Field(
+        default_factory=dict,
+        description=(
+            "A core/v1 PodSecurityContext merged over the operator's (runAsNonRoot, RuntimeDefault seccomp; no "
+            "fixed UID), e.g. runAsUser or fsGroup where the cluster does not assign them."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PodOverrides:

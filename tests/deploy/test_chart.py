@@ -34,6 +34,7 @@ def test_default_values_render_a_cluster_wide_operator(helm: Helm) -> None:
     kinds = sorted(m["kind"] for m in manifests)
     assert kinds == sorted(
         [
+            "NetworkPolicy",
             "ServiceAccount",
             "CustomResourceDefinition",
             "ClusterRole",
@@ -252,3 +253,43 @@ def test_notes_tell_the_user_what_to_do_next(helm: Helm) -> None:
     ).stdout
     assert "watches LLMDeployments in: team-a, team-b" in namespaced
     assert "kubectl -n team-a apply" in namespaced
+
+
+def test_no_fixed_uid_and_security_contexts_come_from_values(helm: Helm) -> None:
+    """OpenShift assigns each namespace a UID range: nothing may pin a UID unless values ask for one."""
+    deployment = one(helm.render(), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert "runAsUser" not in pod["securityContext"] and "fsGroup" not in pod["securityContext"]
+    custom = helm.render(
+        set_values=["podSecurityContext.runAsUser=1000680000", "operator.runtimePodSecurityContext.fsGroup=2000"]
+    )
+    pod = one(custom, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 1000680000
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert json.loads(env["KUBELLM_RUNTIME_POD_SECURITY_CONTEXT"]) == {"fsGroup": 2000}
+
+
+def test_network_policy_lets_the_operator_reach_the_api_server_and_scrape(helm: Helm) -> None:
+    (policy,) = by_kind(helm.render(), "NetworkPolicy")
+    selector = one(helm.render(), "Deployment")["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    egress = policy["spec"]["egress"]
+    scrape = [rule for rule in egress if rule.get("to")]
+    assert scrape[0]["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    assert scrape[0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "runtime"
+    assert {p["port"] for rule in egress for p in rule["ports"]} >= {443, 6443, 53, 8000}
+    namespaced = helm.render(
+        values=[VALUES_DIR / "namespaced.yaml"],
+        set_values=["watchNamespaces={a,b}", "networkPolicy.allowScrapesInWatchedNamespaces=true"],
+    )
+    scrapes = [p for p in by_kind(namespaced, "NetworkPolicy") if p["metadata"]["name"].endswith("-scrape")]
+    assert sorted(p["metadata"]["namespace"] for p in scrapes) == ["a", "b"]
+
+
+def test_kube_version_is_the_tested_one() -> None:
+    """The chart claims exactly what the test control plane runs (tests/cluster/provision.py)."""
+    from cluster.provision import KUBERNETES_VERSION
+
+    chart = yaml.safe_load((ROOT / "charts" / "kubellm" / "Chart.yaml").read_text())
+    major_minor = ".".join(KUBERNETES_VERSION.lstrip("v").split(".")[:2])
+    assert chart["kubeVersion"] == f">={major_minor}.0-0"

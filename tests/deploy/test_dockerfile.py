@@ -69,7 +69,8 @@ def test_final_images_run_as_a_non_root_user() -> None:
         users = [line.split()[1] for line in stages[target] if line.upper().startswith("USER ")]
         assert users, f"stage {target} sets no USER"
         assert users[-1].split(":")[0] not in ("0", "root"), users
-        assert users[-1].split(":")[0] == "1000"  # the uid the chart's and the operator's pod specs ask for
+        # Numeric, so that runAsNonRoot can be checked without a fixed runAsUser in the pod specs.
+        assert users[-1].split(":")[0].isdigit(), users
 
 
 def test_cpu_variant_bundles_the_model_without_its_dependencies() -> None:

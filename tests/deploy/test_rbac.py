@@ -42,6 +42,8 @@ def _path_to_resource(path: str) -> tuple[str, str]:
     parts = path.strip("/").split("/")
     if parts[0] == "api":
         return "", parts[4]
+    if len(parts) == 4:  # cluster-scoped: /apis/kopf.dev/v1/clusterkopfpeerings
+        return parts[1], parts[3]
     return parts[1], parts[5]
 
 
@@ -196,6 +198,8 @@ def used_permissions(*, cluster_wide: bool, peering: bool) -> tuple[set[Permissi
                 owner_group, owner_plural = _path_to_resource(apply.object_path(ref["apiVersion"], ref["kind"], "ns"))
                 namespaced.add((owner_group, f"{owner_plural}/finalizers", "update"))
 
+    # The fleet loop reads the peering object of the mode (loop.py), which only exists with peering on.
+    namespaced = {p for p in namespaced if p[0] != "kopf.dev"}
     # Events: kopf.event in the handlers, and kopf posts its own warnings (settings.posting) as Events.
     namespaced.add(("", "events", "create"))
 
@@ -208,7 +212,7 @@ def used_permissions(*, cluster_wide: bool, peering: bool) -> tuple[set[Permissi
     if peering:
         target = cluster if cluster_wide else namespaced
         plural = "clusterkopfpeerings" if cluster_wide else "kopfpeerings"
-        target |= {("kopf.dev", plural, verb) for verb in ("list", "watch", "patch")}
+        target |= {("kopf.dev", plural, verb) for verb in ("get", "list", "watch", "patch")}
     return cluster, namespaced
 
 

@@ -94,6 +94,25 @@ def test_hardened_security_context() -> None:
     assert {"/tmp", c.MODEL_CACHE_PATH, c.CONFIG_MOUNT_PATH} <= mounts
 
 
+def test_no_fixed_uid_and_the_pod_security_context_is_overridable() -> None:
+    pod = _render().deployment["spec"]["template"]["spec"]
+    assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(pod["securityContext"]), "OpenShift assigns UIDs"
+    fleet = Settings(runtime_pod_security_context={"fsGroup": 1000, "runAsUser": 1000})
+    spec = LLMDeploymentSpec.model_validate(
+        {"model": {"source": "builtin:smollm2-135m-instruct"}, "pod": {"securityContext": {"runAsUser": 4242}}}
+    )
+    merged = render(OWNER, spec, fleet).deployment["spec"]["template"]["spec"]["securityContext"]
+    assert merged == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "fsGroup": 1000,  # the operator's setting
+        "runAsUser": 4242,  # the spec's, over the setting
+    }
+    assert Settings.from_env(
+        {"KUBELLM_RUNTIME_POD_SECURITY_CONTEXT": '{"fsGroup": 7}'}
+    ).runtime_pod_security_context == {"fsGroup": 7}
+
+
 def test_gpus_resources_tolerations_and_shm() -> None:
     one = _render()
     assert _container(one)["resources"]["limits"] == {"nvidia.com/gpu": "1"}

@@ -6,10 +6,11 @@
   verbs: ["list", "watch"]
 {{- if include "kubellm.clusterWide" . }}
 {{- if .Values.peering.enabled }}
-# kopf peering, cluster-wide: read the peers' keep-alives and publish ours.
+# kopf peering, cluster-wide: read the peers' keep-alives and publish ours; loop.py reads it (get) to know
+# whether this replica's fleet loop may act.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- else }}
 # kopf, namespaced mode: follow the watched namespaces as they come and go (cluster-wide mode never lists them).
@@ -62,9 +63,9 @@
   resources: ["events"]
   verbs: ["create"]
 {{- if and .Values.peering.enabled (not (include "kubellm.clusterWide" .)) }}
-# kopf peering, namespaced mode: read the peers' keep-alives and publish ours.
+# kopf peering, namespaced mode: read the peers' keep-alives and publish ours; loop.py reads them (get).
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- end -}}
