@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from kubellm import contract
+
 GROUP: Final = "kubellm.io"
 VERSION: Final = "v1alpha1"
 API_VERSION: Final = f"{GROUP}/{VERSION}"
@@ -36,11 +38,11 @@ KOPF_ANNOTATION_PREFIX: Final = f"operator.{GROUP}"
 
 # The runtime container: `kubellm serve` listens here and exposes the probes and /metrics.
 CONTAINER_NAME: Final = "runtime"
-CONTAINER_PORT: Final = 8000
+CONTAINER_PORT: Final = contract.CONTAINER_PORT
 PORT_NAME: Final = "http"
-HEALTH_PATH: Final = "/health"
-READY_PATH: Final = "/ready"
-METRICS_PATH: Final = "/metrics"
+HEALTH_PATH: Final = contract.HEALTH_PATH
+READY_PATH: Final = contract.READY_PATH
+METRICS_PATH: Final = contract.METRICS_PATH
 CONFIG_MOUNT_PATH: Final = "/etc/kubellm"
 ENGINE_CONFIG_KEY: Final = "engine.json"
 CHAT_TEMPLATE_KEY: Final = "chat_template.jinja"
@@ -74,6 +76,6 @@ CONDITION_TYPES: Final = (
 MAX_SCALING_DECISIONS: Final = 10
 
 # The runtime's Prometheus metrics, named as vLLM names them.
-METRIC_WAITING: Final = "vllm:num_requests_waiting"
-METRIC_RUNNING: Final = "vllm:num_requests_running"
-METRIC_KV_USAGE: Final = "vllm:kv_cache_usage_perc"
+METRIC_WAITING: Final = contract.METRIC_WAITING
+METRIC_RUNNING: Final = contract.METRIC_RUNNING
+METRIC_KV_USAGE: Final = contract.METRIC_KV_USAGE

@@ -15,8 +15,9 @@ from typing import Any
 import pydantic
 from kubernetes.client.exceptions import ApiException
 
+from kubellm import contract
 from kubellm.operator.apply import Kube
-from kubellm.operator.resources import Owner, render
+from kubellm.operator.resources import Owner, engine_section, render
 from kubellm.operator.settings import Settings
 from kubellm.operator.spec import LLMDeploymentSpec, parse_spec
 from kubellm.operator.status import DeploymentState
@@ -69,6 +70,10 @@ def reconcile(
     spec, error = parse_or_error(raw_spec)
     if spec is None:
         return ReconcileOutcome(generation=generation, spec=None, applied=False, error=error)
+    engine_error = contract.check_engine_section(engine_section(owner, spec))
+    if engine_error is not None:
+        # The runtime's own EngineConfig refuses it: the same check the pod would make, before any pod starts.
+        return ReconcileOutcome(generation=generation, spec=None, applied=False, error=f"spec.engine: {engine_error}")
     desired = render(owner, spec, settings)
     deployment = None
     what = ""

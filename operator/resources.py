@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from kubellm import contract
 from kubellm.operator import constants as c
 from kubellm.operator.settings import Settings
 from kubellm.operator.spec import LLMDeploymentSpec
@@ -94,11 +95,12 @@ def _metadata(owner: Owner, name: str, annotations: dict[str, str] | None = None
     return meta
 
 
-def engine_config(owner: Owner, spec: LLMDeploymentSpec) -> JSON:
-    """The engine configuration as the runtime sees it (kept in the ConfigMap, readable with kubectl)."""
+def engine_section(owner: Owner, spec: LLMDeploymentSpec) -> JSON:
+    """The engine's settings, by EngineConfig field name (runtime/config.py; contract.check_engine_section
+    validates them with that dataclass). Unset optional fields are left out: the runtime's defaults apply."""
     engine = spec.engine
-    return {
-        "model": spec.model.source,
+    section: JSON = {
+        "model": model_argument(spec.model.source),
         "revision": spec.model.revision,
         "served_model_name": served_model_name(owner.name, spec),
         "dtype": spec.model.dtype,
@@ -109,12 +111,32 @@ def engine_config(owner: Owner, spec: LLMDeploymentSpec) -> JSON:
         "gpu_memory_utilization": engine.gpu_memory_utilization,
         "enable_prefix_caching": engine.enable_prefix_caching,
         "enforce_eager": engine.enforce_eager,
-        "extra_args": list(engine.extra_args),
+    }
+    if spec.model.chat_template is not None:
+        section["chat_template"] = f"{c.CONFIG_MOUNT_PATH}/{c.CHAT_TEMPLATE_KEY}"
+    return {k: v for k, v in section.items() if v is not None}
+
+
+def server_section(spec: LLMDeploymentSpec, settings: Settings) -> JSON:
+    """`kubellm serve`'s other flags (by argparse dest) that the pod needs."""
+    section: JSON = {"host": "0.0.0.0", "port": c.CONTAINER_PORT, "drain_timeout": drain_timeout(settings)}
+    if spec.auth is not None:
+        section["api_key_file"] = f"{c.API_KEY_MOUNT_PATH}/api-key"
+    return section
+
+
+def engine_config(owner: Owner, spec: LLMDeploymentSpec, settings: Settings) -> JSON:
+    """The file `kubellm serve --config` reads (kept in the ConfigMap, readable with kubectl): everything the
+    runtime needs but the extra arguments, which stay flags."""
+    return {
+        contract.CONFIG_ENGINE_SECTION: engine_section(owner, spec),
+        contract.CONFIG_SERVER_SECTION: server_section(spec, settings),
     }
 
 
-def render_config_map(owner: Owner, spec: LLMDeploymentSpec) -> JSON:
-    data = {c.ENGINE_CONFIG_KEY: json.dumps(engine_config(owner, spec), indent=2, sort_keys=True) + "\n"}
+def render_config_map(owner: Owner, spec: LLMDeploymentSpec, settings: Settings) -> JSON:
+    text = json.dumps(engine_config(owner, spec, settings), indent=2, sort_keys=True) + "\n"
+    data = {c.ENGINE_CONFIG_KEY: text}
     if spec.model.chat_template is not None:
         data[c.CHAT_TEMPLATE_KEY] = spec.model.chat_template
     return {
@@ -146,44 +168,10 @@ def drain_timeout(settings: Settings) -> int:
     return max(1, settings.drain_seconds - settings.prestop_sleep_seconds - 2)
 
 
-def runtime_args(owner: Owner, spec: LLMDeploymentSpec, settings: Settings) -> list[str]:
-    engine = spec.engine
-    args = [
-        "serve",
-        "--model",
-        model_argument(spec.model.source),
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(c.CONTAINER_PORT),
-        "--served-model-name",
-        served_model_name(owner.name, spec),
-        "--dtype",
-        spec.model.dtype,
-        "--block-size",
-        str(engine.block_size),
-        "--max-num-seqs",
-        str(engine.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(engine.max_num_batched_tokens),
-        "--gpu-memory-utilization",
-        repr(engine.gpu_memory_utilization),
-        "--drain-timeout",
-        str(drain_timeout(settings)),
-    ]
-    if spec.model.revision is not None:
-        args += ["--revision", spec.model.revision]
-    if spec.model.max_model_len is not None:
-        args += ["--max-model-len", str(spec.model.max_model_len)]
-    if not engine.enable_prefix_caching:
-        args.append("--no-enable-prefix-caching")
-    if engine.enforce_eager:
-        args.append("--enforce-eager")
-    if spec.model.chat_template is not None:
-        args += ["--chat-template", f"{c.CONFIG_MOUNT_PATH}/{c.CHAT_TEMPLATE_KEY}"]
-    if spec.auth is not None:
-        args += ["--api-key-file", f"{c.API_KEY_MOUNT_PATH}/api-key"]
-    return args + list(engine.extra_args)
+def runtime_args(spec: LLMDeploymentSpec) -> list[str]:
+    """Everything is in the mounted config file (one source); spec.engine.extraArgs follow as flags, which the
+    runtime lets override the file."""
+    return ["serve", "--config", f"{c.CONFIG_MOUNT_PATH}/{c.ENGINE_CONFIG_KEY}", *spec.engine.extra_args]
 
 
 def _env(spec: LLMDeploymentSpec) -> list[JSON]:
@@ -284,7 +272,7 @@ def render_deployment(owner: Owner, spec: LLMDeploymentSpec, settings: Settings,
         "image": spec.image.name or settings.runtime_image,
         "imagePullPolicy": spec.image.pull_policy,
         "command": ["kubellm"],
-        "args": runtime_args(owner, spec, settings),
+        "args": runtime_args(spec),
         "ports": [{"name": c.PORT_NAME, "containerPort": c.CONTAINER_PORT, "protocol": "TCP"}],
         "env": _env(spec),
         "resources": _resources(spec),
@@ -389,7 +377,7 @@ def render_pdb(owner: Owner, spec: LLMDeploymentSpec) -> JSON | None:
 
 
 def render(owner: Owner, spec: LLMDeploymentSpec, settings: Settings) -> DesiredObjects:
-    config_map = render_config_map(owner, spec)
+    config_map = render_config_map(owner, spec, settings)
     return DesiredObjects(
         config_map=config_map,
         deployment=render_deployment(owner, spec, settings, config_map),

@@ -1,11 +1,20 @@
 """Engine configuration: one user-facing dataclass (EngineConfig) and the two resolved pieces the engine hands
 to its parts (CacheConfig for the block manager, SchedulerConfig for the scheduler). Each validates itself in
-``__post_init__`` and names the offending field in its error."""
+``__post_init__`` and names the offending field in its error.
+
+EngineConfig is the one definition of the engine's settings: each field's metadata (``setting(...)``) carries its
+help, choices and flag, and ``add_arguments`` generates the ``kubellm serve`` flags from them; the operator
+renders a config file with the same field names (``--config``) and validates it with this same dataclass.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -18,31 +27,57 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ValueError(f"{name} {message}")
 
 
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A dataclass field that also describes its command-line flag (``--field-name`` unless `flag` says
+    otherwise; a bool defaulting to True becomes ``--no-field-name``). cli=False: config file only."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag, "metavar": metavar, "cli": cli}
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class EngineConfig:
     """Everything a user may set to run one model. ``None`` means "derive it from the model and the machine"."""
 
-    model: str = "builtin:smollm2-135m-instruct"
-    revision: str | None = None  # for hf:// models: a branch, tag or commit (default: main)
-    chat_template: str | None = None  # a Jinja chat template file replacing the model's own
-    served_model_name: str | None = None
-    dtype: str = "auto"  # auto: the checkpoint's dtype on GPU; on CPU bfloat16 when the CPU has bf16 units
-    device: str = "auto"  # auto: cuda when available, else cpu
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # KV-cache budget; default: a share of free memory
-    num_gpu_blocks: int | None = None  # overrides the budget: exactly this many KV blocks
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    load_format: str = "auto"
+    model: str = setting(
+        "builtin:smollm2-135m-instruct",
+        "builtin:smollm2-135m-instruct, a Hugging Face model directory, a .gguf file or hf://org/name",
+    )
+    revision: str | None = setting(None, "for hf:// models: a branch, tag or commit (default: main)")
+    chat_template: str | None = setting(None, "a Jinja chat template file replacing the model's own", metavar="PATH")
+    served_model_name: str | None = setting(None, "the name clients use in the 'model' field (default: --model)")
+    dtype: str = setting(
+        "auto", "auto: the checkpoint's dtype on GPU; on CPU bfloat16 when the CPU has bf16 units", choices=DTYPES
+    )
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available, else cpu)")
+    max_model_len: int | None = setting(None, "context length in tokens (default: the model's)")
+    block_size: int = setting(16, "tokens per KV-cache block")
+    kv_cache_memory_bytes: int | None = setting(
+        None, "KV-cache budget in bytes (default: derived from free memory)", flag="--kv-cache-memory", metavar="BYTES"
+    )
+    num_gpu_blocks: int | None = setting(None, "exactly this many KV blocks (overrides the budget)", cli=False)
+    gpu_memory_utilization: float = setting(0.9, "share of GPU memory the runtime may use")
+    max_num_seqs: int = setting(256, "sequences in a batch at most")
+    max_num_batched_tokens: int = setting(2048, "tokens per step at most")
+    enable_prefix_caching: bool = setting(True, "turn the prefix cache off")
+    enforce_eager: bool = setting(False, "no CUDA graphs / compilation")
+    load_format: str = setting("auto", "dummy: random weights of the model's shapes", choices=LOAD_FORMATS, cli=False)
     # int4: an int4 weight-only copy of the decoder's linears and an int8 copy of the head (32-column groups) for
     # small batches (CPU; see layers/linear.py and LlamaForCausalLM.quantize_int4).
-    # auto: int4 on the CPU when the checkpoint's layers are 4-bit already (GGUF Q4_0/Q4_1), else none.
-    quantization: str = "auto"
-    seed: int = 0
+    quantization: str = setting(
+        "auto",
+        "int4: int4 weight-only linears and an int8 head for small batches (CPU); auto: int4 for a Q4_0/Q4_1 "
+        "GGUF on the CPU",
+        choices=QUANTIZATIONS,
+    )
+    seed: int = setting(0, "the engine's seed for unseeded requests")
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -133,3 +168,77 @@ class SchedulerConfig:
             f"must be at least 1, got {self.max_num_batched_tokens}",
         )
         _check(self.max_model_len >= 2, "max_model_len", f"must be at least 2, got {self.max_model_len}")
+
+
+# ---- the command line and the config file, generated from the fields ----
+
+
+def _scalar_type(cls: type, name: str) -> type:
+    """int / float / str / bool of a field, from its annotation (they are strings under postponed evaluation)."""
+    annotation = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+    for kind in (bool, int, float, str):
+        if kind.__name__ in annotation.replace(" ", "").split("|"):
+            return kind
+    raise TypeError(f"{cls.__name__}.{name}: unsupported type {annotation}")
+
+
+def flag_name(f: dataclasses.Field[Any]) -> str:
+    if f.metadata.get("flag"):
+        return str(f.metadata["flag"])
+    if _scalar_type(EngineConfig, f.name) is bool and f.default is True:
+        return "--no-" + f.name.replace("_", "-")
+    return "--" + f.name.replace("_", "-")
+
+
+def dest_name(f: dataclasses.Field[Any]) -> str:
+    """The argparse dest of a field's flag: the field name, or the name its own flag spells (--kv-cache-memory)."""
+    flag = f.metadata.get("flag")
+    return str(flag).removeprefix("--").replace("-", "_") if flag else f.name
+
+
+def cli_fields(exclude: Sequence[str] = ()) -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(EngineConfig) if f.metadata.get("cli", True) and f.name not in exclude]
+
+
+def add_arguments(group: Any, exclude: Sequence[str] = ()) -> None:
+    """One flag per EngineConfig field with cli=True: help, default and choices from its metadata."""
+    for f in cli_fields(exclude):
+        kind = _scalar_type(EngineConfig, f.name)
+        kw: dict[str, Any] = {"dest": dest_name(f), "default": f.default}
+        help_text = str(f.metadata.get("help", ""))
+        if kind is bool:
+            kw["action"] = "store_false" if f.default is True else "store_true"
+        else:
+            kw["type"] = _positive if kind is int and f.name != "seed" else kind
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+            if f.metadata.get("metavar"):
+                kw["metavar"] = f.metadata["metavar"]
+            help_text += f" (default: {f.default})" if f.default is not None else ""
+        group.add_argument(flag_name(f), help=help_text, **kw)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def given(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """The engine settings the command line sets, by field name: those whose flag's value is not the default."""
+    out = {}
+    for f in cli_fields(exclude):
+        value = getattr(args, dest_name(f), f.default)
+        if value != f.default:
+            out[f.name] = value
+    return out
+
+
+def engine_config(values: dict[str, Any]) -> EngineConfig:
+    """An EngineConfig from a config file's and the flags' values; a key that is no field is an error naming it."""
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown engine setting(s): {', '.join(unknown)}")
+    return EngineConfig(**values)

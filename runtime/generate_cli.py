@@ -8,15 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import DTYPES, QUANTIZATIONS
+from . import config
+
+# --seed is the sampling seed here (the engine's is left out); a served name means nothing offline.
+_NOT_HERE = ("seed", "served_model_name")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="builtin:smollm2-135m-instruct",
-        help="builtin:<name>, a Hugging Face model directory or a .gguf file",
-    )
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument(
         "--chat",
@@ -32,10 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--quantization", default="auto", choices=QUANTIZATIONS)
+    # The engine's flags, generated from EngineConfig (runtime/config.py) as `kubellm serve`'s are; --seed above
+    # is the sampling seed, so the engine's is left out. Server-only fields have no meaning here.
+    config.add_arguments(parser.add_argument_group("model and engine"), exclude=_NOT_HERE)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,13 +51,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             stop=args.stop,
         )
-        llm = LLM(
-            args.model,
-            dtype=args.dtype,
-            device=args.device,
-            max_model_len=args.max_model_len,
-            quantization=args.quantization,
-        )
+        llm = LLM(**config.given(args, exclude=_NOT_HERE))
     except (ValueError, FileNotFoundError) as e:
         print(f"kubellm generate: {e}", file=sys.stderr)
         return 2

@@ -9,15 +9,19 @@ drain at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import DTYPES, QUANTIZATIONS
+from kubellm import contract
 
-DEFAULT_PORT = 8000
+from .. import config
+
+DEFAULT_PORT = contract.CONTAINER_PORT
 
 
 def _in_container() -> bool:
@@ -50,52 +54,15 @@ def _port(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model = parser.add_argument_group("model and engine")
-    model.add_argument(
-        "--model",
-        default="builtin:smollm2-135m-instruct",
-        help="builtin:smollm2-135m-instruct, a Hugging Face model directory, a .gguf file or hf://org/name",
-    )
-    model.add_argument("--revision", default=None, help="for hf:// models: a branch, tag or commit (default: main)")
-    model.add_argument(
-        "--chat-template", default=None, metavar="PATH", help="a Jinja chat template file replacing the model's own"
-    )
-    model.add_argument(
-        "--served-model-name", default=None, help="the name clients use in the 'model' field (default: --model)"
-    )
-    model.add_argument("--dtype", default="auto", choices=DTYPES)
-    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    model.add_argument(
-        "--max-model-len", type=_positive_int, default=None, help="context length in tokens (default: the model's)"
-    )
-    model.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block")
-    model.add_argument("--max-num-seqs", type=_positive_int, default=256, help="sequences in a batch at most")
-    model.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048, help="tokens per step at most")
-    model.add_argument(
-        "--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory the runtime may use"
-    )
-    model.add_argument(
-        "--kv-cache-memory",
-        type=_positive_int,
+    parser.add_argument(
+        "--config",
         default=None,
-        metavar="BYTES",
-        help="KV-cache budget in bytes (default: derived from free memory)",
+        metavar="FILE",
+        help='a JSON file {"engine": {EngineConfig fields}, "server": {flags by dest}} (the operator\'s '
+        "ConfigMap); a flag given with a value other than its default overrides the file",
     )
-    model.add_argument(
-        "--no-enable-prefix-caching",
-        dest="enable_prefix_caching",
-        action="store_false",
-        help="turn the prefix cache off",
-    )
-    model.add_argument(
-        "--quantization",
-        default="auto",
-        choices=QUANTIZATIONS,
-        help="int4: int4 weight-only linears and an int8 head for small batches (CPU); auto: int4 for a Q4_0/Q4_1 "
-        "GGUF on the CPU",
-    )
-    model.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation")
-    model.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
+    # The engine's flags are generated from EngineConfig's fields (runtime/config.py): one definition.
+    config.add_arguments(parser.add_argument_group("model and engine"))
 
     http = parser.add_argument_group("HTTP server")
     http.add_argument(
@@ -127,6 +94,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def apply_config_file(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine settings: EngineConfig's defaults, then the --config file's "engine" section, then the engine
+    flags given (a flag counts as given when its value is not the default). The file's "server" section sets the
+    other flags where the command line left their defaults. Returns the engine settings by field name; `args` is
+    updated in place for the server ones."""
+    loaded: dict[str, Any] = {}
+    if args.config:
+        loaded = json.loads(Path(args.config).read_text())
+        if not isinstance(loaded, dict) or set(loaded) - {"engine", "server"}:
+            raise ValueError(f'{args.config}: expected an object with "engine" and "server" sections')
+    engine_fields = {f.name for f in dataclasses.fields(config.EngineConfig)}
+    engine = dict(loaded.get("engine") or {})
+    engine.update(config.given(args))  # flags given win
+    server = dict(loaded.get("server") or {})
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    engine_dests = {config.dest_name(f) for f in config.cli_fields()}
+    for key, value in server.items():
+        if key not in defaults or key in engine_fields | engine_dests or key == "config":
+            raise ValueError(f"{args.config}: unknown server setting {key!r}")
+        if getattr(args, key, defaults[key]) == defaults[key]:
+            setattr(args, key, value)
+    return engine
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -139,33 +132,20 @@ def _setup_logging(level: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from ..config import EngineConfig
     from .app import ServerSettings
     from .auth import load_api_keys
 
+    try:
+        engine = apply_config_file(args)
+    except (OSError, ValueError) as exc:
+        print(f"kubellm serve: error: --config: {exc}", file=sys.stderr)
+        return 2
     _setup_logging(args.log_level)
     log = logging.getLogger("kubellm.server")
     try:
-        config = EngineConfig(
-            model=args.model,
-            revision=args.revision,
-            chat_template=args.chat_template,
-            served_model_name=args.served_model_name,
-            dtype=args.dtype,
-            device=args.device,
-            max_model_len=args.max_model_len,
-            block_size=args.block_size,
-            kv_cache_memory_bytes=args.kv_cache_memory,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            enable_prefix_caching=args.enable_prefix_caching,
-            quantization=args.quantization,
-            enforce_eager=args.enforce_eager,
-            seed=args.seed,
-        )
+        engine_config = config.engine_config(engine)
         settings = ServerSettings(
-            served_model_name=args.served_model_name or args.model,
+            served_model_name=engine_config.served_model_name or engine_config.model,
             api_keys=load_api_keys(args.api_key, args.api_key_file),
             max_queue_len=args.max_queue_len,
             rate_limit_rpm=args.rate_limit_rpm or None,
@@ -179,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     host = args.host or ("0.0.0.0" if _in_container() else "127.0.0.1")
     if settings.api_keys:
         log.info("API keys: %d configured", len(settings.api_keys))  # never the keys themselves
-    return asyncio.run(serve(config, settings, host, args.port))
+    return asyncio.run(serve(engine_config, settings, host, args.port))
 
 
 async def serve(config: Any, settings: Any, host: str, port: int) -> int:

@@ -193,8 +193,9 @@ class RuntimeKubelet:
         (container,) = obj.spec.containers
         if list(container.command or []) != ["kubellm"] or not container.args or container.args[0] != "serve":
             raise RuntimeError(f"pod {pod.name}: unexpected container command {container.command} {container.args}")
-        args = list(container.args[1:])
-        args[args.index("--host") + 1] = pod.ip
+        args = self._mount_config(pod, obj, container, list(container.args[1:]))
+        # The pod's own IP, as its network namespace would give it (a flag: it overrides the config file).
+        args += ["--host", pod.ip]
         pod.args = args
         pod.log_path = self.log_dir / f"{pod.name}.log"
         with pod.log_path.open("wb") as log:
@@ -209,6 +210,24 @@ class RuntimeKubelet:
         lifecycle = container.lifecycle
         sleep = getattr(getattr(lifecycle, "pre_stop", None), "sleep", None)
         pod.prestop_seconds = float(sleep.seconds) if sleep is not None else 0.0
+
+    def _mount_config(self, pod: PodRuntime, obj: Any, container: Any, args: list[str]) -> list[str]:
+        """What the kubelet does for configMap volumes: the ConfigMap's keys as files under the mount path. The
+        `--config` path is rewritten to where this fake kubelet put them."""
+        volumes = {v.name: v for v in obj.spec.volumes or [] if v.config_map is not None}
+        for mount in container.volume_mounts or []:
+            volume = volumes.get(mount.name)
+            if volume is None:
+                continue
+            data = self.core.read_namespaced_config_map(volume.config_map.name, self.namespace).data or {}
+            folder = self.log_dir / pod.name / mount.mount_path.strip("/").replace("/", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for key, text in data.items():
+                (folder / key).write_text(text)
+            args = [
+                str(folder) + a[len(mount.mount_path) :] if a.startswith(mount.mount_path + "/") else a for a in args
+            ]
+        return args
 
     def _probe(self) -> None:
         """Until SIGTERM (the preStop pause included), as the readiness probe would: a runtime that became ready

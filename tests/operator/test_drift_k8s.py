@@ -73,7 +73,7 @@ def test_deleted_and_edited_children_are_put_back(kubellm_operator: Any, op_name
     patch = json.dumps({"data": {c.ENGINE_CONFIG_KEY: "{}"}})
     k8s_cluster.kubectl("patch", "configmap", "drift-engine", "-n", ns, "--type=merge", "-p", patch)
     wait_until(
-        lambda: (_engine_json(api, ns, "drift") or {}).get("max_num_seqs") == 256,
+        lambda: (_engine_json(api, ns, "drift") or {}).get("engine", {}).get("max_num_seqs") == 256,
         timeout=30,
         what="the ConfigMap restored",
     )

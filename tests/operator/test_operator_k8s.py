@@ -103,13 +103,13 @@ def test_create_makes_children_and_becomes_ready(kubellm_operator: Any, op_names
     assert deployment.spec.replicas == 2
     container = deployment.spec.template.spec.containers[0]
     assert container.image == "ghcr.io/kubellm/runtime:test"
-    assert container.args[container.args.index("--max-num-seqs") + 1] == "64"
+    assert container.args == ["serve", "--config", "/etc/kubellm/engine.json"]
     assert container.readiness_probe.http_get.path == "/ready"
     assert container.security_context.read_only_root_filesystem is True
     assert container.resources.limits == {"nvidia.com/gpu": "1"}
     assert objs["Service"].spec.ports[0].port == 8000
     assert objs["PodDisruptionBudget"].spec.max_unavailable == 1
-    assert json.loads(objs["ConfigMap"].data["engine.json"])["max_num_seqs"] == 64
+    assert json.loads(objs["ConfigMap"].data["engine.json"])["engine"]["max_num_seqs"] == 64
 
     # kwok runs the pods on its GPU nodes and marks them Ready; the status follows.
     obj = wait_until(lambda: ready(api, op_namespace, "smol", 2), timeout=60, what="Ready with 2 replicas")
@@ -150,10 +150,9 @@ def test_update_rolls_out_and_scale_subresource_works(
 
     def rolled() -> bool:
         d = apps.read_namespaced_deployment("roll", op_namespace)
-        args = d.spec.template.spec.containers[0].args
         st = d.status
         return (
-            args[args.index("--max-num-seqs") + 1] == "8"
+            d.spec.template.metadata.annotations[c.ANNOTATION_CONFIG_HASH] != first_hash
             and (st.observed_generation or 0) >= d.metadata.generation
             and st.updated_replicas == 1
             and st.replicas == 1

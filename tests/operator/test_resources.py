@@ -28,6 +28,11 @@ def _flag(args: list[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args else None
 
 
+def _config(objs: Any) -> dict[str, Any]:
+    """The engine.json the container's `--config` reads: {"engine": {...}, "server": {...}}."""
+    return dict(json.loads(objs.config_map["data"][c.ENGINE_CONFIG_KEY]))
+
+
 def test_every_object_is_owned_labelled_and_namespaced() -> None:
     objs = _render(replicas=2)
     kinds = [o["kind"] for o in objs.to_apply()]
@@ -56,16 +61,22 @@ def test_runtime_container_command_and_probes() -> None:
     container = _container(objs)
     assert container["image"] == "example/kubellm:test"
     assert container["command"] == ["kubellm"]
-    args = container["args"]
-    assert args[:3] == ["serve", "--model", "builtin:smollm2-135m-instruct"]
-    assert _flag(args, "--host") == "0.0.0.0" and _flag(args, "--port") == "8000"
-    assert _flag(args, "--max-num-seqs") == "32"
-    assert _flag(args, "--max-num-batched-tokens") == "1024"
-    assert _flag(args, "--block-size") == "32"
-    assert _flag(args, "--max-model-len") == "2048"
-    assert _flag(args, "--dtype") == "float16"
-    assert _flag(args, "--served-model-name") == "smol"
-    assert "--no-enable-prefix-caching" in args and "--enforce-eager" not in args
+    # Every setting is in the mounted config file, by EngineConfig field name; no engine flag on the command line.
+    assert container["args"] == ["serve", "--config", f"{c.CONFIG_MOUNT_PATH}/{c.ENGINE_CONFIG_KEY}"]
+    engine, server = _config(objs)["engine"], _config(objs)["server"]
+    assert engine == {
+        "model": "builtin:smollm2-135m-instruct",
+        "served_model_name": "smol",
+        "dtype": "float16",
+        "max_model_len": 2048,
+        "block_size": 32,
+        "max_num_seqs": 32,
+        "max_num_batched_tokens": 1024,
+        "gpu_memory_utilization": 0.9,
+        "enable_prefix_caching": False,
+        "enforce_eager": False,
+    }
+    assert (server["host"], server["port"]) == ("0.0.0.0", 8000)
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     startup = container["startupProbe"]
@@ -75,7 +86,7 @@ def test_runtime_container_command_and_probes() -> None:
     pod = objs.deployment["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 45
     # The runtime's drain fits in the grace period after the preStop pause.
-    assert _flag(args, "--drain-timeout") == "38"
+    assert server["drain_timeout"] == 38
     assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
 
 
@@ -140,7 +151,7 @@ def test_prometheus_annotations_and_config_hash_rolls_pods() -> None:
     b = _render(engine={"maxNumSeqs": 8})
     assert config_hash(a.config_map) != config_hash(b.config_map)
     engine = json.loads(b.config_map["data"][c.ENGINE_CONFIG_KEY])
-    assert engine["max_num_seqs"] == 8 and engine["model"] == "builtin:smollm2-135m-instruct"
+    assert engine["engine"]["max_num_seqs"] == 8 and engine["engine"]["model"] == "builtin:smollm2-135m-instruct"
     # Rendering is deterministic: the same spec gives byte-identical objects (so applies are no-ops).
     assert _render().to_apply() == _render().to_apply()
 
@@ -178,9 +189,10 @@ def test_model_sources_auth_storage_env_and_overrides() -> None:
     assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
     assert volumes["model-cache"]["persistentVolumeClaim"] == {"claimName": "cache"}
     assert volumes["api-key"]["secret"] == {"secretName": "keys", "items": [{"key": "api-key", "path": "api-key"}]}
-    assert _flag(container["args"], "--model") == "/models/weights/smol"
-    assert _flag(container["args"], "--api-key-file") == f"{c.API_KEY_MOUNT_PATH}/api-key"
-    assert _flag(container["args"], "--chat-template") == f"{c.CONFIG_MOUNT_PATH}/{c.CHAT_TEMPLATE_KEY}"
+    config = _config(objs)
+    assert config["engine"]["model"] == "/models/weights/smol"
+    assert config["server"]["api_key_file"] == f"{c.API_KEY_MOUNT_PATH}/api-key"
+    assert config["engine"]["chat_template"] == f"{c.CONFIG_MOUNT_PATH}/{c.CHAT_TEMPLATE_KEY}"
     assert objs.config_map["data"][c.CHAT_TEMPLATE_KEY] == "{{ x }}"
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_HOME"]["value"] == "/elsewhere"  # the user's value wins, once
@@ -191,7 +203,7 @@ def test_model_sources_auth_storage_env_and_overrides() -> None:
     assert objs.deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": "50%"}
     hf = _render(model={"source": "hf://org/name", "revision": "v2", "tokenSecretRef": {"name": "tok"}})
     hf_container = _container(hf)
-    assert _flag(hf_container["args"], "--revision") == "v2"
+    assert _config(hf)["engine"]["revision"] == "v2"
     token = next(e for e in hf_container["env"] if e["name"] == "HF_TOKEN")
     assert token["valueFrom"] == {"secretKeyRef": {"name": "tok", "key": "token"}}
 

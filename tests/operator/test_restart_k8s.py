@@ -3,6 +3,7 @@ children, up to date, and nothing orphaned or duplicated."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,24 @@ def _managed(api: Any, namespace: str) -> dict[str, list[Any]]:
         "Service": core.list_namespaced_service(namespace, label_selector=selector).items,
         "PodDisruptionBudget": policy.list_namespaced_pod_disruption_budget(namespace, label_selector=selector).items,
     }
+
+
+def _hash(deployment: Any) -> str:
+    return str((deployment.spec.template.metadata.annotations or {}).get(c.ANNOTATION_CONFIG_HASH))
+
+
+def _runs_32(core: Any, deployment: Any) -> bool:
+    """The Deployment's pod template runs the ConfigMap content with engine.max_num_seqs 32 (by the config hash,
+    which is what rolls the pods: the settings themselves are in the ConfigMap)."""
+    from kubellm.operator.resources import config_hash
+
+    meta = deployment.metadata
+    try:
+        cm = core.read_namespaced_config_map(f"{meta.name}-engine", meta.namespace)
+    except client.ApiException:
+        return False
+    engine = json.loads((cm.data or {}).get(c.ENGINE_CONFIG_KEY, "{}")).get("engine", {})
+    return bool(engine.get("max_num_seqs") == 32 and config_hash({"data": cm.data}) == _hash(deployment))
 
 
 def _first_event(list_fn: Any, namespace: str, predicate: Any = None, timeout: int = 60) -> Any:
@@ -68,15 +87,16 @@ def test_sigkill_mid_reconcile_then_restart_converges(
     print(f"first kill: {len(state['ConfigMap'])} ConfigMaps, {len(state['Deployment'])} Deployments of {COUNT}")
 
     # A spec change while the operator is down, then restart, and kill again right after the first rollout starts.
+    core: Any = client.CoreV1Api(api)
     for name in names:
         custom.patch_namespaced_custom_object(
             c.GROUP, c.VERSION, ns, c.PLURAL, name, {"spec": {"engine": {"maxNumSeqs": 32}}}
         )
     op.start()
 
-    _first_event(apps.list_namespaced_deployment, ns, lambda d: "32" in d.spec.template.spec.containers[0].args)
+    _first_event(apps.list_namespaced_deployment, ns, lambda d: _runs_32(core, d))
     op.kill()
-    updated = sum("32" in d.spec.template.spec.containers[0].args for d in _managed(api, ns)["Deployment"])
+    updated = sum(_runs_32(core, d) for d in _managed(api, ns)["Deployment"])
     print(f"second kill: {updated}/{COUNT} Deployments updated")
 
     op.start()
@@ -90,8 +110,7 @@ def test_sigkill_mid_reconcile_then_restart_converges(
                     return False
                 if status.get("readyReplicas") != 2:
                     return False
-                args = apps.read_namespaced_deployment(name, ns).spec.template.spec.containers[0].args
-                if args[args.index("--max-num-seqs") + 1] != "32":
+                if not _runs_32(core, apps.read_namespaced_deployment(name, ns)):
                     return False
             return True
 

@@ -1,0 +1,42 @@
+"""The contract between the operator and the runtime (torch-free: the operator image has no torch).
+
+Both sides import these facts instead of writing them down twice: where the runtime listens, its probe paths,
+the metric names the autoscaler reads, and the engine's settings (runtime/config.py's EngineConfig, the one
+definition: the serve flags are generated from it, the operator renders a config file with its field names and
+validates the engine section with it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Final
+
+from kubellm.runtime.config import EngineConfig, engine_config
+
+CONTAINER_PORT: Final = 8000
+HEALTH_PATH: Final = "/health"
+READY_PATH: Final = "/ready"
+METRICS_PATH: Final = "/metrics"
+
+# Prometheus metrics, named as vLLM names them (what routers and autoscalers built for vLLM read).
+METRIC_WAITING: Final = "vllm:num_requests_waiting"
+METRIC_RUNNING: Final = "vllm:num_requests_running"
+METRIC_KV_USAGE: Final = "vllm:kv_cache_usage_perc"
+
+# The config file `kubellm serve --config` reads: {"engine": {EngineConfig fields}, "server": {serve flags}}.
+CONFIG_ENGINE_SECTION: Final = "engine"
+CONFIG_SERVER_SECTION: Final = "server"
+
+
+def engine_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def check_engine_section(section: dict[str, Any]) -> str | None:
+    """The engine section validated by EngineConfig itself; None if it is valid, else the first error. Paths
+    inside the pod (a chat template file) cannot be checked from outside it and are left to the runtime."""
+    try:
+        engine_config({**section, "chat_template": None})
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None
