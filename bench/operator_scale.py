@@ -4,7 +4,7 @@
 
 1. `--count` LLMDeployments created at once (8 client threads): for each, the time from its create call returning
    to its Deployment appearing (watched), p50/p99/max; the time until all exist and until all report Ready;
-   the operator's RSS (current and peak) and CPU seconds; then its CPU share at rest with every object's timer
+   the operator's RSS (current and peak) and CPU seconds; then its CPU share at rest with the fleet loop
    running (the default 5 s interval).
 2. Load steps: an LLMDeployment with builtin autoscaling (evaluationPeriodSeconds 5); a real HTTP server on its
    pod's IP renders the runtime's own /metrics; the queue depth steps from 0 to 8x the target; measured: the time
@@ -124,7 +124,8 @@ def bench_create(api: Any, ns: str, count: int, op_pid: int) -> dict[str, Any]:
     wait_until(all_ready, timeout=900, what="every LLMDeployment Ready", interval=1.0)
     all_ready_s = time.monotonic() - start
     after = proc_stats(op_pid)
-    # At rest: every object's timer still ticks (status refresh); how much CPU does that take? Measured after a
+    # At rest: the fleet loop still ticks over every object (status refresh, writing nothing when nothing moved);
+    # how much CPU does that take? Measured after a
     # 20 s settling time (the last status writes and their watch events), over 20 s.
     time.sleep(20)
     settled = proc_stats(op_pid)
@@ -308,7 +309,7 @@ def main() -> int:
             f"{created['operator_after_convergence']['peak_rss_mib']} MiB",
         ),
         (
-            f"operator CPU at rest ({created['count']} timers)",
+            f"operator CPU at rest ({created['count']} objects in the loop)",
             f"{100 * created['operator_cpu_share_at_rest']:.1f} % of a core",
         ),
         (

@@ -194,7 +194,7 @@ class Kube:
             except ApiException as exc:
                 if exc.status != 409 or attempt == attempts - 1:
                     raise
-            time.sleep(0.02 * attempt)  # a burst of writers (a rollout, a scale) passes in a few round trips
+            time.sleep(0.05 * attempt)  # a burst of writers (a rollout, a scale) passes in a few round trips
             current = self.get_llmd(namespace, name)
         return False
 

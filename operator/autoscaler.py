@@ -131,6 +131,17 @@ def idle_seconds(history: Sequence[Recommendation], now: float) -> float:
     return now - since if history and history[-1].replicas == 0 else 0.0
 
 
+def _gate_zero(history: Sequence[Recommendation], now: float, policy: Policy, steps: list[str]) -> int:
+    """0 replicas only once the recommendation has been 0 for scaleToZeroAfterSeconds; else hold 1."""
+    idle = idle_seconds(history, now)
+    after = policy.scale_to_zero_after_seconds
+    if after is not None and idle >= after:
+        return 0
+    wait = "never (no scaleToZeroAfterSeconds)" if after is None else f"after {after:g} s idle"
+    steps.append(f"idle {idle:.0f} s, scale to zero {wait}: hold 1")
+    return 1
+
+
 def decide(obs: Observation, policy: Policy, history: Sequence[Recommendation]) -> Decision:
     now, current = obs.time, obs.current_replicas
     kept = [r for r in history if now - r.time < policy.window]
@@ -202,12 +213,7 @@ def decide(obs: Observation, policy: Policy, history: Sequence[Recommendation]) 
         steps.append(f"clamped to [{policy.min_replicas}, {policy.max_replicas}]: {clamped}")
         desired = clamped
     if desired == 0 and current > 0:
-        idle = idle_seconds(new_history, now)
-        after = policy.scale_to_zero_after_seconds
-        if after is None or idle < after:
-            desired = 1
-            wait = "never (no scaleToZeroAfterSeconds)" if after is None else f"after {after:g} s idle"
-            steps.append(f"idle {idle:.0f} s, scale to zero {wait}: hold 1")
+        desired = _gate_zero(new_history, now, policy, steps)
     if limited is None and math.ceil(load - 1e-9) > policy.max_replicas and desired == policy.max_replicas:
         limited = f"load asks for {math.ceil(load - 1e-9)} replicas, maxReplicas is {policy.max_replicas}"
 

@@ -161,16 +161,16 @@ class FleetLoop:
             if report.metrics is not None and not metrics_due(previous, report.metrics, interval):
                 report = dataclasses.replace(report, metrics=None)  # rate-limited: the last snapshot stands
         pending = memory.pending
-        if pending is not None:
-            report = (
-                pending
-                if report is None
-                else dataclasses.replace(
-                    report,
-                    decision=report.decision or pending.decision,
-                    scale_time=report.scale_time or pending.scale_time,
-                )
+        if pending is not None and report is not None:
+            # The decision and the metrics it was made on go out together; this tick's metrics follow next time.
+            report = dataclasses.replace(
+                report,
+                decision=report.decision or pending.decision,
+                scale_time=report.scale_time or pending.scale_time,
+                metrics=pending.metrics or report.metrics,
             )
+        elif pending is not None:
+            report = pending
         deployment: DeploymentState | None = one(self.deployments.get(key))
         args2 = (self.kube, owner, ref.generation, spec, deployment, pods, last_seen, report)
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from kubernetes.client.exceptions import ApiException
 
 from kubellm.operator.apply import Kube
-from kubellm.operator.autoscaler import Observation, Policy, decide
+from kubellm.operator.autoscaler import Decision, Observation, Policy, decide
 from kubellm.operator.history import expand, record, seed
 from kubellm.operator.metrics import Scraper, ScrapeResult, ScrapeTarget, metrics_url
 from kubellm.operator.resources import Owner
@@ -109,21 +109,9 @@ async def autoscale(
     message = decision.reason if active else f"no metrics from {len(ready)} Ready pod(s): holding"
     entry = None
     if decision.changed:
-        args = (owner.namespace, owner.name, decision.current_replicas, decision.desired_replicas, resource_version)
-        try:
-            scaled = await asyncio.to_thread(kube.scale_if, *args)
-        except ApiException as exc:
-            logger.warning("scaling to %d failed: HTTP %s", decision.desired_replicas, exc.status)
-            message = f"scaling failed: HTTP {exc.status}"
-            return ScalingReport(active, reason, message, metrics=metrics, history=memory.segments), spec
-        if not scaled:
-            # Someone else (kubectl scale, GitOps) changed spec.replicas since the observation: theirs stands,
-            # and the next evaluation decides from it.
-            message = f"not scaled to {decision.desired_replicas}: spec.replicas changed meanwhile"
-            return ScalingReport(active, reason, message, metrics=metrics, history=memory.segments), spec
-        verb = "ScaledUp" if decision.desired_replicas > decision.current_replicas else "ScaledDown"
-        await post_event("Normal", verb, decision.reason[:1024])
-        logger.info("%s/%s: %s", owner.namespace, owner.name, decision.reason)
+        failure = await _scale(kube, owner, decision, resource_version, post_event, logger)
+        if failure is not None:
+            return ScalingReport(active, reason, failure, metrics=metrics, history=memory.segments), spec
         entry = ScalingDecisionRecord(
             time=now,
             from_replicas=decision.current_replicas,
@@ -142,3 +130,29 @@ async def autoscale(
         history=memory.segments,
     )
     return report, spec
+
+
+async def _scale(
+    kube: Kube,
+    owner: Owner,
+    decision: Decision,
+    resource_version: str,
+    post_event: PostEvent,
+    logger: logging.Logger,
+) -> str | None:
+    """Write the decision through the scale subresource, conditional on the observed version; None when done,
+    else why not (the report's message)."""
+    args = (owner.namespace, owner.name, decision.current_replicas, decision.desired_replicas, resource_version)
+    try:
+        scaled = await asyncio.to_thread(kube.scale_if, *args)
+    except ApiException as exc:
+        logger.warning("scaling to %d failed: HTTP %s", decision.desired_replicas, exc.status)
+        return f"scaling failed: HTTP {exc.status}"
+    if not scaled:
+        # Someone else (kubectl scale, GitOps) changed spec.replicas since the observation: theirs stands, and the
+        # next evaluation decides from it.
+        return f"not scaled to {decision.desired_replicas}: spec.replicas changed meanwhile"
+    verb = "ScaledUp" if decision.desired_replicas > decision.current_replicas else "ScaledDown"
+    await post_event("Normal", verb, decision.reason[:1024])
+    logger.info("%s/%s: %s", owner.namespace, owner.name, decision.reason)
+    return None
