@@ -17,7 +17,9 @@ under load and a scale-down after it.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,7 +106,9 @@ def test_runtime_queue_drives_scale_up_and_back_down(
         )
         assert latest().spec_replicas == 1 and latest().deployment_replicas == 1
         mark("replica 1 scraped")
-        served_name = pod1.args[pod1.args.index("--served-model-name") + 1]
+        # The served name is in the mounted config file (the ConfigMap), which the runtime reports back.
+        with urllib.request.urlopen(pod1.url("/v1/models"), timeout=10) as response:
+            served_name = json.load(response)["data"][0]["id"]
 
         # 2. Load on pod 1 until the operator scales up. Pods seen from now on wait for release() (image pull).
         kubelet.hold()
@@ -122,12 +126,14 @@ def test_runtime_queue_drives_scale_up_and_back_down(
             load.stop()
         stopped_wall = time.time()
         assert not load.stats.errors, load.stats
-        # What the operator scraped: replica 1 busy (its two sequences running) with a queue over the target.
+        # What the operator scraped: replica 1 busy (its two sequences running) with a queue over the target. The
+        # evaluation that decided wrote its metrics with the decision, just after the scale itself: wait for it.
+        up_decisions = wait(lambda: latest().decisions, 30, "the scale-up decision (and its metrics) in status")
         scraped = [s.metrics for s in observer.timeline if s.metrics]
         assert max(m.get("queueDepth", 0) for m in scraped) > TARGET_QUEUE_DEPTH, scraped
         assert max(m.get("runningRequests", 0) for m in scraped) == SPEC["engine"]["maxNumSeqs"], scraped
-        decision = up.decisions[-1]
-        assert (decision["fromReplicas"], decision["toReplicas"]) == (1, 2), up.decisions
+        decision = up_decisions[-1]
+        assert (decision["fromReplicas"], decision["toReplicas"]) == (1, 2), up_decisions
         assert "queue" in decision["reason"], decision
         scaled_up = wait(lambda: [e for e in _events(api, ns) if e.reason == "ScaledUp"], 30, "a ScaledUp Event")
         assert any("queue" in (e.message or "") for e in scaled_up), [e.message for e in scaled_up]
@@ -152,7 +158,10 @@ def test_runtime_queue_drives_scale_up_and_back_down(
                 and m.get("podsFailed", 0) >= 1
                 and m.get("queueDepth") == 0
                 and m.get("runningRequests") == 0
-                and _wall(m["time"]) >= stopped_wall + SCALE_DOWN_WINDOW_S + 2 * EVALUATION_PERIOD_S
+                and _wall(m["time"]) >= stopped_wall
+                # status.metrics is only rewritten when its numbers move (a quiet fleet writes nothing): the idle
+                # snapshot above stands for every evaluation since, so wait out the window on the clock.
+                and time.time() >= stopped_wall + SCALE_DOWN_WINDOW_S + 2 * EVALUATION_PERIOD_S
             )
 
         wait(idle_evaluation_past_window, 60, "an idle evaluation with a failed scrape, past the scale-down window")
@@ -166,9 +175,16 @@ def test_runtime_queue_drives_scale_up_and_back_down(
         # 4. The runtime starts; once the operator scrapes it, the idle loop scales back down to minReplicas.
         kubelet.release()
         down = wait(
-            lambda: (s := latest()).spec_replicas == 1 and s.deployment_replicas == 1 and s.desired_replicas == 1 and s,
+            lambda: (
+                (s := latest()).spec_replicas == 1
+                and s.deployment_replicas == 1
+                and s.desired_replicas == 1
+                # the decision is recorded just after the scale write itself
+                and s.decisions[-1]["toReplicas"] == 1
+                and s
+            ),
             240,
-            "a scale-down to minReplicas after the second runtime serves",
+            "a scale-down to minReplicas after the second runtime serves, recorded in status",
         )
         mark("scaled down")
         pod2 = kubelet.pods[pod2_name]
