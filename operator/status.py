@@ -195,7 +195,9 @@ def merge_conditions(
         old = before.get(cond.type)
         flipped = old is None or old.status != cond.status
         since = now if flipped or old is None or old.last_transition_time is None else old.last_transition_time
-        out.append(cond.model_copy(update={"observed_generation": generation, "last_transition_time": since}))
+        # Never back: a writer whose watch has not seen the newest generation yet must not stamp an older one.
+        stamp = max(generation, (old.observed_generation or 0) if old is not None else 0)
+        out.append(cond.model_copy(update={"observed_generation": stamp, "last_transition_time": since}))
     return out
 
 

@@ -221,6 +221,10 @@ def test_apply_failure_stands_until_an_apply_succeeds() -> None:
     assert status_patch(failed, later) == {}
     fixed = build_status(**args, generation=3, previous=later, now="2026-01-01T00:03:00Z", applied=True)
     assert _conditions(fixed)["Degraded"]["reason"] == "AsExpected" and fixed["observedGeneration"] == 3
+    # A writer that still sees generation 2 (its watch is behind) stamps nothing older than what is there.
+    behind = build_status(**args, generation=2, previous=fixed, now="2026-01-01T00:04:00Z")
+    assert all(cond["observedGeneration"] == 3 for cond in behind["conditions"])
+    assert status_patch(fixed, behind) == {}
 
 
 def test_metrics_in_status_are_rate_limited() -> None:
