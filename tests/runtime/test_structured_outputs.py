@@ -313,3 +313,35 @@ def test_forced_tool_calls_validate_against_each_functions_parameters(
         assert calls and (parallel or len(calls) == 1), text
         for call in calls:
             jsonschema.validate(json.loads(call.arguments), by_name[call.name])
+
+
+def test_vocab_types(smollm2_tokenizer: Tokenizer) -> None:
+    """SmolLM2 is byte-level BPE; a SentencePiece-style vocabulary (Llama 2 / Mistral: ``▁`` for a space,
+    ``<0xC3>`` byte pieces) is byte-fallback with a prefix space, and its grammar walks decode right."""
+    import xgrammar as xg
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from kubellm.runtime.structured_outputs.backend import detect_vocab_type
+
+    assert detect_vocab_type(smollm2_tokenizer) == (xg.VocabType.BYTE_LEVEL, False)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ["▁", *"abcdefghijklmnopqrstuvwxyz0123456789", "▁a", "ab", "▁ab", "12"]:
+        vocab[piece] = len(vocab)
+    hf = HFTokenizer(
+        models.BPE(vocab, [("▁", "a"), ("a", "b"), ("▁a", "b"), ("1", "2")], byte_fallback=True, unk_token="<unk>")
+    )
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    hf.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    tokenizer = Tokenizer(hf, special_tokens={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    assert detect_vocab_type(tokenizer) == (xg.VocabType.BYTE_FALLBACK, True)
+    backend = GrammarBackend(tokenizer)
+    assert backend.stop_token_ids == [2]
+    rng = random.Random(seed := random.randrange(2**32))
+    print(f"seed={seed}")
+    regex = "[a-z]{2,4} [0-9]{2}é"
+    for _ in range(5):
+        assert re.fullmatch(regex, walk(backend, tokenizer, StructuredOutputsParams(regex=regex), rng))
