@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 
 from ..outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from ..sampling_params import SamplingParams
+from ..structured_outputs import GrammarError
 from . import protocol as p
 from .admission import Admission
 from .errors import APIError, bad_request
@@ -28,9 +30,11 @@ from .metrics import ServerMetrics
 from .ratelimit import RateLimiter
 from .settings import ServerSettings
 from .streams import Trace, finish_reason, merge, refusals_as_400
+from .structured import Constraint
 
 if TYPE_CHECKING:
     from ..engine.async_engine import AsyncEngine
+    from ..structured_outputs import CompiledGrammar
 
 log = logging.getLogger("kubellm.server")
 
@@ -77,6 +81,8 @@ class ServingContext:
         self.admission = Admission(
             settings.max_queue_len, self.rate_limiter, self.metrics, lambda: self.get_engine().stats()
         )
+        # grammar compiles run here: neither the event loop nor the engine's step loop waits on one
+        self._grammar_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kubellm-grammar")
 
     def set_engine(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -152,27 +158,36 @@ class ServingContext:
         return max_tokens
 
     def sampling_params(
-        self, req: p.CompletionRequest | p.ChatCompletionRequest, max_tokens: int, logprobs: int | None
+        self,
+        req: p.CompletionRequest | p.ChatCompletionRequest,
+        max_tokens: int,
+        logprobs: int | None,
+        constraint: Constraint | None = None,
     ) -> SamplingParams:
+        """The engine's parameters for ``req``; what the request omits comes from the model's
+        generation_config.json (temperature, top_p, top_k, repetition_penalty), else the neutral value."""
         engine = self.get_engine()
-        if req.logit_bias:
-            raise bad_request("logit_bias is not supported", param="logit_bias")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
         max_num_seqs = engine.config.max_num_seqs
         if req.n > max_num_seqs:
             raise bad_request(f"n is {req.n}, more than this server runs at once ({max_num_seqs})", param="n")
-        top_k = req.top_k or 0
+        defaults = self.generation_defaults()
+        top_k = req.top_k if req.top_k is not None else int(defaults.get("top_k", 0))
         if top_k < 0 or top_k >= self.tokenizer().vocab_size:
             top_k = 0  # -1 is OpenAI-ecosystem spelling of "off"; k >= vocab is the same as off
+
+        def pick(value: float | None, name: str, neutral: float) -> float:
+            return value if value is not None else float(defaults.get(name, neutral))
+
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=req.n,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
+                temperature=pick(req.temperature, "temperature", 1.0),
+                top_p=pick(req.top_p, "top_p", 1.0),
                 top_k=top_k,
                 min_p=req.min_p or 0.0,
-                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                repetition_penalty=pick(req.repetition_penalty, "repetition_penalty", 1.0),
                 presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0,
                 # The engine seeds a 63-bit generator: fold OpenAI's int64 range onto it.
@@ -185,22 +200,56 @@ class ServingContext:
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
+                logit_bias=dict(req.logit_bias) if req.logit_bias else None,  # type: ignore[arg-type]
+                allowed_token_ids=list(req.allowed_token_ids) if req.allowed_token_ids is not None else None,
+                bad_words=list(req.bad_words or []),
+                structured_outputs=None if constraint is None else constraint.params,
             )
+            params.verify_vocab(engine.vocab_size)
         except ValueError as exc:
             message = str(exc)
             raise bad_request(message, param=message.split(" ", 1)[0]) from None
+        return params
+
+    def generation_defaults(self) -> dict[str, float]:
+        """The sampling defaults of the model's generation_config.json, for the fields a request omits."""
+        config = getattr(self.get_engine(), "generation_config", None) or {}
+        out: dict[str, float] = {}
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            value = config.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[name] = value
+        if config.get("do_sample") is False:
+            out["temperature"] = 0.0  # transformers' greedy default
+        return out
+
+    async def compile(self, constraint: Constraint | None) -> CompiledGrammar | None:
+        """The request's grammar, compiled in the grammar pool; an invalid one is a 400 naming its field."""
+        if constraint is None:
+            return None
+        engine = self.get_engine()
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._grammar_pool, engine.compile_grammar, constraint.params)
+        except GrammarError as exc:
+            raise bad_request(exc.message, param=constraint.param, code="invalid_grammar") from None
 
     # ----- generation ----------------------------------------------------------------------------------
 
     def start(
-        self, request_ids: list[str], prompts: list[list[int]], params: list[SamplingParams], priority: int = 0
+        self,
+        request_ids: list[str],
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        priority: int = 0,
+        grammar: CompiledGrammar | None = None,
     ) -> list[AsyncIterator[RequestOutput]]:
         """Hand every prompt to the engine; a prompt the engine refuses is a 400 before any header is sent."""
         engine = self.get_engine()
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
             for request_id, prompt, sp in zip(request_ids, prompts, params, strict=True):
-                stream = engine.add_request(request_id, prompt, sp, priority=priority)
+                stream = engine.add_request(request_id, prompt, sp, priority=priority, grammar=grammar)
                 streams.append(refusals_as_400(stream))
         except (ValueError, RuntimeError) as exc:
             for request_id in request_ids:
@@ -224,6 +273,7 @@ class ServingContext:
         try:
             async for i, out in merge(streams):
                 self.observe(trace, out)
+                trace.cached_tokens[out.request_id] = out.metrics.num_cached_tokens
                 for c in out.outputs:
                     yield i * n + c.index, c
                 if out.finished:

@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -22,6 +22,10 @@ from .errors import APIError, bad_request
 from .serving import ServingContext, new_request_id
 from .sse import write_sse
 from .streams import Choice, Trace, finish_reason
+from .structured import constraint_of
+
+if TYPE_CHECKING:
+    from ..structured_outputs import CompiledGrammar
 
 
 @dataclass
@@ -32,6 +36,7 @@ class ChatPlan:
     req: p.ChatCompletionRequest
     prompt: list[int]
     params: SamplingParams
+    grammar: CompiledGrammar | None = None
 
 
 class ChatServing:
@@ -63,8 +68,6 @@ class ChatServing:
         request_id = new_request_id("chatcmpl")
         if req.tools and req.tool_choice not in (None, "none"):
             raise bad_request("tool calling is not supported", param="tools")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise bad_request("only response_format type 'text' is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         text = self.render(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
@@ -73,10 +76,12 @@ class ChatServing:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         limit = ctx.check_length(len(prompt), max_tokens, param, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return ChatPlan(request_id, req, prompt, ctx.sampling_params(req, limit, logprobs))
+        constraint = constraint_of(req)
+        params = ctx.sampling_params(req, limit, logprobs, constraint)
+        return ChatPlan(request_id, req, prompt, params, await ctx.compile(constraint))
 
     def start(self, plan: ChatPlan) -> list[AsyncIterator[RequestOutput]]:
-        return self.ctx.start([plan.request_id], [plan.prompt], [plan.params], plan.req.priority)
+        return self.ctx.start([plan.request_id], [plan.prompt], [plan.params], plan.req.priority, plan.grammar)
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         req = await self.ctx.parse(request, p.ChatCompletionRequest)
@@ -88,8 +93,11 @@ class ChatServing:
             streams = self.start(plan)
             created = int(time.time())
             if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return await write_sse(request, self.chunks(plan, created, streams, trace, include_usage))
+                opts = req.stream_options
+                include_usage = bool(opts and opts.include_usage)
+                continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
+                chunks = self.chunks(plan, created, streams, trace, include_usage, continuous)
+                return await write_sse(request, chunks)
             choices = [Choice() for _ in range(req.n)]
             async with contextlib.aclosing(self.ctx.generate([plan.request_id], streams, req.n, trace)) as deltas:
                 async for index, delta in deltas:
@@ -119,6 +127,7 @@ class ChatServing:
         streams: list[AsyncIterator[RequestOutput]],
         trace: Trace,
         include_usage: bool,
+        continuous_usage: bool = False,
     ) -> AsyncGenerator[p.ChatCompletionChunk, None]:
         """OpenAI's chat chunk sequence: a role chunk per choice, content deltas, a finish chunk per choice."""
         n = plan.req.n
@@ -133,7 +142,9 @@ class ChatServing:
                 model=self.ctx.model_name,
                 choices=choices,
             )
-            if include_usage:
+            if continuous_usage and choices:
+                c.usage = trace.usage()  # vLLM's continuous_usage_stats: the counts so far, on every chunk
+            elif include_usage:
                 c.usage = usage  # assigned: serialized (null on all but the last chunk) only when asked for
             return c
 

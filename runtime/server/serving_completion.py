@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -19,6 +19,10 @@ from .errors import bad_request
 from .serving import ServingContext, new_request_id
 from .sse import write_sse
 from .streams import Choice, Trace, finish_reason
+from .structured import constraint_of
+
+if TYPE_CHECKING:
+    from ..structured_outputs import CompiledGrammar
 
 
 @dataclass
@@ -31,6 +35,7 @@ class CompletionPlan:
     prompts: list[list[int]]
     texts: list[str]  # each prompt's text, for echo ("" for token prompts without echo)
     params: list[SamplingParams]
+    grammar: CompiledGrammar | None = None  # the same for every prompt
 
 
 class CompletionServing:
@@ -47,6 +52,10 @@ class CompletionServing:
             raise bad_request("best_of must equal n when given", param="best_of")
         if req.echo and req.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported", param="echo")
+        if req.max_tokens == 0:
+            raise bad_request("max_tokens 0 (scoring the prompt) is not supported", param="max_tokens")
+        if req.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not supported", param="prompt_logprobs")
         raw = req.prompt
         if isinstance(raw, str):
             raw_list: list[Any] = [raw]
@@ -68,9 +77,10 @@ class CompletionServing:
                 texts.append(ctx.tokenizer().decode(ids, skip_special_tokens=False) if req.echo else "")
             prompts.append(ids)
         limits = [ctx.check_length(len(ids), req.max_tokens, "max_tokens", "prompt") for ids in prompts]
-        params = [ctx.sampling_params(req, limit, req.logprobs) for limit in limits]
+        constraint = constraint_of(req)
+        params = [ctx.sampling_params(req, limit, req.logprobs, constraint) for limit in limits]
         engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        return CompletionPlan(request_id, req, engine_ids, prompts, texts, params)
+        return CompletionPlan(request_id, req, engine_ids, prompts, texts, params, await ctx.compile(constraint))
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         req = await self.ctx.parse(request, p.CompletionRequest)
@@ -79,11 +89,14 @@ class CompletionServing:
         trace = Trace(prompt_tokens=sum(len(x) for x in plan.prompts))
         request["trace"] = trace
         with self.ctx.admission.admit(request.get("caller", ANONYMOUS), plan.engine_ids, trace):
-            streams = self.ctx.start(plan.engine_ids, plan.prompts, plan.params, req.priority)
+            streams = self.ctx.start(plan.engine_ids, plan.prompts, plan.params, req.priority, plan.grammar)
             created = int(time.time())
             if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return await write_sse(request, self.chunks(plan, created, streams, trace, include_usage))
+                opts = req.stream_options
+                include_usage = bool(opts and opts.include_usage)
+                continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
+                chunks = self.chunks(plan, created, streams, trace, include_usage, continuous)
+                return await write_sse(request, chunks)
             choices = [Choice() for _ in range(len(plan.prompts) * req.n)]
             async with contextlib.aclosing(self.ctx.generate(plan.engine_ids, streams, req.n, trace)) as deltas:
                 async for index, delta in deltas:
@@ -117,6 +130,7 @@ class CompletionServing:
         streams: list[AsyncIterator[RequestOutput]],
         trace: Trace,
         include_usage: bool,
+        continuous_usage: bool = False,
     ) -> AsyncGenerator[p.CompletionChunk, None]:
         req = plan.req
         n = req.n
@@ -130,7 +144,9 @@ class CompletionServing:
                 model=self.ctx.model_name,
                 choices=choices,
             )
-            if include_usage:
+            if continuous_usage and choices:
+                c.usage = trace.usage()  # vLLM's continuous_usage_stats: the counts so far, on every chunk
+            elif include_usage:
                 c.usage = usage  # assigned: serialized (null on all but the last chunk) only when asked for
             return c
 
@@ -149,7 +165,9 @@ class CompletionServing:
                 offsets[index] += len(out.text)
                 if not out.text and lp is None and reason is None:
                     continue
-                stop = {"stop_reason": out.stop_reason} if reason is not None else {}
-                yield chunk([p.CompletionChoice(index=index, text=out.text, logprobs=lp, finish_reason=reason, **stop)])
+                choice = p.CompletionChoice(index=index, text=out.text, logprobs=lp, finish_reason=reason)
+                if reason is not None:
+                    choice.stop_reason = out.stop_reason  # assigned: serialized on the finish chunk only
+                yield chunk([choice])
         if include_usage:
             yield chunk([], trace.usage())

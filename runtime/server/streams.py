@@ -27,9 +27,9 @@ class Trace:
     first_token: float | None = None
     last_token: float | None = None
     prompt_tokens: int = 0
-    cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
+    cached_tokens: dict[str, int] = field(default_factory=dict)  # engine request id -> prefix-cache hit tokens
 
     def to_log(self) -> dict[str, Any]:
         ttft = None if self.first_token is None else round(self.first_token - self.arrival, 4)
@@ -45,6 +45,7 @@ class Trace:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             total_tokens=self.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details=p.PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values())),
         )
 
 
