@@ -280,6 +280,7 @@ class LLMEngine:
                 skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
             )
         if request.grammar is not None:
             # a forked choice starts where choice 0 started (no token sampled yet): a fresh state is its state
@@ -296,6 +297,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
                 seq.finish_reason = FinishReason.ABORT
+                if seq.detokenizer is not None:
+                    seq.pending_text += seq.detokenizer.flush()  # the text held back for a stop string
         request.metrics.finished_time = time.monotonic()
         return self._make_output(request, final=True)
 
@@ -329,8 +332,11 @@ class LLMEngine:
                 request.is_forked = True
                 for index in range(1, request.params.n):
                     child = self._new_sequence(request, index)
-                    self.block_manager.fork(s.seq, child)
-                    self.scheduler.add_running(child)
+                    if self.scheduler.num_running < self.config.max_num_seqs:
+                        self.block_manager.fork(s.seq, child)
+                        self.scheduler.add_running(child)
+                    else:  # no room to run: it waits, and is recomputed from the prefix cache when admitted
+                        self.scheduler.add(child)
                     rows.append(row)
                     seqs.append(child)
         return rows, seqs
@@ -379,17 +385,21 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token_id: int) -> None:
         params = seq.params
+        num_output = seq.num_output_tokens
+        can_stop = num_output >= params.min_tokens
+        is_stop_id = can_stop and token_id in params.stop_token_ids
+        is_eos = can_stop and token_id in self.eos_token_ids and not params.ignore_eos
         stop_string = None
-        if seq.detokenizer is not None:
+        # a stop token's own text is dropped (vLLM), unless include_stop_str_in_output
+        if seq.detokenizer is not None and (params.include_stop_str_in_output or not (is_stop_id or is_eos)):
             text, stop_string = seq.detokenizer.step([token_id])
             seq.pending_text += text
-        num_output = seq.num_output_tokens
-        if stop_string is not None and num_output >= params.min_tokens:
+        if stop_string is not None:  # the detokenizer matches stop strings only from min_tokens on
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_string
             return
-        if token_id in params.stop_token_ids and num_output >= params.min_tokens:
+        if is_stop_id:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, token_id
-        elif token_id in self.eos_token_ids and not params.ignore_eos and num_output >= params.min_tokens:
+        elif is_eos:
             seq.finish_reason = FinishReason.STOP
         elif (params.max_tokens is not None and num_output >= params.max_tokens) or seq.num_tokens >= self.max_seq_len:
             seq.finish_reason = FinishReason.LENGTH

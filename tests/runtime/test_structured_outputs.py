@@ -280,3 +280,36 @@ def test_rollback_and_fork(backend: GrammarBackend, smollm2_tokenizer: Tokenizer
     rejected = next(t for t in range(backend.vocab_size) if t not in set(before))
     assert not state.accept(rejected)  # a rejected token leaves the state as it was
     assert allowed_ids(state, backend.vocab_size) == before
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_forced_tool_calls_validate_against_each_functions_parameters(
+    parallel: bool, backend: GrammarBackend, smollm2_tokenizer: Tokenizer
+) -> None:
+    from kubellm.runtime.tool_parsers import forced_tool_calls_schema, parse_forced_tool_calls
+
+    weather = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1}},
+        "required": ["city", "days"],
+    }
+    route = {
+        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}},
+        "type": "object",
+        "properties": {"stops": {"type": "array", "items": {"$ref": "#/$defs/point"}, "minItems": 1, "maxItems": 2}},
+        "required": ["stops"],
+    }
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": weather}},
+        {"type": "function", "function": {"name": "route", "parameters": route}},
+    ]
+    schema = forced_tool_calls_schema(tools, "required", parallel_tool_calls=parallel)
+    rng = random.Random(seed := random.randrange(2**32))
+    print(f"seed={seed}")
+    by_name = {"get_weather": weather, "route": route}
+    for _ in range(4):
+        text = walk(backend, smollm2_tokenizer, StructuredOutputsParams(json=schema), rng)
+        calls = parse_forced_tool_calls(text)
+        assert calls and (parallel or len(calls) == 1), text
+        for call in calls:
+            jsonschema.validate(json.loads(call.arguments), by_name[call.name])
