@@ -259,7 +259,7 @@ async def bench_server(args: argparse.Namespace) -> dict[str, Any]:
         await one_request(url, "Warm up.", 4, None)
         await one_request(url, "Warm up.", 4, schema)  # compiles the grammar once, before anything is timed
         for concurrency in args.concurrency:
-            n = max(8, 2 * concurrency)
+            n = max(concurrency, args.num_requests) if args.num_requests else max(8, 2 * concurrency)
             level: dict[str, Any] = {}
             # alternate free / json_schema rounds: the machine drifts, a ratio of interleaved rounds does not
             for round_index in range(args.rounds):
@@ -278,6 +278,7 @@ async def bench_server(args: argparse.Namespace) -> dict[str, Any]:
             level["json_schema_tok_s"] = round(constrained, 2)
             level["slowdown_pct"] = round(100 * (1 - constrained / free), 2) if free else None
             out[f"concurrency={concurrency}"] = level
+            print("  level summary " + json.dumps({f"concurrency={concurrency}": level}), flush=True)
     finally:
         if ours is not None:
             ours.stop()
@@ -293,6 +294,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="free / json_schema rounds per level, interleaved")
     parser.add_argument("--repeats", type=int, default=50, help="sampler calls per timing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num-requests",
+        type=int,
+        help="requests per level and kind, at least one per stream (default: max(8, 2 x streams))",
+    )
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument(
         "--output", type=Path, default=REPO_ROOT / "bench" / "results" / f"structured-{machine_name()}.json"
@@ -326,6 +332,9 @@ def main() -> int:
             "max_tokens": args.max_tokens,
             "concurrency": args.concurrency,
             "rounds": args.rounds,
+            "num_requests": f"max(concurrency, {args.num_requests})"
+            if args.num_requests
+            else "max(8, 2 x concurrency)",
             "throughput_schema": SCHEMAS[THROUGHPUT_SCHEMA],
             "endpoint": "/v1/completions, stream, greedy; free requests with ignore_eos",
         },
