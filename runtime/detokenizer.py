@@ -40,6 +40,9 @@ class IncrementalDetokenizer:
     ``step(new_token_ids) -> (delta, stop)``: the text safe to emit now and, when a stop string completed, that
     string (the request should finish; text after it is dropped and never emitted). ``flush()`` releases the
     held-back text when the request finishes for another reason (length, EOS, abort).
+
+    ``min_tokens``: stop strings count only from the ``min_tokens``-th generated token on (as vLLM checks them);
+    before that all text is emitted as it comes, so an early match loses nothing while the tokens keep growing.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         if isinstance(stop, str):
             stop = [stop]
@@ -59,6 +63,7 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop)
         self.include_stop_str_in_output = include_stop_str_in_output
+        self.min_tokens = min_tokens
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
 
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
@@ -156,7 +161,7 @@ class IncrementalDetokenizer:
     def _release(self, *, final: bool) -> tuple[str, str | None]:
         """Apply the stop strings to the pending text; emit what can no longer be part of one."""
         text = self._pending
-        if self.stop:
+        if self.stop and self.num_generated_tokens >= self.min_tokens:
             match = self._find_stop(text)
             if match is not None:
                 index, stop = match

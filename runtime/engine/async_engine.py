@@ -30,6 +30,7 @@ from .llm_engine import LLMEngine
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel
+    from ..structured_outputs import CompiledGrammar, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model_name
         self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.model_config.vocab_size
+        self.generation_config = self.engine.generation_config
         self._stats = self.engine.stats()
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -103,23 +106,38 @@ class AsyncEngine:
         return self._thread is not None and self._started.is_set() and self._thread.is_alive()
 
     # ---- requests -------------------------------------------------------------------------------------
+    def compile_grammar(self, params: StructuredOutputsParams) -> CompiledGrammar:
+        """Compile a grammar for ``add_request(grammar=...)``. Blocking (milliseconds to a second): call it in a
+        thread pool, so that neither the event loop nor the step loop waits on it. Raises GrammarError."""
+        return self.engine.compile_grammar(params)
+
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, *, priority: int = 0
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        grammar: CompiledGrammar | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Queue a request; iterate the result for its deltas. Bad prompts raise ValueError here, at once."""
+        """Queue a request; iterate the result for its deltas. Bad prompts raise ValueError here, at once.
+        A request with ``params.structured_outputs`` must bring its ``grammar`` (``compile_grammar``)."""
         if self.error is not None:
             raise RuntimeError(f"the engine has stopped after an error: {self.error!r}")
         if not self.is_running:
             raise RuntimeError("the engine is not started (await engine.start() first)")
+        if params.structured_outputs is not None and grammar is None:
+            raise ValueError("structured_outputs needs its compiled grammar: call compile_grammar first")
         prompt_token_ids = self.engine.tokenize(prompt)
         self.engine.validate_prompt(prompt_token_ids)
+        self.engine.validate_params(params)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue[Any] = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = (loop, stream)
-        self._commands.put(("add", (request_id, prompt_token_ids, params, priority)))
+        self._commands.put(("add", (request_id, prompt_token_ids, params, priority, grammar)))
         self._wakeup.set()
         return self._iterate(request_id, stream)
 
@@ -168,9 +186,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request_id, prompt_token_ids, params, priority = arg
+                request_id, prompt_token_ids, params, priority, grammar = arg
                 try:
-                    engine.add_request(request_id, prompt_token_ids, params, priority=priority)
+                    engine.add_request(request_id, prompt_token_ids, params, priority=priority, grammar=grammar)
                 except ValueError as e:
                     self._emit(e, request_id)
             elif kind == "abort":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from .sequence import Request, Sequence
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel
+    from ..structured_outputs import CompiledGrammar, GrammarBackend, StructuredOutputsParams
     from ..tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
         self.model_name = config.served_model_name or loaded.name
         self.tokenizer: Tokenizer | None = loaded.tokenizer
+        self.generation_config = dict(loaded.generation_config)  # the model's sampling defaults, for the server
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(
@@ -149,6 +152,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
 
         self.requests: dict[str, Request] = {}
+        self._grammar_backend: GrammarBackend | None = None
+        self._grammar_lock = threading.Lock()
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
         self.last_step = StepStats()
@@ -202,6 +207,32 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:4]}")
 
+    def validate_params(self, params: SamplingParams) -> None:
+        """Token ids the request names exist; its bad words become token ids (idempotent). ValueError names the
+        field."""
+        params.verify_vocab(self.model_config.vocab_size)
+        if params.bad_words and params.bad_words_token_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("bad_words need a tokenizer, and this model has none")
+            params.resolve_bad_words(self.tokenizer)
+
+    def grammar_backend(self) -> GrammarBackend:
+        """The grammar compiler for this model's vocabulary, built on first use (thread-safe)."""
+        with self._grammar_lock:
+            if self._grammar_backend is None:
+                from ..structured_outputs import GrammarBackend
+
+                if self.tokenizer is None:
+                    raise ValueError("structured outputs need a tokenizer, and this model has none")
+                self._grammar_backend = GrammarBackend(
+                    self.tokenizer, self.model_config.vocab_size, stop_token_ids=sorted(self.eos_token_ids)
+                )
+            return self._grammar_backend
+
+    def compile_grammar(self, params: StructuredOutputsParams) -> CompiledGrammar:
+        """Compile (or fetch from the cache) a grammar; call it off the step loop. Raises GrammarError."""
+        return self.grammar_backend().compile(params)
+
     def add_request(
         self,
         request_id: str,
@@ -210,14 +241,21 @@ class LLMEngine:
         *,
         priority: int = 0,
         arrival_time: float | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> Request:
+        """Queue a request. ``grammar``: ``params.structured_outputs`` compiled by the caller (off the step loop);
+        when it is missing, the grammar is compiled here."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
         prompt_token_ids = self.tokenize(prompt)
         self.validate_prompt(prompt_token_ids)
+        self.validate_params(params)
+        if grammar is None and params.structured_outputs is not None:
+            grammar = self.compile_grammar(params.structured_outputs)
         metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic(), num_prompt_tokens=len(prompt_token_ids))
         request = Request(request_id, prompt_token_ids, params, priority, next(self._arrivals), metrics)
+        request.grammar = grammar
         seq = self._new_sequence(request, 0)
         seq.token_ids = list(prompt_token_ids)
         self.requests[request_id] = request
@@ -242,7 +280,11 @@ class LLMEngine:
                 skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
             )
+        if request.grammar is not None:
+            # a forked choice starts where choice 0 started (no token sampled yet): a fresh state is its state
+            seq.grammar = request.grammar.new_state()
         request.seqs.append(seq)
         return seq
 
@@ -255,6 +297,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
                 seq.finish_reason = FinishReason.ABORT
+                if seq.detokenizer is not None:
+                    seq.pending_text += seq.detokenizer.flush()  # the text held back for a stop string
         request.metrics.finished_time = time.monotonic()
         return self._make_output(request, final=True)
 
@@ -288,8 +332,11 @@ class LLMEngine:
                 request.is_forked = True
                 for index in range(1, request.params.n):
                     child = self._new_sequence(request, index)
-                    self.block_manager.fork(s.seq, child)
-                    self.scheduler.add_running(child)
+                    if self.scheduler.num_running < self.config.max_num_seqs:
+                        self.block_manager.fork(s.seq, child)
+                        self.scheduler.add_running(child)
+                    else:  # no room to run: it waits, and is recomputed from the prefix cache when admitted
+                        self.scheduler.add(child)
                     rows.append(row)
                     seqs.append(child)
         return rows, seqs
@@ -301,6 +348,7 @@ class LLMEngine:
             seq.token_ids[seq.num_prompt_tokens :],
             seq.generator,
             self.eos_token_ids,
+            grammar=seq.grammar,
         )
 
     def _append_tokens(self, seqs: list[Sequence], token_ids: list[int], logprobs: list) -> list[RequestOutput]:
@@ -318,7 +366,12 @@ class LLMEngine:
             seq.pending_token_ids.append(token_id)
             if logprob is not None:
                 seq.pending_logprobs.append(logprob)
+            grammar_done = seq.grammar is not None and self._advance_grammar(seq, token_id)
             self._check_stop(seq, token_id)
+            if grammar_done and seq.finish_reason is None:
+                seq.finish_reason = FinishReason.STOP  # the grammar accepted its stop token: the answer is complete
+                if seq.detokenizer is not None:
+                    seq.pending_text += seq.detokenizer.flush()
             if seq.finish_reason is not None:
                 self.scheduler.remove(seq)
         outputs = []
@@ -332,17 +385,21 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token_id: int) -> None:
         params = seq.params
+        num_output = seq.num_output_tokens
+        can_stop = num_output >= params.min_tokens
+        is_stop_id = can_stop and token_id in params.stop_token_ids
+        is_eos = can_stop and token_id in self.eos_token_ids and not params.ignore_eos
         stop_string = None
-        if seq.detokenizer is not None:
+        # a stop token's own text is dropped (vLLM), unless include_stop_str_in_output
+        if seq.detokenizer is not None and (params.include_stop_str_in_output or not (is_stop_id or is_eos)):
             text, stop_string = seq.detokenizer.step([token_id])
             seq.pending_text += text
-        num_output = seq.num_output_tokens
-        if stop_string is not None and num_output >= params.min_tokens:
+        if stop_string is not None:  # the detokenizer matches stop strings only from min_tokens on
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_string
             return
-        if token_id in params.stop_token_ids and num_output >= params.min_tokens:
+        if is_stop_id:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, token_id
-        elif token_id in self.eos_token_ids and not params.ignore_eos and num_output >= params.min_tokens:
+        elif is_eos:
             seq.finish_reason = FinishReason.STOP
         elif (params.max_tokens is not None and num_output >= params.max_tokens) or seq.num_tokens >= self.max_seq_len:
             seq.finish_reason = FinishReason.LENGTH
@@ -350,6 +407,16 @@ class LLMEngine:
             return
         if seq.detokenizer is not None:
             seq.pending_text += seq.detokenizer.flush()
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token_id: int) -> bool:
+        """Feed the sampled token to the choice's matcher; True when the grammar has terminated."""
+        assert seq.grammar is not None
+        if not seq.grammar.accept(token_id):
+            # the bitmask allowed only tokens the matcher accepts: this is a bug, not a client error
+            logger.error("grammar rejected token %d of %s: stopping the choice", token_id, seq)
+            return True
+        return seq.grammar.is_terminated()
 
     def _make_output(self, request: Request, *, final: bool) -> RequestOutput:
         """The delta since the last output: choices with new tokens/text or a finish not yet reported (every

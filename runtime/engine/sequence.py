@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..detokenizer import IncrementalDetokenizer
+    from ..structured_outputs import CompiledGrammar, GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -41,6 +42,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hash of each registered block
     generator: torch.Generator | None = None  # per-choice RNG when the request has a seed
     detokenizer: IncrementalDetokenizer | None = None
+    grammar: GrammarState | None = None  # structured outputs: this choice's matcher, advanced with each token
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     finish_reported: bool = False
@@ -91,6 +93,7 @@ class Request:
     arrival_index: int  # FCFS order among equal priorities
     metrics: RequestMetrics
     seqs: list[Sequence] = field(default_factory=list)
+    grammar: CompiledGrammar | None = None  # structured outputs: each choice gets its own state of it
     is_forked: bool = False  # n > 1: the other choices were forked from choice 0 after its prefill
 
     @property

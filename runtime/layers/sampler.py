@@ -1,8 +1,13 @@
 """Sampler: logits processors, greedy / random sampling and logprobs for a batch of rows, each with its own
 SamplingParams. Everything works on whole [num_rows, vocab] tensors; Python only loops over rows.
 
-Order: penalties (repetition, presence, frequency) -> min_tokens suppression of EOS/stop ids -> logprobs
-(log-softmax of these processed logits) -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> sample.
+Order: grammar bitmask (structured outputs: one bitmask for the constrained rows, applied in one op; free rows
+untouched) -> penalties (repetition, presence, frequency) -> logit_bias, allowed_token_ids, bad_words ->
+min_tokens suppression of EOS/stop ids -> logprobs (log-softmax of these processed logits) -> greedy argmax, or
+temperature -> top_k -> top_p -> min_p -> sample. The grammar goes first so that nothing after it (a +100 bias)
+can bring back a token it forbids; min_tokens yields to it (when the grammar allows only its stop token, the stop
+token stays). The sampler never advances a grammar: the engine calls ``row.grammar.accept(token)`` after it
+appended the token.
 Sampling draws ``argmax(probs / E)`` with E ~ Exp(1) (the "exponential race", equivalent to multinomial); a
 seeded row draws E from its own ``torch.Generator`` so its choice does not depend on the other rows.
 """
@@ -16,6 +21,7 @@ import torch
 
 from ..outputs import TokenLogprob
 from ..sampling_params import SamplingParams
+from ..structured_outputs.state import GrammarState, allocate_bitmask, apply_bitmask
 
 
 @dataclass
@@ -27,6 +33,7 @@ class SamplingRow:
     output_token_ids: Seq[int]
     generator: torch.Generator | None = None
     eos_token_ids: frozenset[int] = frozenset()
+    grammar: GrammarState | None = None  # structured outputs: the tokens it allows next are the only candidates
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._bitmask: torch.Tensor | None = None  # reused across steps: [rows, ceil(vocab / 32)] int32
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -66,6 +74,9 @@ class Sampler:
         device = logits.device
         params = [r.params for r in rows]
 
+        # 0. grammars
+        self._apply_grammars(logits, rows)
+
         # 1. penalties
         if any(p.repetition_penalty != 1.0 for p in params):
             seen = _token_counts([[*r.prompt_token_ids, *r.output_token_ids] for r in rows], vocab_size, device) > 0
@@ -78,13 +89,17 @@ class Sampler:
             pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
             logits = logits - freq * counts - pres * (counts > 0).float()
 
-        # 2. min_tokens: EOS and stop ids cannot be sampled yet
+        # 2. token controls, then min_tokens: EOS and stop ids cannot be sampled yet
+        logits = _apply_token_controls(logits, rows)
         for i, r in enumerate(rows):
             if len(r.output_token_ids) < r.params.min_tokens:
                 banned = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(r.eos_token_ids))
                 banned_ids = [t for t in banned if t < vocab_size]
                 if banned_ids:
+                    kept = logits[i].clone() if r.grammar is not None else None
                     logits[i, banned_ids] = float("-inf")
+                    if kept is not None and not torch.isfinite(logits[i]).any():
+                        logits[i] = kept  # the grammar is complete: its stop token must stay possible
 
         # 3. logprobs of the processed logits
         want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -111,6 +126,20 @@ class Sampler:
                     top=list(zip(top_ids_l[j][:n], top_vals_l[j][:n], strict=True)),
                 )
         return SamplerOutput(chosen, out_logprobs)
+
+    def _apply_grammars(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        """One bitmask for the batch, filled for the constrained rows and applied to them in one op."""
+        grammars = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+        if not grammars:
+            return
+        vocab_size = max(g.compiled.vocab_size for _, g in grammars)
+        words = (vocab_size + 31) // 32
+        if self._bitmask is None or self._bitmask.shape[0] < len(rows) or self._bitmask.shape[1] != words:
+            self._bitmask = allocate_bitmask(max(len(rows), 8), vocab_size)
+        bitmask = self._bitmask[: len(rows)]  # rows of free sequences are neither filled nor read
+        for i, grammar in grammars:
+            grammar.fill_bitmask(bitmask, i)
+        apply_bitmask(logits, bitmask, [i for i, _ in grammars], vocab_size)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """logits: [R, V] of the random rows -> [R] sampled ids."""
@@ -145,3 +174,69 @@ class Sampler:
             if r.generator is not None:
                 race[i].exponential_(generator=r.generator)
         return (probs / race).argmax(dim=-1)
+
+
+def _apply_token_controls(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logit_bias (added), allowed_token_ids (everything else -inf), bad_words (-inf for the last token of a bad
+    word whose other tokens the output just produced); each as one indexed op over the batch."""
+    vocab_size = logits.shape[1]
+    device = logits.device
+    bias_rows: list[int] = []
+    bias_ids: list[int] = []
+    bias_vals: list[float] = []
+    restricted_rows: list[int] = []  # rows with allowed_token_ids
+    allowed_rows: list[int] = []
+    allowed_cols: list[int] = []
+    banned_rows: list[int] = []
+    banned_ids: list[int] = []
+    for i, r in enumerate(rows):
+        p = r.params
+        for token_id, bias in (p.logit_bias or {}).items():
+            if token_id < vocab_size:
+                bias_rows.append(i)
+                bias_ids.append(token_id)
+                bias_vals.append(bias)
+        if p.allowed_token_ids is not None:
+            restricted_rows.append(i)
+            for token_id in p.allowed_token_ids:
+                if token_id < vocab_size:
+                    allowed_rows.append(i)
+                    allowed_cols.append(token_id)
+        if p.bad_words:
+            if p.bad_words_token_ids is None:
+                raise ValueError("bad_words were not resolved to token ids (call SamplingParams.resolve_bad_words)")
+            for ids in _banned_next_tokens(p.bad_words_token_ids, r.output_token_ids):
+                if ids < vocab_size:
+                    banned_rows.append(i)
+                    banned_ids.append(ids)
+    if bias_rows:
+        logits = logits.index_put(
+            (torch.tensor(bias_rows, device=device), torch.tensor(bias_ids, device=device)),
+            torch.tensor(bias_vals, device=device, dtype=logits.dtype),
+            accumulate=True,
+        )
+    if restricted_rows:
+        # keep: [num_rows, vocab] True where sampling stays possible
+        keep = torch.ones(logits.shape[0], 1, dtype=torch.bool, device=device).repeat(1, vocab_size)
+        keep[restricted_rows] = False
+        if allowed_rows:
+            keep[torch.tensor(allowed_rows, device=device), torch.tensor(allowed_cols, device=device)] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if banned_rows:
+        logits = logits.index_put(
+            (torch.tensor(banned_rows, device=device), torch.tensor(banned_ids, device=device)),
+            torch.tensor(float("-inf"), device=device, dtype=logits.dtype),
+        )
+    return logits
+
+
+def _banned_next_tokens(bad_words: list[list[int]], output: Seq[int]) -> list[int]:
+    """The last token of each bad word whose preceding tokens end the output (a one-token word: always)."""
+    banned = []
+    for ids in bad_words:
+        if not ids:
+            continue
+        prefix = ids[:-1]
+        if len(prefix) <= len(output) and (not prefix or list(output[len(output) - len(prefix) :]) == prefix):
+            banned.append(ids[-1])
+    return banned

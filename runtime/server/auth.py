@@ -13,9 +13,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .openapi import PUBLIC_PATHS
+
 ENV_VAR = "KUBELLM_API_KEYS"
-# Probes and metrics stay open so that kubelets and Prometheus need no secret.
-DEFAULT_EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
+# Probes, metrics and the schema stay open so that kubelets and Prometheus need no secret (the route table's
+# public routes).
+DEFAULT_EXEMPT_PATHS = PUBLIC_PATHS
 ANONYMOUS = "anonymous"
 
 

@@ -1,6 +1,8 @@
 """The route table and the OpenAPI 3.1 document built from it and the pydantic models in protocol.py.
 
-app.py registers exactly the routes listed here, so /openapi.json cannot drift from what the server serves.
+app.py registers exactly the routes listed here, so /openapi.json cannot drift from what the server serves;
+the auth-exempt paths (``PUBLIC_PATHS``) and the probe paths (``PROBE_PATHS``: logged at debug level, open while
+loading or draining) are read from the same table.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ class Route:
     stream: type[BaseModel] | None = None  # the SSE chunk model when the request asks for ``stream: true``
     errors: tuple[int, ...] = ()
     content_type: str = "application/json"
-    public: bool = False  # exempt from API keys
+    public: bool = False  # exempt from API keys, open while the model loads and while draining
+    probe: bool = False  # kubelet probes and Prometheus scrapes: logged at debug level
 
 
 _GENERATION_ERRORS = (400, 401, 404, 413, 422, 429, 503)
 
 ROUTES: tuple[Route, ...] = (
-    Route("health", "GET", "/health", "Liveness: the process answers.", public=True),
+    Route("health", "GET", "/health", "Liveness: the process answers.", public=True, probe=True),
     Route(
         "ready",
         "GET",
@@ -39,8 +42,17 @@ ROUTES: tuple[Route, ...] = (
         "Readiness: the model is loaded and the server is not draining.",
         errors=(503,),
         public=True,
+        probe=True,
     ),
-    Route("metrics", "GET", "/metrics", "Prometheus metrics (vLLM names).", content_type="text/plain", public=True),
+    Route(
+        "metrics",
+        "GET",
+        "/metrics",
+        "Prometheus metrics (vLLM names).",
+        content_type="text/plain",
+        public=True,
+        probe=True,
+    ),
     Route("openapi", "GET", "/openapi.json", "This document.", public=True),
     Route("list_models", "GET", "/v1/models", "The served model.", response=p.ModelList, errors=(401, 503)),
     Route("get_model", "GET", "/v1/models/{model}", "One model by id.", response=p.ModelCard, errors=(401, 404, 503)),
@@ -91,6 +103,9 @@ ROUTES: tuple[Route, ...] = (
         errors=(400, 401, 404, 413, 422, 503),
     ),
 )
+
+PUBLIC_PATHS = frozenset(r.path for r in ROUTES if r.public)
+PROBE_PATHS = frozenset(r.path for r in ROUTES if r.probe)
 
 
 def _schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:

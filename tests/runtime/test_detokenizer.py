@@ -214,3 +214,13 @@ def test_window_stays_small_through_invalid_bytes_and_skipped_tokens(smollm2_tok
     deltas, _ = stream(IncrementalDetokenizer(Counting(), []), ids)
     assert "".join(deltas) == smollm2_tokenizer.decode(ids)
     assert max(calls) <= 16
+
+
+def test_stop_strings_count_only_from_min_tokens_on(smollm2_tokenizer: Tokenizer) -> None:
+    ids = smollm2_tokenizer.encode(" cat dog cat dog cat", add_special_tokens=False)
+    assert len(ids) == 5
+    detok = IncrementalDetokenizer(smollm2_tokenizer, [], stop=[" dog"], min_tokens=3)
+    deltas = [detok.step([t]) for t in ids]
+    # tokens 1-2: " dog" is ignored and nothing is held back; token 4 completes the first match that counts
+    assert [d for d, _ in deltas[:3]] == [" cat", " dog", " cat"]
+    assert deltas[3] == ("", " dog") and detok.output_text == " cat dog cat"

@@ -1,0 +1,173 @@
+"""POST /v1/completions: one engine request per prompt (a batch of prompts is several) ─▶ a Completion or its
+chunk stream. Choice ``j`` of prompt ``i`` is choice index ``i * n + j``."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from . import protocol as p
+from .auth import ANONYMOUS
+from .errors import bad_request
+from .serving import ServingContext, new_request_id
+from .sse import write_sse
+from .streams import Choice, Trace, finish_reason
+from .structured import constraint_of
+
+if TYPE_CHECKING:
+    from ..structured_outputs import CompiledGrammar
+
+
+@dataclass
+class CompletionPlan:
+    """A validated completion request, ready for the engine: one engine request per prompt."""
+
+    request_id: str
+    req: p.CompletionRequest
+    engine_ids: list[str]
+    prompts: list[list[int]]
+    texts: list[str]  # each prompt's text, for echo ("" for token prompts without echo)
+    params: list[SamplingParams]
+    grammar: CompiledGrammar | None = None  # the same for every prompt
+
+
+class CompletionServing:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def plan(self, req: p.CompletionRequest) -> CompletionPlan:
+        ctx = self.ctx
+        ctx.check_model(req.model)
+        request_id = new_request_id("cmpl")
+        if req.suffix:
+            raise bad_request("suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request("best_of must equal n when given", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported", param="echo")
+        if req.max_tokens == 0:
+            raise bad_request("max_tokens 0 (scoring the prompt) is not supported", param="max_tokens")
+        if req.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not supported", param="prompt_logprobs")
+        raw = req.prompt
+        if isinstance(raw, str):
+            raw_list: list[Any] = [raw]
+        elif raw and isinstance(raw[0], int):
+            raw_list = [raw]
+        else:
+            raw_list = list(raw)
+        prompts: list[list[int]] = []
+        texts: list[str] = []
+        for item in raw_list:
+            if isinstance(item, str):
+                if not item:
+                    raise bad_request("prompt must not be empty", param="prompt")
+                ids = await ctx.encode(item, True)
+                texts.append(item)
+            else:
+                ids = list(item)
+                ctx.check_token_ids(ids, "prompt")
+                texts.append(ctx.tokenizer().decode(ids, skip_special_tokens=False) if req.echo else "")
+            prompts.append(ids)
+        limits = [ctx.check_length(len(ids), req.max_tokens, "max_tokens", "prompt") for ids in prompts]
+        constraint = constraint_of(req)
+        params = [ctx.sampling_params(req, limit, req.logprobs, constraint) for limit in limits]
+        engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        return CompletionPlan(request_id, req, engine_ids, prompts, texts, params, await ctx.compile(constraint))
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        req = await self.ctx.parse(request, p.CompletionRequest)
+        plan = await self.plan(req)
+        request["request_id"] = plan.request_id
+        trace = Trace(prompt_tokens=sum(len(x) for x in plan.prompts))
+        request["trace"] = trace
+        with self.ctx.admission.admit(request.get("caller", ANONYMOUS), plan.engine_ids, trace):
+            streams = self.ctx.start(plan.engine_ids, plan.prompts, plan.params, req.priority, plan.grammar)
+            created = int(time.time())
+            if req.stream:
+                opts = req.stream_options
+                include_usage = bool(opts and opts.include_usage)
+                continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
+                chunks = self.chunks(plan, created, streams, trace, include_usage, continuous)
+                return await write_sse(request, chunks)
+            choices = [Choice() for _ in range(len(plan.prompts) * req.n)]
+            async with contextlib.aclosing(self.ctx.generate(plan.engine_ids, streams, req.n, trace)) as deltas:
+                async for index, delta in deltas:
+                    choices[index].add(delta)
+        response = self.response(plan, created, choices, trace)
+        return web.Response(body=response.model_dump_json().encode(), content_type="application/json")
+
+    def response(self, plan: CompletionPlan, created: int, choices: list[Choice], trace: Trace) -> p.CompletionResponse:
+        req = plan.req
+        out = []
+        for index, c in enumerate(choices):
+            prefix = plan.texts[index // req.n] if req.echo else ""
+            logprobs = self.ctx.completion_logprobs(c.logprobs, len(prefix)) if req.logprobs is not None else None
+            out.append(
+                p.CompletionChoice(
+                    index=index,
+                    text=prefix + "".join(c.text),
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+        return p.CompletionResponse(
+            id=plan.request_id, created=created, model=self.ctx.model_name, choices=out, usage=trace.usage()
+        )
+
+    async def chunks(
+        self,
+        plan: CompletionPlan,
+        created: int,
+        streams: list[AsyncIterator[RequestOutput]],
+        trace: Trace,
+        include_usage: bool,
+        continuous_usage: bool = False,
+    ) -> AsyncGenerator[p.CompletionChunk, None]:
+        req = plan.req
+        n = req.n
+        num_choices = len(plan.engine_ids) * n
+
+        def chunk(choices: list[p.CompletionChoice], usage: p.UsageInfo | None = None) -> p.CompletionChunk:
+            c = p.CompletionChunk(
+                id=plan.request_id,
+                object="text_completion",
+                created=created,
+                model=self.ctx.model_name,
+                choices=choices,
+            )
+            if continuous_usage and choices:
+                c.usage = trace.usage()  # vLLM's continuous_usage_stats: the counts so far, on every chunk
+            elif include_usage:
+                c.usage = usage  # assigned: serialized (null on all but the last chunk) only when asked for
+            return c
+
+        offsets = [0] * num_choices
+        if req.echo:
+            for index in range(num_choices):
+                echo = plan.texts[index // n]
+                offsets[index] = len(echo)
+                yield chunk([p.CompletionChoice(index=index, text=echo, logprobs=None, finish_reason=None)])
+        async with contextlib.aclosing(self.ctx.generate(plan.engine_ids, streams, n, trace)) as deltas:
+            async for index, out in deltas:
+                reason = finish_reason(out)
+                lp = None
+                if req.logprobs is not None and out.logprobs:
+                    lp = self.ctx.completion_logprobs(out.logprobs, offsets[index])
+                offsets[index] += len(out.text)
+                if not out.text and lp is None and reason is None:
+                    continue
+                choice = p.CompletionChoice(index=index, text=out.text, logprobs=lp, finish_reason=reason)
+                if reason is not None:
+                    choice.stop_reason = out.stop_reason  # assigned: serialized on the finish chunk only
+                yield chunk([choice])
+        if include_usage:
+            yield chunk([], trace.usage())
