@@ -72,6 +72,9 @@ class ChatServing:
         ctx = self.ctx
         ctx.check_model(req.model)
         request_id = new_request_id("chatcmpl")
+        unsupported = req.unsupported_field()
+        if unsupported is not None:
+            raise bad_request(f"{unsupported} is not supported by this server", param=unsupported)
         tools = plan_tools(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
