@@ -47,10 +47,13 @@ class ChoiceOutput:
         delta = self._answer(answer, thought or None)
         calls: list[p.DeltaToolCall] = []
         content = ""
-        if self.forced is not None and reason == "stop":
-            more, whole = self.forced.finish()
-            calls += more
-            if not whole:  # not a call after all (cannot happen under the grammar unless cut): give the text back
+        if self.forced is not None:
+            whole = False
+            if reason == "stop":
+                more, whole = self.forced.finish()
+                calls += more
+            if not whole and self.tools.mode == "required":
+                # cut by max_tokens: no call was sent, the partial text comes back as content
                 content = "".join(self.forced.text)
         elif self.tool_parser is not None:
             flushed = self.tool_parser.finish()

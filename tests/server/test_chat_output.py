@@ -79,3 +79,11 @@ def test_what_each_case_means() -> None:
     assert reason == "tool_calls" and m.content is None and m.tool_calls[0].function.arguments == CASES[4][2]
     m, reason = _run(_machine("required", False), [CASES[5][2]])
     assert reason == "tool_calls" and json.loads(m.tool_calls[0].function.arguments) == {"city": "Lima"}
+
+
+def test_a_required_call_cut_by_max_tokens_comes_back_as_content() -> None:
+    machine = _machine("required", False)
+    text = '[{"name": "get_weather", "arguments": {"ci'
+    assert machine.feed(text) is None
+    last, reason = machine.finish("length")
+    assert reason == "length" and last is not None and last.content == text and not last.tool_calls

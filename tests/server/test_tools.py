@@ -53,7 +53,14 @@ def _check_calls(calls: Any) -> None:
 
 def test_tool_choice_required_calls_validate(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=40, temperature=0.7, seed=1
+        model=MODEL,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0.7,
+        seed=1,
+        parallel_tool_calls=False,  # one call (~25 tokens): a tiny model may otherwise chain calls to max_tokens
     )
     for choice in r.choices:
         assert choice.finish_reason == "tool_calls", choice
@@ -117,7 +124,13 @@ def test_required_streamed_reassembles_to_non_streamed(client: openai.OpenAI) ->
 
 def test_two_turn_conversation_with_a_tool_result(client: openai.OpenAI, server: Any) -> None:
     first = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=40, temperature=0
+        model=MODEL,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,
+        parallel_tool_calls=False,
     )
     calls = first.choices[0].message.tool_calls
     assert calls
