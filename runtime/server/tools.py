@@ -82,8 +82,9 @@ def plan_tools(req: p.ChatCompletionRequest) -> ToolPlan:
 
 
 def _constraint(schema: dict[str, Any], param: str) -> Constraint:
-    # strict=False: the function's own schema says whether extra properties are allowed
-    return Constraint(StructuredOutputsParams(json=schema, strict=False), param)
+    # strict (OpenAI's function strict mode): no undeclared properties, so that a small model cannot keep adding
+    # keys after the arguments until max_tokens (the call wrapper declares only name and arguments)
+    return Constraint(StructuredOutputsParams(json=schema, strict=True), param)
 
 
 def template_messages(
