@@ -20,7 +20,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..config import EngineConfig
@@ -119,6 +119,7 @@ class AsyncEngine:
         *,
         priority: int = 0,
         grammar: CompiledGrammar | None = None,
+        reasoning_end: Callable[[list[int], list[int]], bool] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; iterate the result for its deltas. Bad prompts raise ValueError here, at once.
         A request with ``params.structured_outputs`` must bring its ``grammar`` (``compile_grammar``)."""
@@ -137,7 +138,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = (loop, stream)
-        self._commands.put(("add", (request_id, prompt_token_ids, params, priority, grammar)))
+        self._commands.put(("add", (request_id, prompt_token_ids, params, priority, grammar, reasoning_end)))
         self._wakeup.set()
         return self._iterate(request_id, stream)
 
@@ -186,9 +187,16 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request_id, prompt_token_ids, params, priority, grammar = arg
+                request_id, prompt_token_ids, params, priority, grammar, reasoning_end = arg
                 try:
-                    engine.add_request(request_id, prompt_token_ids, params, priority=priority, grammar=grammar)
+                    engine.add_request(
+                        request_id,
+                        prompt_token_ids,
+                        params,
+                        priority=priority,
+                        grammar=grammar,
+                        reasoning_end=reasoning_end,
+                    )
                 except ValueError as e:
                     self._emit(e, request_id)
             elif kind == "abort":

@@ -14,6 +14,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -242,9 +243,10 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
         grammar: CompiledGrammar | None = None,
+        reasoning_end: Callable[[list[int], list[int]], bool] | None = None,
     ) -> Request:
         """Queue a request. ``grammar``: ``params.structured_outputs`` compiled by the caller (off the step loop);
-        when it is missing, the grammar is compiled here."""
+        when it is missing, the grammar is compiled here. ``reasoning_end``: the grammar waits until it is True."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -256,6 +258,7 @@ class LLMEngine:
         metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic(), num_prompt_tokens=len(prompt_token_ids))
         request = Request(request_id, prompt_token_ids, params, priority, next(self._arrivals), metrics)
         request.grammar = grammar
+        request.reasoning_end = reasoning_end
         seq = self._new_sequence(request, 0)
         seq.token_ids = list(prompt_token_ids)
         self.requests[request_id] = request
@@ -285,6 +288,7 @@ class LLMEngine:
         if request.grammar is not None:
             # a forked choice starts where choice 0 started (no token sampled yet): a fresh state is its state
             seq.grammar = request.grammar.new_state()
+            seq.grammar_active = request.reasoning_end is None
         request.seqs.append(seq)
         return seq
 
@@ -342,13 +346,17 @@ class LLMEngine:
         return rows, seqs
 
     def _row(self, seq: Sequence) -> SamplingRow:
+        if seq.grammar is not None and not seq.grammar_active:
+            end = seq.request.reasoning_end
+            assert end is not None
+            seq.grammar_active = end(seq.token_ids[: seq.num_prompt_tokens], seq.token_ids[seq.num_prompt_tokens :])
         return SamplingRow(
             seq.params,
             seq.token_ids[: seq.num_prompt_tokens],
             seq.token_ids[seq.num_prompt_tokens :],
             seq.generator,
             self.eos_token_ids,
-            grammar=seq.grammar,
+            grammar=seq.grammar if seq.grammar_active else None,
         )
 
     def _append_tokens(self, seqs: list[Sequence], token_ids: list[int], logprobs: list) -> list[RequestOutput]:
@@ -366,7 +374,7 @@ class LLMEngine:
             seq.pending_token_ids.append(token_id)
             if logprob is not None:
                 seq.pending_logprobs.append(logprob)
-            grammar_done = seq.grammar is not None and self._advance_grammar(seq, token_id)
+            grammar_done = seq.grammar is not None and seq.grammar_active and self._advance_grammar(seq, token_id)
             self._check_stop(seq, token_id)
             if grammar_done and seq.finish_reason is None:
                 seq.finish_reason = FinishReason.STOP  # the grammar accepted its stop token: the answer is complete

@@ -9,6 +9,7 @@ tokens ``[num_computed_tokens, num_tokens)``", and the step that reaches ``num_t
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,7 @@ class Sequence:
     generator: torch.Generator | None = None  # per-choice RNG when the request has a seed
     detokenizer: IncrementalDetokenizer | None = None
     grammar: GrammarState | None = None  # structured outputs: this choice's matcher, advanced with each token
+    grammar_active: bool = True  # False while the model still reasons (the grammar constrains only the answer)
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     finish_reported: bool = False
@@ -94,6 +96,8 @@ class Request:
     metrics: RequestMetrics
     seqs: list[Sequence] = field(default_factory=list)
     grammar: CompiledGrammar | None = None  # structured outputs: each choice gets its own state of it
+    # with a reasoning model: (prompt ids, output ids) -> has the reasoning ended? The grammar applies after it.
+    reasoning_end: Callable[[list[int], list[int]], bool] | None = None
     is_forked: bool = False  # n > 1: the other choices were forked from choice 0 after its prefill
 
     @property

@@ -93,6 +93,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+    from ..reasoning import REASONING_PARSERS
+    from ..tool_parsers import TOOL_PARSER_NAMES
+
+    agent = parser.add_argument_group("tool calling and reasoning")
+    agent.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=[*TOOL_PARSER_NAMES, "none"],
+        help="how tool_choice auto reads calls from the output (auto: the chat template's format; none: text only)",
+    )
+    agent.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=sorted(REASONING_PARSERS),
+        help="put <think> text in reasoning_content (structured outputs then constrain only the answer)",
+    )
+
 
 def apply_config_file(args: argparse.Namespace) -> dict[str, Any]:
     """The engine settings: EngineConfig's defaults, then the --config file's "engine" section, then the engine
@@ -152,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
             rate_limit_tpm=args.rate_limit_tpm or None,
             max_body_bytes=args.max_body_bytes,
             drain_timeout=args.drain_timeout,
+            tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
+            reasoning_parser=args.reasoning_parser,
         )
     except ValueError as exc:
         print(f"kubellm serve: error: {exc}", file=sys.stderr)

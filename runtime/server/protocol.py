@@ -227,6 +227,23 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # Known OpenAI fields that would change the answer and that this server cannot honour: a 400 when set.
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    functions: Any = None  # the deprecated spelling of tools
+    function_call: Any = None
+    modalities: list[str] | None = None
+
+    def unsupported_field(self) -> str | None:
+        """The first known field set to a value this server cannot honour, or None."""
+        for name in ("audio", "prediction", "web_search_options", "functions", "function_call"):
+            if getattr(self, name) is not None:
+                return name
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            return "modalities"
+        return None
+
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 

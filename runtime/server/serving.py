@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -243,13 +243,16 @@ class ServingContext:
         params: list[SamplingParams],
         priority: int = 0,
         grammar: CompiledGrammar | None = None,
+        reasoning_end: Callable[[list[int], list[int]], bool] | None = None,
     ) -> list[AsyncIterator[RequestOutput]]:
         """Hand every prompt to the engine; a prompt the engine refuses is a 400 before any header is sent."""
         engine = self.get_engine()
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
             for request_id, prompt, sp in zip(request_ids, prompts, params, strict=True):
-                stream = engine.add_request(request_id, prompt, sp, priority=priority, grammar=grammar)
+                stream = engine.add_request(
+                    request_id, prompt, sp, priority=priority, grammar=grammar, reasoning_end=reasoning_end
+                )
                 streams.append(refusals_as_400(stream))
         except (ValueError, RuntimeError) as exc:
             for request_id in request_ids:

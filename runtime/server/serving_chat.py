@@ -9,20 +9,24 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from ..outputs import RequestOutput
+from ..reasoning import get_reasoning_parser
 from ..sampling_params import SamplingParams
+from ..tool_parsers import get_tool_parser, template_supports_tools
 from . import protocol as p
 from .auth import ANONYMOUS
+from .chat_output import ChoiceOutput, merge
 from .errors import APIError, bad_request
 from .serving import ServingContext, new_request_id
 from .sse import write_sse
 from .streams import Choice, Trace, finish_reason
 from .structured import constraint_of
+from .tools import ToolPlan, new_parser, plan_tools, template_messages
 
 if TYPE_CHECKING:
     from ..structured_outputs import CompiledGrammar
@@ -37,24 +41,26 @@ class ChatPlan:
     prompt: list[int]
     params: SamplingParams
     grammar: CompiledGrammar | None = None
+    tools: ToolPlan = field(default_factory=ToolPlan)
 
 
 class ChatServing:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    def render(self, messages: list[p.ChatMessage], add_generation_prompt: bool, kwargs: dict[str, Any] | None) -> str:
-        plain: list[dict[str, Any]] = []
-        for i, m in enumerate(messages):
-            if isinstance(m.content, list) and any(not isinstance(part, p.TextContentPart) for part in m.content):
-                raise bad_request("only text content parts are supported", param=f"messages.{i}.content")
-            item: dict[str, Any] = {"role": m.role, "content": m.text()}
-            if m.name:
-                item["name"] = m.name
-            plain.append(item)
+    def render(
+        self,
+        messages: list[p.ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: dict[str, Any] | None,
+        tools: ToolPlan | None = None,
+    ) -> str:
+        tokenizer = self.ctx.tokenizer()
+        native = template_supports_tools(tokenizer.chat_template)
+        plain, template_tools = template_messages(messages, tools or ToolPlan(), native)
         try:
-            return self.ctx.tokenizer().apply_chat_template(
-                plain, add_generation_prompt=add_generation_prompt, **(kwargs or {})
+            return tokenizer.apply_chat_template(
+                plain, add_generation_prompt=add_generation_prompt, tools=template_tools, **(kwargs or {})
             )
         except APIError:
             raise
@@ -66,22 +72,44 @@ class ChatServing:
         ctx = self.ctx
         ctx.check_model(req.model)
         request_id = new_request_id("chatcmpl")
-        if req.tools and req.tool_choice not in (None, "none"):
-            raise bad_request("tool calling is not supported", param="tools")
+        unsupported = req.unsupported_field()
+        if unsupported is not None:
+            raise bad_request(f"{unsupported} is not supported by this server", param=unsupported)
+        tools = plan_tools(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
-        text = self.render(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        text = self.render(req.messages, req.add_generation_prompt, req.chat_template_kwargs, tools)
         prompt = await ctx.encode(text, False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         limit = ctx.check_length(len(prompt), max_tokens, param, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         constraint = constraint_of(req)
+        if tools.constraint is not None:
+            if constraint is not None:
+                raise bad_request(
+                    f"{constraint.param} cannot be combined with tool_choice '{tools.mode}'", param=constraint.param
+                )
+            constraint = tools.constraint
         params = ctx.sampling_params(req, limit, logprobs, constraint)
-        return ChatPlan(request_id, req, prompt, params, await ctx.compile(constraint))
+        parser_name = ctx.settings.tool_call_parser
+        template = ctx.tokenizer().chat_template
+        if (
+            tools.mode == "auto"
+            and parser_name is not None
+            and get_tool_parser(parser_name, template).needs_special_tokens
+        ):
+            params.skip_special_tokens = False  # the parser reads [TOOL_CALLS] / <|python_tag|>
+        return ChatPlan(request_id, req, prompt, params, await ctx.compile(constraint), tools)
 
     def start(self, plan: ChatPlan) -> list[AsyncIterator[RequestOutput]]:
-        return self.ctx.start([plan.request_id], [plan.prompt], [plan.params], plan.req.priority, plan.grammar)
+        reasoning_end = None
+        name = self.ctx.settings.reasoning_parser
+        if plan.grammar is not None and name is not None:
+            reasoning_end = get_reasoning_parser(name)(self.ctx.tokenizer()).is_reasoning_end
+        return self.ctx.start(
+            [plan.request_id], [plan.prompt], [plan.params], plan.req.priority, plan.grammar, reasoning_end
+        )
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         req = await self.ctx.parse(request, p.ChatCompletionRequest)
@@ -106,19 +134,37 @@ class ChatServing:
         return web.Response(body=response.model_dump_json().encode(), content_type="application/json")
 
     def response(self, plan: ChatPlan, created: int, choices: list[Choice], trace: Trace) -> p.ChatCompletionResponse:
-        out = [
-            p.ChatCompletionChoice(
-                index=index,
-                message=p.ChatResponseMessage(content="".join(c.text)),
-                logprobs=self.ctx.chat_logprobs(c.logprobs) if plan.req.logprobs else None,
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
+        out = []
+        for index, c in enumerate(choices):
+            machine = self.choice_output(plan)
+            first = machine.feed("".join(c.text))
+            last, reason = machine.finish(c.finish_reason)
+            message = merge([d for d in (first, last) if d is not None])
+            assert isinstance(message, p.ChatResponseMessage)
+            if message.content is None and not message.tool_calls and not message.reasoning_content:
+                message.content = ""
+            out.append(
+                p.ChatCompletionChoice(
+                    index=index,
+                    message=message,
+                    logprobs=self.ctx.chat_logprobs(c.logprobs) if plan.req.logprobs else None,
+                    finish_reason=reason,
+                    stop_reason=c.stop_reason,
+                )
             )
-            for index, c in enumerate(choices)
-        ]
         return p.ChatCompletionResponse(
             id=plan.request_id, created=created, model=self.ctx.model_name, choices=out, usage=trace.usage()
         )
+
+    def choice_output(self, plan: ChatPlan) -> ChoiceOutput:
+        """The text-to-message machine of one choice: reasoning, then tool calls, then content."""
+        settings = self.ctx.settings
+        tokenizer = self.ctx.tokenizer()
+        reasoning = None
+        if settings.reasoning_parser is not None:
+            reasoning = get_reasoning_parser(settings.reasoning_parser)(tokenizer)
+        parser = new_parser(plan.tools, settings.tool_call_parser, tokenizer.chat_template)
+        return ChoiceOutput(plan.tools, parser, reasoning)
 
     async def chunks(
         self,
@@ -151,15 +197,23 @@ class ChatServing:
         for index in range(n):
             delta = p.DeltaMessage(role="assistant", content="")
             yield chunk([p.ChatCompletionStreamChoice(index=index, delta=delta, logprobs=None, finish_reason=None)])
+        machines = [self.choice_output(plan) for _ in range(n)]
         async with contextlib.aclosing(self.ctx.generate([plan.request_id], streams, n, trace)) as deltas:
             async for index, out in deltas:
                 lp = self.ctx.chat_logprobs(out.logprobs) if out.logprobs else None
-                if out.text or lp is not None:
-                    delta = p.DeltaMessage(content=out.text)
-                    choice = p.ChatCompletionStreamChoice(index=index, delta=delta, logprobs=lp, finish_reason=None)
+                fed = machines[index].feed(out.text)
+                if fed is None and lp is not None:
+                    fed = p.DeltaMessage(content="")  # logprobs of tokens whose text is held back
+                if fed is not None:
+                    choice = p.ChatCompletionStreamChoice(index=index, delta=fed, logprobs=lp, finish_reason=None)
                     yield chunk([choice])
-                reason = finish_reason(out)
-                if reason is not None:
+                if out.finish_reason is not None:
+                    rest, reason = machines[index].finish(finish_reason(out))
+                    if rest is not None:
+                        choice = p.ChatCompletionStreamChoice(
+                            index=index, delta=rest, logprobs=None, finish_reason=None
+                        )
+                        yield chunk([choice])
                     choice = p.ChatCompletionStreamChoice(
                         index=index, delta=p.DeltaMessage(), logprobs=None, finish_reason=reason,
                         stop_reason=out.stop_reason,

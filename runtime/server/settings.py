@@ -16,8 +16,23 @@ class ServerSettings:
     rate_limit_tpm: int | None = None
     max_body_bytes: int = 2 * 1024 * 1024
     drain_timeout: float = 30.0
+    # tool_choice "auto": how tool calls are read from the output ("auto": the format the chat template writes);
+    # None: tool_choice auto answers text only
+    tool_call_parser: str | None = "auto"
+    reasoning_parser: str | None = None  # qwen3 | deepseek_r1: <think> text goes to reasoning_content
 
     def __post_init__(self) -> None:
+        from ..reasoning import REASONING_PARSERS
+        from ..tool_parsers import TOOL_PARSER_NAMES
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSER_NAMES:
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(TOOL_PARSER_NAMES)}, got {self.tool_call_parser!r}"
+            )
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got {self.reasoning_parser!r}"
+            )
         if not self.served_model_name:
             raise ValueError("served_model_name must not be empty")
         if self.max_queue_len < 1:

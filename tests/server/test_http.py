@@ -102,7 +102,7 @@ def test_completion_sse_framing_without_usage(server: Any) -> None:
         ("/v1/chat/completions", {"messages": MESSAGES, "top_p": 0}, 400, "top_p"),
         ("/v1/chat/completions", {"messages": MESSAGES, "n": 0}, 400, "n"),
         ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 3}, 400, "top_logprobs"),
-        ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"1": 5}}, 400, "logit_bias"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"1": 500}}, 400, "logit_bias"),
         ("/v1/chat/completions", {"messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
         ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 100000}, 400, "max_tokens"),
