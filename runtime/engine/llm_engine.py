@@ -21,7 +21,7 @@ import torch
 
 from ..config import CacheConfig, EngineConfig, SchedulerConfig
 from ..kernels import cpu
-from ..layers.attention import get_attention_backend
+from ..kernels.dispatch import get_attention_backend
 from ..layers.sampler import Sampler, SamplingRow
 from ..models.llama import LlamaForCausalLM
 from ..outputs import CompletionOutput, EngineStats, FinishReason, RequestMetrics, RequestOutput
@@ -108,7 +108,7 @@ class LLMEngine:
 
         # the model
         with torch.device(self.device):
-            model = LlamaForCausalLM(mc, get_attention_backend(self.device))
+            model = LlamaForCausalLM(mc, get_attention_backend(self.device), dtype=self.dtype, device=self.device)
         if loaded.weights is None:
             model.init_dummy_weights(config.seed)
         else:

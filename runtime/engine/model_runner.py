@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..config import CacheConfig
-from ..layers.attention import AttentionMetadata
+from ..kernels.interface import AttentionMetadata
 from ..models.llama import LlamaForCausalLM
 from . import cuda_graphs
 from .scheduler import ScheduledSeq, SchedulerOutput

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu
+from ..kernels.interface import AttentionBackend, AttentionMetadata
+from ..kernels.torch_backend import TorchAttentionBackend
 from ..layers.activation import SiluAndMul
-from ..layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
 from ..layers.linear import INT4_MAX_ROWS, Linear, MergedLinear, pack_weight, packed_linear, quantize_int8_groups
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
@@ -35,8 +36,8 @@ class LlamaAttention(nn.Module):
             config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=config.attention_bias
         )
         self.o_proj = Linear(self.q_size, config.hidden_size)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
         self.rotary = rotary
         self.backend = backend
 
@@ -47,10 +48,11 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
         q_and_k = self.q_size + self.kv_size
         v = qkv[:, q_and_k:].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D], a view into qkv
-        if not qkv.is_cuda and self.q_norm is None:
-            # CPU: rotate the query and key heads in one pass, then split the result
-            qk = self.rotary.rotate(positions, qkv[:, :q_and_k].view(num_tokens, -1, self.head_dim))
-            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        if self.q_norm is None:
+            # the query and key heads are adjacent columns: one rotation pass where the backend can
+            q, k = self.rotary.rotate_qk(
+                positions, qkv[:, :q_and_k].view(num_tokens, -1, self.head_dim), self.num_heads
+            )
         else:
             q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
             k = qkv[:, self.q_size : q_and_k].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -63,12 +65,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size})
         self.down_proj = Linear(size, config.hidden_size)
-        self.act = SiluAndMul()
+        self.act = SiluAndMul(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -78,9 +80,9 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary, backend)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, backend)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
     def forward(
         self,
@@ -98,19 +100,28 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
+        """``dtype`` and ``device``: the rotary table's (the parameters follow torch's defaults / device context)."""
         super().__init__()
         self.config = config
-        backend = backend or TorchAttentionBackend()
+        self.backend = backend = backend or TorchAttentionBackend()
         # one rotary table shared by all layers
         self.rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, backend,
+            dtype=dtype, device=device,
+        )  # fmt: skip
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, self.rotary, backend) for _ in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
         for p in self.parameters():
             p.requires_grad_(False)
@@ -129,6 +140,7 @@ class LlamaForCausalLM(nn.Module):
         if attn_metadata.max_seq_len > self.rotary.max_position:
             raise ValueError(f"position {attn_metadata.max_seq_len - 1} exceeds max_position_embeddings")
         self.rotary.new_step()
+        attn_metadata = self.backend.build_metadata(attn_metadata)
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):

@@ -74,7 +74,7 @@ def test_benchmark_import_path_avoids_packages_the_gpu_machine_lacks() -> None:
         f"sys.path.insert(0, {str(BENCH)!r})\n"
         "import gpubench\n"
         "gpubench.ensure_kubellm()\n"
-        "import kubellm.runtime.llm, kubellm.runtime.kernels.backend, kubellm.runtime.kernels.ops\n"
+        "import kubellm.runtime.llm, kubellm.runtime.kernels.backend, kubellm.runtime.kernels.dispatch\n"
         "import kubellm.runtime.kernels.fused, kubellm.runtime.models.loader, kubellm.runtime.tokenizer\n"
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'aiohttp', 'kopf', 'kubernetes', 'gguf'})\n"
         "assert not bad, f'imported {bad}'\n"
