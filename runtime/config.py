@@ -43,6 +43,8 @@ class EngineConfig:
     # auto: int4 on the CPU when the checkpoint's layers are 4-bit already (GGUF Q4_0/Q4_1), else none.
     quantization: str = "auto"
     seed: int = 0
+    # ranks that split each layer (heads, intermediate size, vocabulary): one process per rank, one GPU each
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -92,6 +94,11 @@ class EngineConfig:
             self.load_format in LOAD_FORMATS,
             "load_format",
             f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
+        )
+        _check(
+            isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+            "tensor_parallel_size",
+            f"must be at least 1, got {self.tensor_parallel_size}",
         )
         _check(
             self.quantization in QUANTIZATIONS,

@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--quantization", default="auto", choices=QUANTIZATIONS)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks splitting each layer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             max_model_len=args.max_model_len,
             quantization=args.quantization,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"kubellm generate: {e}", file=sys.stderr)

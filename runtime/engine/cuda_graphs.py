@@ -171,7 +171,8 @@ def dummy_prefill_forward(
     for n in lens:
         starts.append(starts[-1] + n)
     caches = [
-        torch.zeros(2, 1, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
+        # this rank's KV heads (tensor parallelism splits them)
+        torch.zeros(2, 1, block_size, model.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
         for _ in range(cfg.num_hidden_layers)
     ]
     max_blocks = -(-max(lens) // block_size)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ..distributed.parallel import TensorParallel
 from ..kernels.interface import AttentionBackend
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
@@ -25,10 +26,12 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     seed: int = 0,
+    tp: TensorParallel | None = None,
 ) -> LlamaForCausalLM:
-    """The model with its weights loaded (``weights`` None: random ones from ``seed``), in eval mode."""
+    """The model (this rank's shard of it under ``tp``) with its weights loaded (``weights`` None: random ones from
+    ``seed``, the same on every rank), in eval mode."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, dtype=dtype, device=device)
+        model = LlamaForCausalLM(config, backend, dtype=dtype, device=device, tp=tp)
     model = model.to(dtype).to_empty(device=device)
     if weights is None:
         model.init_dummy_weights(seed)

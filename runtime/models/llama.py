@@ -3,16 +3,20 @@
 Works on a flat batch of tokens from many sequences (no padding): ``forward(input_ids [T], positions [T],
 kv_caches, attn_metadata) -> hidden [T, H]``; attention reads each sequence's context from the paged KV cache.
 Hugging Face checkpoint names load through ``load_weights``; q/k/v and gate/up are fused into one matmul each.
+
+Under tensor parallelism (``tp``, distributed/parallel.py) each rank builds and loads only its shard: its heads,
+its slice of the intermediate size and of the vocabulary; an all-reduce ends each attention and MLP block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed.parallel import TensorParallel
 from ..kernels import cpu
 from ..kernels.interface import AttentionBackend, AttentionMetadata
 from ..kernels.torch_backend import TorchAttentionBackend
@@ -20,22 +24,34 @@ from ..layers.activation import SiluAndMul
 from ..layers.linear import INT4_MAX_ROWS, Linear, MergedLinear, pack_weight, packed_linear, quantize_int8_groups
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
+from ..layers.vocab_parallel import VocabParallelEmbedding
 from .config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, tp: TensorParallel
+    ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        heads = tp.heads(config.num_attention_heads, config.num_key_value_heads)  # this rank's
+        self.num_heads = heads.num_heads
+        self.num_kv_heads = heads.num_kv_heads
+        self.head_dim = d = config.head_dim
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
+        self.scale = d**-0.5
+        kv_rows = (heads.kv_start * d, config.num_key_value_heads * d)
         self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=config.attention_bias
+            config.hidden_size,
+            {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+            bias=config.attention_bias,
+            shard_rows={"q": (heads.q_start * d, config.num_attention_heads * d), "k": kv_rows, "v": kv_rows},
         )
-        self.o_proj = Linear(self.q_size, config.hidden_size)
+        # row-parallel: this rank's heads are its columns of o_proj
+        self.o_proj = Linear(
+            self.q_size, config.hidden_size, input_slice=(heads.q_start * d, config.num_attention_heads * d)
+        )
+        self.tp = tp
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
         self.rotary = rotary
@@ -61,26 +77,33 @@ class LlamaAttention(nn.Module):
                 k = self.k_norm(k)[0]
             q, k = self.rotary(positions, q, k)  # new tensors
         out = self.backend.forward(q, k, v, kv_cache, md, self.scale)  # [T, Hq, D]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
         super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size})
-        self.down_proj = Linear(size, config.hidden_size)
+        full = config.intermediate_size
+        size = full // tp.size  # this rank's slice of the intermediate size
+        rows = (tp.rank * size, full)
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, {"gate": size, "up": size}, shard_rows={"gate": rows, "up": rows}
+        )
+        self.down_proj = Linear(size, config.hidden_size, input_slice=rows)
         self.act = SiluAndMul(backend)
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, tp: TensorParallel
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, backend)
-        self.mlp = LlamaMLP(config, backend)
+        self.self_attn = LlamaAttention(config, rotary, backend, tp)
+        self.mlp = LlamaMLP(config, backend, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
@@ -107,26 +130,37 @@ class LlamaForCausalLM(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
-        """``dtype`` and ``device``: the rotary table's (the parameters follow torch's defaults / device context)."""
+        """``dtype`` and ``device``: the rotary table's (the parameters follow torch's defaults / device context);
+        ``tp``: this rank's tensor-parallel group (default: one rank)."""
         super().__init__()
         self.config = config
+        self.tp = tp = tp or TensorParallel.single()
         self.backend = backend = backend or TorchAttentionBackend()
         # one rotary table shared by all layers
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, backend,
             dtype=dtype, device=device,
         )  # fmt: skip
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, backend) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, self.rotary, backend, tp) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
+        # the head: this rank's vocabulary rows, like the embedding's (the embedding itself when tied)
+        self.lm_head = (
+            None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        )
         for p in self.parameters():
             p.requires_grad_(False)
         self.packed_head: torch.Tensor | None = None  # pack_for_cpu()
         self.int8_head: tuple[torch.Tensor, torch.Tensor] | None = None  # quantize_int4(): (codes, group scales)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """The KV heads this rank's cache holds (all of them with one rank)."""
+        return self.tp.heads(self.config.num_attention_heads, self.config.num_key_value_heads).num_kv_heads
 
     def forward(
         self,
@@ -163,7 +197,12 @@ class LlamaForCausalLM(nn.Module):
         return sum(m.quantize_int4() for m in self.layers.modules() if isinstance(m, Linear))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> float32 logits [N, vocab_size]."""
+        """hidden: [N, H] -> float32 logits [N, vocab_size] (on every rank: the ranks' vocabulary slices gathered)."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return head.gather_logits(self._local_logits(hidden))
+
+    def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] -> float32 logits of this rank's vocabulary rows [N, per_rank]."""
         if self.int8_head is not None and hidden.shape[0] <= INT4_MAX_ROWS:
             kernels = cpu.load()
             assert kernels is not None
@@ -197,10 +236,17 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter in the model")
-            param = params[name]
-            if param.shape != tensor.shape:
-                raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-            param.data.copy_(tensor)
+            module = self.get_submodule(".".join(parts[:-1]))
+            if isinstance(module, Linear | VocabParallelEmbedding):
+                try:  # the module takes its tensor-parallel slice of the whole checkpoint matrix
+                    module.load_weight(parts[-1], tensor)
+                except ValueError as e:
+                    raise ValueError(f"{hf_name}: {e}") from None
+            else:
+                param = params[name]
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                param.data.copy_(tensor)
             loaded.add(name)
         missing = []
         for name, module in self.named_modules():
@@ -215,12 +261,36 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
 
     def init_dummy_weights(self, seed: int = 0) -> None:
-        """Random weights (load_format="dummy"): small normal matrices, unit norms, for tests and benchmarks."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.data.fill_(1.0)
-            elif name.endswith("bias"):
-                p.data.zero_()
-            else:
-                p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        """Random weights (load_format="dummy"): see :func:`dummy_weights`."""
+        self.load_weights(dummy_weights(self.config, seed))
+
+
+_UNFUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def dummy_weights(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """A random checkpoint in Hugging Face names: small normal matrices, unit norms, zero biases, for tests and
+    benchmarks. Whole matrices (every tensor-parallel rank draws the same ones and loads its slice), drawn in the
+    order of a one-rank model's parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = [(name, p.shape) for name, p in LlamaForCausalLM(config).named_parameters()]
+    d = config.head_dim
+    split = {"qkv_proj": [config.num_attention_heads * d, config.num_key_value_heads * d,
+                          config.num_key_value_heads * d],
+             "gate_up_proj": [config.intermediate_size] * 2}  # fmt: skip
+    for name, shape in shapes:
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(shape)
+        elif name.endswith("bias"):
+            tensor = torch.zeros(shape)
+        else:
+            tensor = torch.randn(shape, generator=gen) * 0.02
+        *path, module, param = name.split(".")
+        if module in _UNFUSED:
+            for part, piece in zip(_UNFUSED[module], tensor.split(split[module]), strict=True):
+                yield ".".join(["model", *path, part, param]), piece
+        elif name.startswith("lm_head."):
+            yield name, tensor
+        else:
+            yield f"model.{name}", tensor

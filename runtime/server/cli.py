@@ -95,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "GGUF on the CPU",
     )
     model.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation")
+    model.add_argument(
+        "--tensor-parallel-size",
+        type=_positive_int,
+        default=1,
+        help="ranks splitting each layer: one process per rank (one GPU each; gloo on the CPU)",
+    )
     model.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
 
     http = parser.add_argument_group("HTTP server")
@@ -163,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
             quantization=args.quantization,
             enforce_eager=args.enforce_eager,
             seed=args.seed,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
         settings = ServerSettings(
             served_model_name=args.served_model_name or args.model,
@@ -231,6 +238,8 @@ async def serve(config: Any, settings: Any, host: str, port: int) -> int:
                 return 1
             await engine.start()
             server.set_engine(engine)
+            # a tensor-parallel worker that dies: /ready turns 503 at once, then the process exits non-zero
+            engine.engine.runner.on_worker_failure(lambda reason: server.start_draining())
             stats = engine.stats()
             log.info(
                 "ready: serving %s on http://%s:%d (max_model_len %d, %d KV blocks of %d tokens)",

@@ -22,6 +22,7 @@ EXPECTED_RESULTS = {
     "offline_throughput": ["kubellm", "transformers", "speedup_vs_transformers"],
     "prefix_caching": ["ttft_ms_uncached_median", "ttft_ms_cached_median", "cached_tokens_per_request"],
     "smollm2": ["single_stream_decode_tokens_per_s", "streams_2_output_tokens_per_s"],
+    "tp": ["runs", "tp2_over_tp1_decode_step"],
 }
 
 
