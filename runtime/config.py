@@ -45,6 +45,8 @@ class EngineConfig:
     seed: int = 0
     # ranks that split each layer (heads, intermediate size, vocabulary): one process per rank, one GPU each
     tensor_parallel_size: int = 1
+    # stages holding contiguous layer ranges, activations passed between them (distributed/pipeline.py)
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -99,6 +101,11 @@ class EngineConfig:
             isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
             "tensor_parallel_size",
             f"must be at least 1, got {self.tensor_parallel_size}",
+        )
+        _check(
+            isinstance(self.pipeline_parallel_size, int) and self.pipeline_parallel_size >= 1,
+            "pipeline_parallel_size",
+            f"must be at least 1, got {self.pipeline_parallel_size}",
         )
         _check(
             self.quantization in QUANTIZATIONS,

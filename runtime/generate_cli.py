@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--quantization", default="auto", choices=QUANTIZATIONS)
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks splitting each layer")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="stages of contiguous layers")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             quantization=args.quantization,
             tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"kubellm generate: {e}", file=sys.stderr)

@@ -43,12 +43,15 @@ def check_tensor_parallel(tp_size: int, num_heads: int, num_kv_heads: int, inter
         )
 
 
-def check_devices(tp_size: int, device: torch.device) -> None:
-    """On GPUs one rank per device: more ranks than visible devices is refused."""
+def check_devices(world_size: int, device: torch.device) -> None:
+    """On GPUs one rank per device: more ranks (tensor x pipeline parallel size) than visible devices is refused."""
     if device.type == "cuda":
         available = torch.cuda.device_count()
-        if tp_size > available:
-            raise ValueError(f"tensor_parallel_size {tp_size} needs {tp_size} GPUs, but {available} are visible")
+        if world_size > available:
+            raise ValueError(
+                f"tensor_parallel_size x pipeline_parallel_size = {world_size} ranks need {world_size} GPUs, "
+                f"but {available} are visible"
+            )
 
 
 @dataclass
@@ -89,3 +92,39 @@ class TensorParallel:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """This rank's pipeline stage: decoder layers [layer_start, layer_end); the first stage also holds the
+    embedding, the last the final norm and the head."""
+
+    rank: int
+    size: int
+    layer_start: int
+    layer_end: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    @staticmethod
+    def of(rank: int, size: int, num_layers: int) -> PipelineStage:
+        """Contiguous ranges, the first ``num_layers % size`` stages one layer longer."""
+        if num_layers < size:
+            raise ValueError(f"pipeline_parallel_size {size} exceeds the model's {num_layers} layers")
+        base, extra = divmod(num_layers, size)
+        start = rank * base + min(rank, extra)
+        return PipelineStage(rank, size, start, start + base + (rank < extra))
+
+    @staticmethod
+    def single(num_layers: int) -> PipelineStage:
+        return PipelineStage(0, 1, 0, num_layers)

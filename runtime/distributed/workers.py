@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .parallel import TensorParallel
+from .parallel import PipelineStage, TensorParallel
 
 if TYPE_CHECKING:
     from ..config import EngineConfig
@@ -54,19 +54,36 @@ def free_init_method() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-class ParallelGroup:
-    """This process's membership in the tensor-parallel world: the forward group and the step channel."""
+def world_size(config: EngineConfig) -> int:
+    return config.tensor_parallel_size * config.pipeline_parallel_size
 
-    def __init__(self, rank: int, size: int, init_method: str, device: torch.device) -> None:
+
+class ParallelGroup:
+    """This process's membership in the parallel world: its tensor-parallel group, its pipeline stage, and the step
+    channel. Global rank = stage * tensor_parallel_size + tensor-parallel rank; rank 0 is the engine's."""
+
+    def __init__(self, rank: int, config: EngineConfig, num_layers: int, init_method: str, device: torch.device):
+        tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
-            backend, init_method=init_method, rank=rank, world_size=size, timeout=collective_timeout(), **kwargs
-        )
+            backend, init_method=init_method, rank=rank, world_size=tp_size * pp_size, timeout=collective_timeout(),
+            **kwargs,
+        )  # fmt: skip
         control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         assert isinstance(control, dist.ProcessGroup)
         self.control = control
-        self.tp = TensorParallel(rank, size, None)  # None: the default group, the forward's
+        self.rank = rank
+        stage_index = rank // tp_size
+        tp_group: dist.ProcessGroup | None = None  # None: the default group (one stage)
+        if pp_size > 1:
+            for s in range(pp_size):  # every rank creates every group, in the same order
+                group = dist.new_group(ranks=list(range(s * tp_size, (s + 1) * tp_size)), backend=backend)
+                if s == stage_index:
+                    assert isinstance(group, dist.ProcessGroup)
+                    tp_group = group
+        self.tp = TensorParallel(rank % tp_size, tp_size, tp_group)
+        self.stage = PipelineStage.of(stage_index, pp_size, num_layers)
 
     def broadcast_step(self, step: object) -> object:
         """Rank 0 sends ``step``; every other rank returns what rank 0 sent (None: shut down)."""
@@ -89,7 +106,7 @@ class WorkerGroup:
 
     def __init__(self, config: EngineConfig, max_model_len: int, init_method: str) -> None:
         ctx = multiprocessing.get_context("spawn")
-        size = config.tensor_parallel_size
+        size = world_size(config)
         self.stopping = False
         self.on_failure: list[Callable[[str], None]] = []
         self.processes: list[multiprocessing.process.BaseProcess] = []
@@ -157,7 +174,7 @@ def worker_main(
     """A worker process: load this rank's shard, then execute broadcast steps until rank 0 sends None."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     threading.Thread(target=_exit_when_parent_dies, args=(conn,), daemon=True).start()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size(config)))
     from ..engine.model_runner import ModelRunner
     from ..models.loader import load_model
 

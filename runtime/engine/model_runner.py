@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import CacheConfig, EngineConfig
-from ..distributed.parallel import TensorParallel, check_devices, check_tensor_parallel
+from ..distributed.parallel import PipelineStage, TensorParallel, check_devices, check_tensor_parallel
+from ..distributed.pipeline import run_pipelined
 from ..distributed.workers import ParallelGroup, WorkerGroup, free_init_method
 from ..kernels import cpu
 from ..kernels.dispatch import get_attention_backend
@@ -95,10 +96,12 @@ class ModelRunner:
         self.rank = rank
         mc = loaded.config
         tp_size = config.tensor_parallel_size
+        world = tp_size * config.pipeline_parallel_size
         check_tensor_parallel(tp_size, mc.num_attention_heads, mc.num_key_value_heads, mc.intermediate_size)
+        PipelineStage.of(0, config.pipeline_parallel_size, mc.num_hidden_layers)  # refuses more stages than layers
         device = resolve_device(config.device)
-        check_devices(tp_size, device)
-        if device.type == "cuda" and tp_size > 1:
+        check_devices(world, device)
+        if device.type == "cuda" and world > 1:
             device = torch.device("cuda", rank)  # one rank per GPU
             torch.cuda.set_device(device)
         self.device = device
@@ -106,22 +109,24 @@ class ModelRunner:
         self.workers: WorkerGroup | None = None
         self.group: ParallelGroup | None = None
         self.graphs: cuda_graphs.DecodeGraphs | None = None
-        tp = self._join_group(init_method) if tp_size > 1 else TensorParallel.single()
+        self.stage = PipelineStage.single(mc.num_hidden_layers)
+        tp = self._join_group(init_method, mc.num_hidden_layers) if world > 1 else TensorParallel.single()
         try:
             self._build(loaded, tp)
         except BaseException:
             self._abandon_workers()
             raise
 
-    def _join_group(self, init_method: str | None) -> TensorParallel:
+    def _join_group(self, init_method: str | None, num_layers: int) -> TensorParallel:
         init_method = init_method or free_init_method()
         if self.rank == 0:  # the workers load their shards while this process loads its own
             self.workers = WorkerGroup(self.config, self.max_model_len, init_method)
         try:
-            self.group = ParallelGroup(self.rank, self.config.tensor_parallel_size, init_method, self.device)
+            self.group = ParallelGroup(self.rank, self.config, num_layers, init_method, self.device)
         except BaseException:
             self._abandon_workers()
             raise
+        self.stage = self.group.stage
         return self.group.tp
 
     def _abandon_workers(self) -> None:
@@ -140,8 +145,9 @@ class ModelRunner:
         config, device, dtype, mc = self.config, self.device, self.dtype, loaded.config
         self.backend = get_attention_backend(device)
         self.model = build_model(
-            mc, loaded.weights, backend=self.backend, device=device, dtype=dtype, seed=config.seed, tp=tp
-        )
+            mc, loaded.weights, backend=self.backend, device=device, dtype=dtype, seed=config.seed, tp=tp,
+            stage=self.stage,
+        )  # fmt: skip
         self.quantization = resolve_quantization(config.quantization, device, loaded.weight_formats)
         if self.quantization == "int4":
             self.model.quantize_int4()
@@ -151,18 +157,19 @@ class ModelRunner:
         # this rank's KV heads only; every rank holds the same number of blocks (the fewest any can afford)
         num_kv_heads = self.model.num_kv_heads
         bytes_per_block = kv_cache_bytes_per_block(
-            mc.num_hidden_layers, config.block_size, num_kv_heads, mc.head_dim, dtype
+            self.stage.num_layers, config.block_size, num_kv_heads, mc.head_dim, dtype
         )
         num_blocks = config.num_gpu_blocks or max(1, self._kv_cache_budget() // bytes_per_block)
         if self.group is not None:
             num_blocks = self.group.min_over_ranks(num_blocks)
         self.cache_config = CacheConfig(config.block_size, num_blocks, config.enable_prefix_caching)
-        # one kv_cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+        # one kv_cache per layer of this stage: [2, num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_caches = [
             torch.zeros(2, num_blocks, config.block_size, num_kv_heads, mc.head_dim, dtype=dtype, device=device)
-            for _ in range(mc.num_hidden_layers)
+            for _ in range(self.stage.num_layers)
         ]
-        if device.type == "cuda" and not config.enforce_eager:
+        # decode graphs replay one whole model: not with pipeline stages (eager there)
+        if device.type == "cuda" and not config.enforce_eager and self.stage.size == 1:
             self._capture_graphs()  # on every rank: each replays its own graph, collectives included
             if self.group is not None and not self.group.min_over_ranks(int(self.graphs is not None)):
                 self.graphs = None  # every rank takes the same path, or their collectives would not pair up
@@ -173,6 +180,8 @@ class ModelRunner:
             return config.kv_cache_memory_bytes
         if self.device.type != "cuda":
             return CPU_DEFAULT_KV_CACHE_BYTES
+        if self.stage.size > 1:
+            raise ValueError("pipeline_parallel_size > 1 on a GPU needs kv_cache_memory_bytes (no profiling pass yet)")
         # a profiling pass: the largest step the scheduler can build, for its activation peak
         activations = cuda_graphs.profile_activation_bytes(
             self.model,
@@ -222,10 +231,15 @@ class ModelRunner:
         step = plan_step(items, self.cache_config.block_size)
         if self.group is not None:
             self.group.broadcast_step(step)
-        return self.execute_step(step), [s for s in items if s.samples]
+        logits = self.execute_step(step)
+        assert logits is not None
+        return logits, [s for s in items if s.samples]
 
-    def execute_step(self, step: StepInput) -> torch.Tensor:
-        """Every rank: the forward pass of one planned step -> logits of its ``logit_rows`` [N, vocab] float32."""
+    def execute_step(self, step: StepInput) -> torch.Tensor | None:
+        """Every rank: the forward pass of one planned step -> logits of its ``logit_rows`` [N, vocab] float32
+        (None on the ranks of a pipeline whose logits go to rank 0)."""
+        if self.stage.size > 1:
+            return run_pipelined(self, step)
         graphs = self.graphs
         if graphs is not None and step.is_decode_only and len(step.seq_lens) <= graphs.max_batch_size:
             hidden = graphs.run(

@@ -3,6 +3,7 @@ tensor-parallel workers, who rebuild the same tensors from it (no scheduler stat
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -74,3 +75,28 @@ def step_tensors(step: StepInput, device: torch.device) -> tuple[torch.Tensor, t
     ids = torch.tensor(step.input_ids, dtype=torch.int64, device=device)
     pos = torch.tensor(step.positions, dtype=torch.int64, device=device)
     return ids, pos, md
+
+
+def split_step(step: StepInput, num_microbatches: int) -> list[StepInput]:
+    """Contiguous runs of sequences, about equal in count (each keeps decodes first): the micro-batches a pipeline
+    passes from stage to stage within one step. Their logit rows, concatenated, are the step's."""
+    num_seqs = len(step.seq_lens)
+    m = max(1, min(num_microbatches, num_seqs))
+    bounds = [num_seqs * i // m for i in range(m + 1)]
+    qsl = step.query_start_loc
+    parts = []
+    for a, b in itertools.pairwise(bounds):
+        lo, hi = qsl[a], qsl[b]
+        parts.append(
+            StepInput(
+                input_ids=step.input_ids[lo:hi],
+                positions=step.positions[lo:hi],
+                slot_mapping=step.slot_mapping[lo:hi],
+                block_tables=step.block_tables[a:b],
+                seq_lens=step.seq_lens[a:b],
+                query_start_loc=[x - lo for x in qsl[a : b + 1]],
+                num_decode_tokens=max(0, min(b, step.num_decode_tokens) - a),
+                logit_rows=[r - lo for r in step.logit_rows if lo <= r < hi],
+            )
+        )
+    return parts

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..distributed.parallel import TensorParallel
+from ..distributed.parallel import PipelineStage, TensorParallel
 from ..kernels.interface import AttentionBackend
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
@@ -27,11 +27,12 @@ def build_model(
     dtype: torch.dtype,
     seed: int = 0,
     tp: TensorParallel | None = None,
+    stage: PipelineStage | None = None,
 ) -> LlamaForCausalLM:
     """The model (this rank's shard of it under ``tp``) with its weights loaded (``weights`` None: random ones from
     ``seed``, the same on every rank), in eval mode."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, dtype=dtype, device=device, tp=tp)
+        model = LlamaForCausalLM(config, backend, dtype=dtype, device=device, tp=tp, stage=stage)
     model = model.to(dtype).to_empty(device=device)
     if weights is None:
         model.init_dummy_weights(seed)

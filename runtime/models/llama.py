@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed.parallel import TensorParallel
+from ..distributed.parallel import PipelineStage, TensorParallel
 from ..kernels import cpu
 from ..kernels.interface import AttentionBackend, AttentionMetadata
 from ..kernels.torch_backend import TorchAttentionBackend
@@ -131,27 +131,35 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
         tp: TensorParallel | None = None,
+        stage: PipelineStage | None = None,
     ) -> None:
         """``dtype`` and ``device``: the rotary table's (the parameters follow torch's defaults / device context);
-        ``tp``: this rank's tensor-parallel group (default: one rank)."""
+        ``tp``: this rank's tensor-parallel group (default: one rank); ``stage``: its pipeline stage (default: all
+        layers), whose layers alone are built (the others are placeholders without parameters)."""
         super().__init__()
         self.config = config
         self.tp = tp = tp or TensorParallel.single()
+        self.stage = stage = stage or PipelineStage.single(config.num_hidden_layers)
+        tied = config.tie_word_embeddings
         self.backend = backend = backend or TorchAttentionBackend()
         # one rotary table shared by all layers
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, backend,
             dtype=dtype, device=device,
         )  # fmt: skip
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        vocab, hidden = config.vocab_size, config.hidden_size
+        # the first stage embeds; the last one needs the embedding too when it is the head (tied)
+        needs_embedding = stage.is_first or (stage.is_last and tied)
+        self.embed_tokens = VocabParallelEmbedding(vocab, hidden, tp) if needs_embedding else None
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, backend, tp) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, self.rotary, backend, tp)
+            if stage.layer_start <= i < stage.layer_end
+            else nn.Identity()
+            for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.norm = RMSNorm(hidden, config.rms_norm_eps, backend) if stage.is_last else None
         # the head: this rank's vocabulary rows, like the embedding's (the embedding itself when tied)
-        self.lm_head = (
-            None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        )
+        self.lm_head = VocabParallelEmbedding(vocab, hidden, tp) if stage.is_last and not tied else None
         for p in self.parameters():
             p.requires_grad_(False)
         self.packed_head: torch.Tensor | None = None  # pack_for_cpu()
@@ -169,36 +177,67 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, H]."""
+        """The whole model (one stage): input_ids, positions: [T] -> final hidden states [T, H]."""
+        hidden, residual = self.forward_stage(positions, kv_caches, attn_metadata, input_ids=input_ids)
+        return self.final_norm(hidden, residual)
+
+    def forward_stage(
+        self,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+        *,
+        input_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This stage's layers: from input_ids [T] (the first stage) or the previous stage's (hidden, residual)
+        [T, H] each -> (hidden, residual) after its last layer. kv_caches: one per layer of the stage."""
         # the last position of the longest sequence is max_seq_len - 1 (no device sync to find it)
         if attn_metadata.max_seq_len > self.rotary.max_position:
             raise ValueError(f"position {attn_metadata.max_seq_len - 1} exceeds max_position_embeddings")
         self.rotary.new_step()
         attn_metadata = self.backend.build_metadata(attn_metadata)
-        hidden = self.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        if input_ids is not None:
+            assert self.embed_tokens is not None
+            hidden = self.embed_tokens(input_ids)
+        assert hidden is not None
+        stage = self.stage
+        for layer, kv_cache in zip(self.layers[stage.layer_start : stage.layer_end], kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        return hidden, residual
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        assert self.norm is not None, "the final norm lives on the last pipeline stage"
         return self.norm(hidden, residual)[0]
+
+    @property
+    def head(self) -> VocabParallelEmbedding | None:
+        """The head's weights (the embedding when tied); None off the last pipeline stage."""
+        if not self.stage.is_last:
+            return None
+        return self.embed_tokens if self.lm_head is None else self.lm_head
 
     def pack_for_cpu(self) -> int:
         """oneDNN-packed copies of every decoder linear and of the head (CPU); returns how many were packed."""
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.packed_head = pack_weight(head.data)
+        head = self.head
+        self.packed_head = None if head is None else pack_weight(head.weight.data)
         return sum(m.pack() for m in self.layers.modules() if isinstance(m, Linear)) + (self.packed_head is not None)
 
     def quantize_int4(self) -> int:
         """Give every decoder-layer linear an int4 copy for small batches (CPU), and the head an int8 one in 32-column
         groups (GGUF's Q8_0 layout, where checkpoints keep their head: the file's own codes come back) when the C++
         kernels are built. Returns how many linears took an int4 copy."""
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if head.device.type == "cpu" and head.shape[1] % 32 == 0 and cpu.load() is not None:
-            self.int8_head = quantize_int8_groups(head.data)
+        head = self.head
+        on_cpu = head is not None and head.weight.device.type == "cpu"
+        if head is not None and on_cpu and head.weight.shape[1] % 32 == 0 and cpu.load() is not None:
+            self.int8_head = quantize_int8_groups(head.weight.data)
         return sum(m.quantize_int4() for m in self.layers.modules() if isinstance(m, Linear))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, vocab_size] (on every rank: the ranks' vocabulary slices gathered)."""
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        head = self.head
+        assert head is not None, "the head lives on the last pipeline stage"
         return head.gather_logits(self._local_logits(hidden))
 
     def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -209,8 +248,8 @@ class LlamaForCausalLM(nn.Module):
             return kernels.int8_matmul(hidden.float(), *self.int8_head)
         if self.packed_head is not None:
             return packed_linear(hidden, self.packed_head).float()
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        assert self.head is not None
+        return F.linear(hidden, self.head.weight).float()
 
     # ---- weights --------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -224,7 +263,9 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb" in name:
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding serves as the head
+                continue  # tied: the embedding serves as the head (or the head is on another stage)
+            if not self._on_this_stage(name):
+                continue
             parts = name.split(".")
             if len(parts) >= 3 and parts[-2] in fused:
                 module_name, shard = fused[parts[-2]]
@@ -259,6 +300,17 @@ class LlamaForCausalLM(nn.Module):
                                                                             "gate_up_proj.weight"))]  # fmt: skip
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
+
+    def _on_this_stage(self, name: str) -> bool:
+        """Whether the checkpoint tensor ``name`` (without "model.") belongs to this pipeline stage."""
+        first = name.split(".", 1)[0]
+        if first == "layers":
+            return self.stage.layer_start <= int(name.split(".")[1]) < self.stage.layer_end
+        if first == "embed_tokens":
+            return self.embed_tokens is not None
+        if first == "norm":
+            return self.norm is not None
+        return True
 
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights (load_format="dummy"): see :func:`dummy_weights`."""

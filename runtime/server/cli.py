@@ -101,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="ranks splitting each layer: one process per rank (one GPU each; gloo on the CPU)",
     )
+    model.add_argument(
+        "--pipeline-parallel-size",
+        type=_positive_int,
+        default=1,
+        help="stages holding contiguous layer ranges (each stage --tensor-parallel-size ranks)",
+    )
     model.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
 
     http = parser.add_argument_group("HTTP server")
@@ -170,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
             enforce_eager=args.enforce_eager,
             seed=args.seed,
             tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
         )
         settings = ServerSettings(
             served_model_name=args.served_model_name or args.model,

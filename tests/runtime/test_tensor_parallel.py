@@ -22,7 +22,7 @@ TINY = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidd
         "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}  # fmt: skip
 
 
-def save_tiny(kind: str, path: Path, **heads: int) -> Path:
+def save_tiny(kind: str, path: Path, *, tied: bool = False, **heads: int) -> Path:
     import transformers
 
     config_cls, model_cls = {
@@ -30,7 +30,7 @@ def save_tiny(kind: str, path: Path, **heads: int) -> Path:
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[kind]
     torch.manual_seed(0)
-    model = model_cls(config_cls(**TINY, **heads, torch_dtype="float32"))
+    model = model_cls(config_cls(**{**TINY, "tie_word_embeddings": tied}, **heads, torch_dtype="float32"))
     model.save_pretrained(path, safe_serialization=True)
     return path
 
@@ -65,6 +65,29 @@ def test_tp2_greedy_tokens_equal_tp1(tmp_path: Path, kind: str, heads: dict[str,
     prompts = draw_prompts(TINY["vocab_size"])
     expected = greedy_tokens(model, 1, prompts)
     assert greedy_tokens(model, 2, prompts) == expected
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "tied"),
+    [
+        pytest.param(1, 2, False, id="pp2"),
+        pytest.param(1, 2, True, id="pp2-tied"),
+        pytest.param(2, 2, False, id="tp2xpp2"),
+    ],
+)
+def test_pipeline_greedy_tokens_equal_tp1(tmp_path: Path, tp: int, pp: int, tied: bool) -> None:
+    """Stages of contiguous layers (one each here); micro-batches of a step passed on with send/recv. Tied: the last
+    stage holds the embedding as its head."""
+    model = str(save_tiny("llama", tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2, tied=tied))
+    prompts = draw_prompts(TINY["vocab_size"], count=5)
+    expected = greedy_tokens(model, 1, prompts)
+    assert greedy_tokens(model, tp, prompts, pipeline_parallel_size=pp) == expected
+
+
+def test_more_stages_than_layers_are_refused(tmp_path: Path) -> None:
+    model = str(save_tiny("llama", tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="pipeline_parallel_size 3 exceeds the model's 2 layers"):
+        LLM(model, device="cpu", pipeline_parallel_size=3)
 
 
 @pytest.mark.slow
