@@ -19,7 +19,7 @@ import torch
 
 from ..config import CacheConfig, EngineConfig
 from ..distributed.parallel import PipelineStage, TensorParallel, check_devices, check_tensor_parallel
-from ..distributed.pipeline import run_pipelined
+from ..distributed.pipeline import StageClock, run_pipelined
 from ..distributed.workers import ParallelGroup, WorkerGroup, free_init_method
 from ..kernels import cpu
 from ..kernels.dispatch import get_attention_backend
@@ -110,6 +110,7 @@ class ModelRunner:
         self.group: ParallelGroup | None = None
         self.graphs: cuda_graphs.DecodeGraphs | None = None
         self.stage = PipelineStage.single(mc.num_hidden_layers)
+        self.stage_clock = StageClock(rank)
         tp = self._join_group(init_method, mc.num_hidden_layers) if world > 1 else TensorParallel.single()
         try:
             self._build(loaded, tp)
@@ -127,6 +128,7 @@ class ModelRunner:
             self._abandon_workers()
             raise
         self.stage = self.group.stage
+        self.stage_clock.stage = self.stage.rank
         return self.group.tp
 
     def _abandon_workers(self) -> None:
@@ -267,6 +269,7 @@ class ModelRunner:
                 break
             assert isinstance(step, StepInput)
             self.execute_step(step)
+        self.stage_clock.report()
         self.group.close()
 
     def on_worker_failure(self, hook: Callable[[str], None]) -> None:
@@ -282,5 +285,6 @@ class ModelRunner:
             self.workers.stopping = True
             self.group.broadcast_step(None)
             self.workers.shutdown()
+        self.stage_clock.report()
         self.group.close()
         self.group = None
