@@ -23,7 +23,7 @@ for arg in "$@"; do
     *) names+=("$arg") ;;
   esac
 done
-[ ${#names[@]} -eq 0 ] && names=(kernel_tests ceilings decode_attention decode_step offline_throughput prefix_caching smollm2)
+[ ${#names[@]} -eq 0 ] && names=(kernel_tests ceilings decode_attention decode_step offline_throughput prefix_caching smollm2 tp)
 
 carry=bench/gpu/build/carry
 if [ -d "$carry/pylib" ]; then

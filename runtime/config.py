@@ -78,6 +78,14 @@ class EngineConfig:
         choices=QUANTIZATIONS,
     )
     seed: int = setting(0, "the engine's seed for unseeded requests")
+    tensor_parallel_size: int = setting(
+        1,
+        "ranks splitting each layer (heads, intermediate size, vocabulary): one process per rank, one GPU each "
+        "(gloo on the CPU)",
+    )
+    pipeline_parallel_size: int = setting(
+        1, "stages holding contiguous layer ranges (each stage --tensor-parallel-size ranks)"
+    )
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -127,6 +135,16 @@ class EngineConfig:
             self.load_format in LOAD_FORMATS,
             "load_format",
             f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
+        )
+        _check(
+            isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+            "tensor_parallel_size",
+            f"must be at least 1, got {self.tensor_parallel_size}",
+        )
+        _check(
+            isinstance(self.pipeline_parallel_size, int) and self.pipeline_parallel_size >= 1,
+            "pipeline_parallel_size",
+            f"must be at least 1, got {self.pipeline_parallel_size}",
         )
         _check(
             self.quantization in QUANTIZATIONS,

@@ -107,8 +107,9 @@ def main() -> int:
 
     import torch
 
+    from kubellm.runtime.kernels.interface import AttentionMetadata
     from kubellm.runtime.kernels.paged_attention import choose_num_splits, paged_decode_attention
-    from kubellm.runtime.layers.attention import AttentionMetadata, TorchAttentionBackend
+    from kubellm.runtime.kernels.torch_backend import TorchAttentionBackend
 
     dtype = torch.float32 if args.smoke else torch.bfloat16
     batch = build_batch(
@@ -173,10 +174,11 @@ def main() -> int:
         query_start_loc_cpu=list(range(args.num_seqs + 1)),
     )
     backend = TorchAttentionBackend()
+    torch_metadata = backend.build_metadata(metadata)
     empty_kv = batch["query"].new_empty((args.num_seqs, args.num_kv_heads, args.head_dim))
 
     def run_torch() -> Any:
-        return backend.forward(batch["query"], empty_kv, empty_kv, batch["kv_cache"], metadata, scale)
+        return backend.forward(batch["query"], empty_kv, empty_kv, batch["kv_cache"], torch_metadata, scale)
 
     torch_out = run_torch()
     gpubench.sync(device)

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..layers.attention import AttentionMetadata
-from ..models.llama import LlamaAttention, LlamaForCausalLM
+from ..kernels.interface import AttentionMetadata
+from ..models.llama import LlamaForCausalLM
 
 # batch sizes captured by default: every size up to 8, then steps of 8 (padding wastes at most 7 rows)
 DEFAULT_CAPTURE_SIZES = (1, 2, 4, *range(8, 257, 8))
@@ -83,10 +83,10 @@ class DecodeGraphs:
     ) -> None:
         if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
             raise ValueError(f"capture sizes must be distinct positive integers in increasing order, got {sizes}")
-        backends = {m.backend.name for m in model.modules() if isinstance(m, LlamaAttention)}
-        if backends != {"triton"}:
+        if not model.backend.supports_cuda_graphs:
             raise ValueError(
-                f"decode graphs need an attention backend that reads no host state (the Triton backend), not {backends}"
+                f"decode graphs need an attention backend that reads no host state (the Triton backend), "
+                f"not {model.backend.name!r}"
             )
         self.sizes = list(sizes)
         largest = self.sizes[-1]
@@ -171,7 +171,8 @@ def dummy_prefill_forward(
     for n in lens:
         starts.append(starts[-1] + n)
     caches = [
-        torch.zeros(2, 1, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
+        # this rank's KV heads (tensor parallelism splits them)
+        torch.zeros(2, 1, block_size, model.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
         for _ in range(cfg.num_hidden_layers)
     ]
     max_blocks = -(-max(lens) // block_size)

@@ -21,16 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import CacheConfig, EngineConfig, SchedulerConfig
-from ..kernels import cpu
-from ..layers.attention import get_attention_backend
+from ..config import EngineConfig, SchedulerConfig
 from ..layers.sampler import Sampler, SamplingRow
-from ..models.llama import LlamaForCausalLM
 from ..outputs import CompletionOutput, EngineStats, FinishReason, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
-from .cuda_graphs import profile_activation_bytes
-from .model_runner import ModelRunner, kv_cache_bytes_per_block
+from .model_runner import ModelRunner
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Request, Sequence
 
@@ -40,46 +36,6 @@ if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
-# kept free on a GPU besides the profiled activations: the CUDA-graph pool and allocator fragmentation
-GPU_RESERVE_BYTES = 256 << 20
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but CUDA is not available")
-    return torch.device(device)
-
-
-def cpu_has_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & cpu.cpu_flags())
-
-
-def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cpu":
-        # A decode step reads every weight once, so half the bytes is about twice the speed (SmolLM2, one stream,
-        # 2-core EPYC, quiet machine: 37 vs 18 tok/s), but only where the CPU has bf16 units; elsewhere bf16 is
-        # emulated. (An earlier measurement that found bf16 no faster was taken with the cores oversubscribed.)
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    return {"float16": torch.float16, "float32": torch.bfloat16}.get(checkpoint_dtype, torch.bfloat16)
-
-
-FOUR_BIT_FORMATS = frozenset({"Q4_0", "Q4_1"})
-
-
-def resolve_quantization(quantization: str, device: torch.device, weight_formats: frozenset[str]) -> str:
-    """ "auto" -> "int4" on the CPU for a checkpoint whose layers are 4-bit already (nothing is lost), else "none"."""
-    if quantization == "int4" and device.type != "cpu":
-        raise ValueError(f"quantization int4 is a CPU path (torch's CPU int4 kernel); the device is {device.type}")
-    if quantization == "auto":
-        four_bit = bool(weight_formats) and weight_formats <= FOUR_BIT_FORMATS
-        return "int4" if device.type == "cpu" and four_bit else "none"
-    return quantization
 
 
 @dataclass
@@ -93,13 +49,11 @@ class LLMEngine:
         from ..models.loader import load_model
 
         self.config = config
-        self.device = resolve_device(config.device)
         if loaded is None:
             loaded = load_model(config.model, load_format=config.load_format, revision=config.revision)
         if config.chat_template is not None and loaded.tokenizer is not None:
             loaded.tokenizer.chat_template = Path(config.chat_template).read_text()
         self.model_config = mc = loaded.config
-        self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
         self.model_name = config.served_model_name or loaded.name
         self.tokenizer: Tokenizer | None = loaded.tokenizer
         self.generation_config = dict(loaded.generation_config)  # the model's sampling defaults, for the server
@@ -109,36 +63,12 @@ class LLMEngine:
                 f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
                 f"({mc.max_position_embeddings})"
             )
-
-        # the model
-        with torch.device(self.device):
-            model = LlamaForCausalLM(mc, get_attention_backend(self.device))
-        if loaded.weights is None:
-            model.init_dummy_weights(config.seed)
-        else:
-            model.load_weights(loaded.weights)
-        self.model = model.to(self.dtype).eval()
-        self.quantization = resolve_quantization(config.quantization, self.device, loaded.weight_formats)
-        if self.quantization == "int4":
-            model.quantize_int4()
-        if self.device.type == "cpu":
-            model.pack_for_cpu()
-
-        # the KV cache
-        bytes_per_block = kv_cache_bytes_per_block(
-            mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
-        )
-        num_blocks = config.num_gpu_blocks or max(1, self._kv_cache_budget() // bytes_per_block)
-        self.cache_config = CacheConfig(config.block_size, num_blocks, config.enable_prefix_caching)
-        self.runner = ModelRunner(
-            self.model,
-            self.cache_config,
-            self.device,
-            self.dtype,
-            decode_graphs=self.device.type == "cuda" and not config.enforce_eager,
-            max_num_seqs=config.max_num_seqs,
-            max_model_len=self.max_model_len,
-        )
+        # the device, dtype, weights and KV cache
+        self.runner = ModelRunner(config, loaded, max_model_len=self.max_model_len)
+        self.device, self.dtype, self.model = self.runner.device, self.runner.dtype, self.runner.model
+        self.quantization = self.runner.quantization
+        self.cache_config = self.runner.cache_config
+        num_blocks = self.cache_config.num_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # a sequence can never outgrow the whole cache
         self.max_seq_len = min(self.max_model_len, self.cache_config.num_slots)
@@ -158,28 +88,6 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
         self.last_step = StepStats()
-
-    def _kv_cache_budget(self) -> int:
-        if self.config.kv_cache_memory_bytes is not None:
-            return self.config.kv_cache_memory_bytes
-        if self.device.type == "cuda":
-            # a profiling pass: the largest step the scheduler can build, for its activation peak
-            activations = profile_activation_bytes(
-                self.model,
-                num_tokens=min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs),
-                max_model_len=self.max_model_len,
-                num_logits=self.config.max_num_seqs,
-                block_size=self.config.block_size,
-            )
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free  # the weights, the CUDA context, other processes
-            budget = int(total * self.config.gpu_memory_utilization) - used - activations - GPU_RESERVE_BYTES
-            logger.info(
-                "GPU memory: %.1f GiB total, %.1f GiB in use, %.2f GiB peak activations: %.1f GiB for the KV cache",
-                total / 2**30, used / 2**30, activations / 2**30, max(budget, 0) / 2**30,
-            )  # fmt: skip
-            return max(0, budget)
-        return CPU_DEFAULT_KV_CACHE_BYTES
 
     # ---- requests ---------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

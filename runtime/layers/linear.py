@@ -93,12 +93,18 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """y = x @ W.T (+ b). After :meth:`quantize_int4`, inputs of at most ``INT4_MAX_ROWS`` rows use the int4 copy."""
+    """y = x @ W.T (+ b). After :meth:`quantize_int4`, inputs of at most ``INT4_MAX_ROWS`` rows use the int4 copy.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    ``input_slice`` (start, checkpoint in_features): this layer holds columns [start, start + in_features) of the
+    checkpoint's matrix, a row-parallel shard (its caller all-reduces the partial outputs)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, *, input_slice: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.input_slice = input_slice or (0, in_features)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.int4_weight: torch.Tensor | None = None  # [N, K / 2] uint8, torch's packed layout
@@ -114,6 +120,18 @@ class Linear(nn.Module):
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def load_weight(self, param: str, tensor: torch.Tensor) -> None:
+        """Copy the checkpoint's ``param`` ("weight" or "bias"), the whole matrix, into this layer's slice of it."""
+        target = self.weight if param == "weight" else self.bias
+        start, full_in = self.input_slice
+        expected = (self.out_features, full_in) if param == "weight" else (self.out_features,)
+        if target is None or tuple(tensor.shape) != expected:
+            got = tuple(tensor.shape) if target is not None else "a bias, but the layer has none"
+            raise ValueError(f"{param}: checkpoint has {got}, expected {expected}")
+        if param == "weight" and self.in_features != full_in:
+            tensor = tensor.narrow(1, start, self.in_features)
+        target.data.copy_(tensor)
 
     def pack(self) -> bool:
         """Add the oneDNN-packed copy (CPU). False where oneDNN cannot take this dtype on this CPU (float16
@@ -138,9 +156,19 @@ class Linear(nn.Module):
 
 
 class MergedLinear(Linear):
-    """A Linear whose W = cat([W_shard for shard in shards]) along the output rows."""
+    """A Linear whose W = cat([W_shard for shard in shards]) along the output rows.
 
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False) -> None:
+    ``shard_rows[name]`` (start, checkpoint rows): the shard holds rows [start, start + size) of its checkpoint
+    matrix, a column-parallel slice (tensor parallelism: this rank's heads, its part of the intermediate size)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        shard_sizes: dict[str, int],
+        bias: bool = False,
+        *,
+        shard_rows: dict[str, tuple[int, int]] | None = None,
+    ) -> None:
         offsets: dict[str, tuple[int, int]] = {}
         total = 0
         for name, size in shard_sizes.items():
@@ -148,6 +176,7 @@ class MergedLinear(Linear):
             total += size
         super().__init__(in_features, total, bias)
         self.shard_offsets = offsets
+        self.shard_rows = {name: (shard_rows or {}).get(name, (0, size)) for name, size in shard_sizes.items()}
 
     def load_shard(self, shard: str, param: str, tensor: torch.Tensor) -> None:
         """Copy the checkpoint tensor for ``shard`` ("q", "gate", ...) into ``param`` ("weight" or "bias")."""
@@ -155,7 +184,8 @@ class MergedLinear(Linear):
         target = self.weight if param == "weight" else self.bias
         if target is None:
             raise ValueError(f"checkpoint has a {shard} bias but the model was configured without attention_bias")
-        expected = (size, self.in_features) if param == "weight" else (size,)
+        start, rows = self.shard_rows[shard]
+        expected = (rows, self.in_features) if param == "weight" else (rows,)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{shard}_proj.{param} has shape {tuple(tensor.shape)}, expected {expected}")
-        target.data[offset : offset + size].copy_(tensor)
+        target.data[offset : offset + size].copy_(tensor.narrow(0, start, size))

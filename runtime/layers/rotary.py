@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import cpu, ops
+from ..kernels.interface import AttentionBackend, RopeTables
 
 
 def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -42,59 +42,46 @@ def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | Non
 
 
 class RotaryEmbedding(nn.Module):
+    """The cos/sin table of one model (shared by its layers) and the rotation, through the device's backend."""
+
     def __init__(
-        self, head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None = None
+        self,
+        head_dim: int,
+        max_position: int,
+        base: float,
+        rope_scaling: dict[str, Any] | None,
+        backend: AttentionBackend,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, base, rope_scaling)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)  # [max_position, D/2]
-        # cos_sin_cache: [max_position, head_dim], cos half then sin half (the reference ops' layout)
-        self.cos_sin_cache: torch.Tensor
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        with torch.device("cpu"):  # real numbers even when the model is built on the meta device
+            inv_freq = rope_inv_freq(head_dim, base, rope_scaling)
+            freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)  # [max_position, D/2]
+            # [max_position, head_dim], cos half then sin half, rounded to the model's dtype (as Hugging Face does)
+            table = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)
+        table = table.to(device or torch.get_default_device())
+        self.tables = RopeTables(table, table.float().contiguous())
         self.max_position = max_position
-        # (positions, cos, sin) of the current step, shared by all layers (CPU path); reset by new_step()
-        self._step_cos_sin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # (cos_sin_cache, its float32 copy) for the C++ kernel (CPU)
-        self._table_f32: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.backend = backend
+
+    @property
+    def cos_sin_cache(self) -> torch.Tensor:
+        return self.tables.cos_sin_cache
 
     def new_step(self) -> None:
-        """Forget the step's cos/sin: the next call gathers them again (positions may be rewritten in place, as a
-        captured graph's static buffer is, so the tensor's identity alone cannot tell steps apart)."""
-        self._step_cos_sin = None
+        self.tables.new_step()
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; query: [T, Hq, D]; key: [T, Hkv, D] (views are fine) -> rotated (query, key).
+        """positions: [T]; query: [T, Hq, D]; key: [T, Hkv, D] (views are fine) -> rotated (query, key)."""
+        return self.backend.rotary_embedding(positions, query, key, self.tables)
 
-        On a GPU the fused kernel rotates contiguous copies in place. On the CPU see :meth:`rotate`.
-        """
-        if query.is_cuda:
-            return ops.rotary_embedding(positions, query.contiguous(), key.contiguous(), self.cos_sin_cache, True)
-        return self.rotate(positions, query), self.rotate(positions, key)
-
-    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """CPU: positions [T]; x [T, H, D] (a view is fine) -> a new rotated tensor. Query and key heads may come
-        as one tensor (their columns are adjacent in the fused qkv projection): one pass rotates both.
-
-        The C++ kernel when it is built (kernels/cpu.py); else ``x * cos + roll(x, D/2) * sin`` in float32 (the
-        reference's arithmetic in fewer ops), with cos and sin gathered once per step: every layer of a forward
-        pass gets the same ``positions`` tensor."""
-        kernels = cpu.load()
-        if kernels is not None and x.stride(-1) == 1:
-            if self._table_f32 is None or self._table_f32[0] is not self.cos_sin_cache:  # .to() replaces the buffer
-                self._table_f32 = (self.cos_sin_cache, self.cos_sin_cache.float().contiguous())
-            return kernels.rotary(x, positions, self._table_f32[1])
-        cached = self._step_cos_sin
-        if cached is None or cached[0] is not positions:
-            cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
-            # rotate-half: out = x * [cos, cos] + [x2, x1] * [-sin, sin]
-            cached = (positions, torch.cat([cos, cos], -1)[:, None, :], torch.cat([-sin, sin], -1)[:, None, :])
-            self._step_cos_sin = cached
-        _, cos_full, sin_signed = cached
-        return _rotate_half(x, cos_full, sin_signed)
-
-
-def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)
+    def rotate_qk(
+        self, positions: torch.Tensor, qk: torch.Tensor, num_q_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """qk: [T, Hq + Hkv, D], query heads then key heads -> rotated (query, key), in one pass where the backend
+        can."""
+        return self.backend.rotary_embedding_qk(positions, qk, num_q_heads, self.tables)

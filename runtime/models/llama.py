@@ -3,40 +3,57 @@
 Works on a flat batch of tokens from many sequences (no padding): ``forward(input_ids [T], positions [T],
 kv_caches, attn_metadata) -> hidden [T, H]``; attention reads each sequence's context from the paged KV cache.
 Hugging Face checkpoint names load through ``load_weights``; q/k/v and gate/up are fused into one matmul each.
+
+Under tensor parallelism (``tp``, distributed/parallel.py) each rank builds and loads only its shard: its heads,
+its slice of the intermediate size and of the vocabulary; an all-reduce ends each attention and MLP block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed.parallel import PipelineStage, TensorParallel
 from ..kernels import cpu
+from ..kernels.interface import AttentionBackend, AttentionMetadata
+from ..kernels.torch_backend import TorchAttentionBackend
 from ..layers.activation import SiluAndMul
-from ..layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
 from ..layers.linear import INT4_MAX_ROWS, Linear, MergedLinear, pack_weight, packed_linear, quantize_int8_groups
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
+from ..layers.vocab_parallel import VocabParallelEmbedding
 from .config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, tp: TensorParallel
+    ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        heads = tp.heads(config.num_attention_heads, config.num_key_value_heads)  # this rank's
+        self.num_heads = heads.num_heads
+        self.num_kv_heads = heads.num_kv_heads
+        self.head_dim = d = config.head_dim
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
+        self.scale = d**-0.5
+        kv_rows = (heads.kv_start * d, config.num_key_value_heads * d)
         self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=config.attention_bias
+            config.hidden_size,
+            {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+            bias=config.attention_bias,
+            shard_rows={"q": (heads.q_start * d, config.num_attention_heads * d), "k": kv_rows, "v": kv_rows},
         )
-        self.o_proj = Linear(self.q_size, config.hidden_size)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # row-parallel: this rank's heads are its columns of o_proj
+        self.o_proj = Linear(
+            self.q_size, config.hidden_size, input_slice=(heads.q_start * d, config.num_attention_heads * d)
+        )
+        self.tp = tp
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
         self.rotary = rotary
         self.backend = backend
 
@@ -47,10 +64,11 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
         q_and_k = self.q_size + self.kv_size
         v = qkv[:, q_and_k:].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D], a view into qkv
-        if not qkv.is_cuda and self.q_norm is None:
-            # CPU: rotate the query and key heads in one pass, then split the result
-            qk = self.rotary.rotate(positions, qkv[:, :q_and_k].view(num_tokens, -1, self.head_dim))
-            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        if self.q_norm is None:
+            # the query and key heads are adjacent columns: one rotation pass where the backend can
+            q, k = self.rotary.rotate_qk(
+                positions, qkv[:, :q_and_k].view(num_tokens, -1, self.head_dim), self.num_heads
+            )
         else:
             q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
             k = qkv[:, self.q_size : q_and_k].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -59,28 +77,35 @@ class LlamaAttention(nn.Module):
                 k = self.k_norm(k)[0]
             q, k = self.rotary(positions, q, k)  # new tensors
         out = self.backend.forward(q, k, v, kv_cache, md, self.scale)  # [T, Hq, D]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
         super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size})
-        self.down_proj = Linear(size, config.hidden_size)
-        self.act = SiluAndMul()
+        full = config.intermediate_size
+        size = full // tp.size  # this rank's slice of the intermediate size
+        rows = (tp.rank * size, full)
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, {"gate": size, "up": size}, shard_rows={"gate": rows, "up": rows}
+        )
+        self.down_proj = Linear(size, config.hidden_size, input_slice=rows)
+        self.act = SiluAndMul(backend)
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, tp: TensorParallel
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, backend)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, rotary, backend, tp)
+        self.mlp = LlamaMLP(config, backend, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
     def forward(
         self,
@@ -98,24 +123,52 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+        tp: TensorParallel | None = None,
+        stage: PipelineStage | None = None,
+    ) -> None:
+        """``dtype`` and ``device``: the rotary table's (the parameters follow torch's defaults / device context);
+        ``tp``: this rank's tensor-parallel group (default: one rank); ``stage``: its pipeline stage (default: all
+        layers), whose layers alone are built (the others are placeholders without parameters)."""
         super().__init__()
         self.config = config
-        backend = backend or TorchAttentionBackend()
+        self.tp = tp = tp or TensorParallel.single()
+        self.stage = stage = stage or PipelineStage.single(config.num_hidden_layers)
+        tied = config.tie_word_embeddings
+        self.backend = backend = backend or TorchAttentionBackend()
         # one rotary table shared by all layers
         self.rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, backend,
+            dtype=dtype, device=device,
+        )  # fmt: skip
+        vocab, hidden = config.vocab_size, config.hidden_size
+        # the first stage embeds; the last one needs the embedding too when it is the head (tied)
+        needs_embedding = stage.is_first or (stage.is_last and tied)
+        self.embed_tokens = VocabParallelEmbedding(vocab, hidden, tp) if needs_embedding else None
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, backend) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, self.rotary, backend, tp)
+            if stage.layer_start <= i < stage.layer_end
+            else nn.Identity()
+            for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
+        self.norm = RMSNorm(hidden, config.rms_norm_eps, backend) if stage.is_last else None
+        # the head: this rank's vocabulary rows, like the embedding's (the embedding itself when tied)
+        self.lm_head = VocabParallelEmbedding(vocab, hidden, tp) if stage.is_last and not tied else None
         for p in self.parameters():
             p.requires_grad_(False)
         self.packed_head: torch.Tensor | None = None  # pack_for_cpu()
         self.int8_head: tuple[torch.Tensor, torch.Tensor] | None = None  # quantize_int4(): (codes, group scales)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """The KV heads this rank's cache holds (all of them with one rank)."""
+        return self.tp.heads(self.config.num_attention_heads, self.config.num_key_value_heads).num_kv_heads
 
     def forward(
         self,
@@ -124,42 +177,79 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, H]."""
+        """The whole model (one stage): input_ids, positions: [T] -> final hidden states [T, H]."""
+        hidden, residual = self.forward_stage(positions, kv_caches, attn_metadata, input_ids=input_ids)
+        return self.final_norm(hidden, residual)
+
+    def forward_stage(
+        self,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+        *,
+        input_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This stage's layers: from input_ids [T] (the first stage) or the previous stage's (hidden, residual)
+        [T, H] each -> (hidden, residual) after its last layer. kv_caches: one per layer of the stage."""
         # the last position of the longest sequence is max_seq_len - 1 (no device sync to find it)
         if attn_metadata.max_seq_len > self.rotary.max_position:
             raise ValueError(f"position {attn_metadata.max_seq_len - 1} exceeds max_position_embeddings")
         self.rotary.new_step()
-        hidden = self.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        attn_metadata = self.backend.build_metadata(attn_metadata)
+        if input_ids is not None:
+            assert self.embed_tokens is not None
+            hidden = self.embed_tokens(input_ids)
+        assert hidden is not None
+        stage = self.stage
+        for layer, kv_cache in zip(self.layers[stage.layer_start : stage.layer_end], kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        return hidden, residual
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        assert self.norm is not None, "the final norm lives on the last pipeline stage"
         return self.norm(hidden, residual)[0]
+
+    @property
+    def head(self) -> VocabParallelEmbedding | None:
+        """The head's weights (the embedding when tied); None off the last pipeline stage."""
+        if not self.stage.is_last:
+            return None
+        return self.embed_tokens if self.lm_head is None else self.lm_head
 
     def pack_for_cpu(self) -> int:
         """oneDNN-packed copies of every decoder linear and of the head (CPU); returns how many were packed."""
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.packed_head = pack_weight(head.data)
+        head = self.head
+        self.packed_head = None if head is None else pack_weight(head.weight.data)
         return sum(m.pack() for m in self.layers.modules() if isinstance(m, Linear)) + (self.packed_head is not None)
 
     def quantize_int4(self) -> int:
         """Give every decoder-layer linear an int4 copy for small batches (CPU), and the head an int8 one in 32-column
         groups (GGUF's Q8_0 layout, where checkpoints keep their head: the file's own codes come back) when the C++
         kernels are built. Returns how many linears took an int4 copy."""
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if head.device.type == "cpu" and head.shape[1] % 32 == 0 and cpu.load() is not None:
-            self.int8_head = quantize_int8_groups(head.data)
+        head = self.head
+        on_cpu = head is not None and head.weight.device.type == "cpu"
+        if head is not None and on_cpu and head.weight.shape[1] % 32 == 0 and cpu.load() is not None:
+            self.int8_head = quantize_int8_groups(head.weight.data)
         return sum(m.quantize_int4() for m in self.layers.modules() if isinstance(m, Linear))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> float32 logits [N, vocab_size]."""
+        """hidden: [N, H] -> float32 logits [N, vocab_size] (on every rank: the ranks' vocabulary slices gathered)."""
+        head = self.head
+        assert head is not None, "the head lives on the last pipeline stage"
+        return head.gather_logits(self._local_logits(hidden))
+
+    def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] -> float32 logits of this rank's vocabulary rows [N, per_rank]."""
         if self.int8_head is not None and hidden.shape[0] <= INT4_MAX_ROWS:
             kernels = cpu.load()
             assert kernels is not None
             return kernels.int8_matmul(hidden.float(), *self.int8_head)
         if self.packed_head is not None:
             return packed_linear(hidden, self.packed_head).float()
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        assert self.head is not None
+        return F.linear(hidden, self.head.weight).float()
 
     # ---- weights --------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -173,7 +263,9 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb" in name:
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding serves as the head
+                continue  # tied: the embedding serves as the head (or the head is on another stage)
+            if not self._on_this_stage(name):
+                continue
             parts = name.split(".")
             if len(parts) >= 3 and parts[-2] in fused:
                 module_name, shard = fused[parts[-2]]
@@ -185,10 +277,17 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter in the model")
-            param = params[name]
-            if param.shape != tensor.shape:
-                raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-            param.data.copy_(tensor)
+            module = self.get_submodule(".".join(parts[:-1]))
+            if isinstance(module, Linear | VocabParallelEmbedding):
+                try:  # the module takes its tensor-parallel slice of the whole checkpoint matrix
+                    module.load_weight(parts[-1], tensor)
+                except ValueError as e:
+                    raise ValueError(f"{hf_name}: {e}") from None
+            else:
+                param = params[name]
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                param.data.copy_(tensor)
             loaded.add(name)
         missing = []
         for name, module in self.named_modules():
@@ -202,13 +301,48 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
 
+    def _on_this_stage(self, name: str) -> bool:
+        """Whether the checkpoint tensor ``name`` (without "model.") belongs to this pipeline stage."""
+        first = name.split(".", 1)[0]
+        if first == "layers":
+            return self.stage.layer_start <= int(name.split(".")[1]) < self.stage.layer_end
+        if first == "embed_tokens":
+            return self.embed_tokens is not None
+        if first == "norm":
+            return self.norm is not None
+        return True
+
     def init_dummy_weights(self, seed: int = 0) -> None:
-        """Random weights (load_format="dummy"): small normal matrices, unit norms, for tests and benchmarks."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.data.fill_(1.0)
-            elif name.endswith("bias"):
-                p.data.zero_()
-            else:
-                p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        """Random weights (load_format="dummy"): see :func:`dummy_weights`."""
+        self.load_weights(dummy_weights(self.config, seed))
+
+
+_UNFUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def dummy_weights(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """A random checkpoint in Hugging Face names: small normal matrices, unit norms, zero biases, for tests and
+    benchmarks. Whole matrices (every tensor-parallel rank draws the same ones and loads its slice), drawn in the
+    order of a one-rank model's parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = [(name, p.shape) for name, p in LlamaForCausalLM(config).named_parameters()]
+    d = config.head_dim
+    split = {"qkv_proj": [config.num_attention_heads * d, config.num_key_value_heads * d,
+                          config.num_key_value_heads * d],
+             "gate_up_proj": [config.intermediate_size] * 2}  # fmt: skip
+    for name, shape in shapes:
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(shape)
+        elif name.endswith("bias"):
+            tensor = torch.zeros(shape)
+        else:
+            tensor = torch.randn(shape, generator=gen) * 0.02
+        *path, module, param = name.split(".")
+        if module in _UNFUSED:
+            for part, piece in zip(_UNFUSED[module], tensor.split(split[module]), strict=True):
+                yield ".".join(["model", *path, part, param]), piece
+        elif name.startswith("lm_head."):
+            yield name, tensor
+        else:
+            yield f"model.{name}", tensor

@@ -230,6 +230,8 @@ async def serve(config: Any, settings: Any, host: str, port: int) -> int:
                 return 1
             await engine.start()
             server.set_engine(engine)
+            # a tensor-parallel worker that dies: /ready turns 503 at once, then the process exits non-zero
+            engine.engine.runner.on_worker_failure(lambda reason: server.start_draining())
             stats = engine.stats()
             log.info(
                 "ready: serving %s on http://%s:%d (max_model_len %d, %d KV blocks of %d tokens)",

@@ -7,7 +7,8 @@ from kernels.kernel_testing import TOLERANCE, make_paged_batch, rel_error
 
 from kubellm.runtime.kernels import reference
 from kubellm.runtime.kernels.backend import TritonAttentionBackend
-from kubellm.runtime.layers.attention import AttentionMetadata, TorchAttentionBackend
+from kubellm.runtime.kernels.interface import AttentionMetadata
+from kubellm.runtime.kernels.torch_backend import TorchAttentionBackend
 
 
 def test_mixed_step_matches_reference_and_torch_backend(device: torch.device, gen: torch.Generator) -> None:
@@ -54,7 +55,8 @@ def test_mixed_step_matches_reference_and_torch_backend(device: torch.device, ge
     )  # fmt: skip
 
     kv_cache = batch.kv_cache.clone()
-    out = TritonAttentionBackend().forward(batch.query, key, value, kv_cache, metadata, scale)
+    triton = TritonAttentionBackend()
+    out = triton.forward(batch.query, key, value, kv_cache, triton.build_metadata(metadata), scale)
 
     assert out.shape == batch.query.shape
     assert rel_error(out, expected) < TOLERANCE[torch.float32]
@@ -63,6 +65,8 @@ def test_mixed_step_matches_reference_and_torch_backend(device: torch.device, ge
 
     # the engine's torch backend agrees on the same step (it reads whole blocks, so no NaN in the cache for it)
     clean_cache = batch.kv_cache.nan_to_num(0.0)
-    metadata.derived.clear()
-    torch_out = TorchAttentionBackend().forward(batch.query, key, value, clean_cache, metadata, scale)
+    torch_backend = TorchAttentionBackend()
+    torch_out = torch_backend.forward(
+        batch.query, key, value, clean_cache, torch_backend.build_metadata(metadata), scale
+    )
     assert rel_error(out, torch_out) < TOLERANCE[torch.float32]

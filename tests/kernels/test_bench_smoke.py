@@ -22,6 +22,7 @@ EXPECTED_RESULTS = {
     "offline_throughput": ["kubellm", "transformers", "speedup_vs_transformers"],
     "prefix_caching": ["ttft_ms_uncached_median", "ttft_ms_cached_median", "cached_tokens_per_request"],
     "smollm2": ["single_stream_decode_tokens_per_s", "streams_2_output_tokens_per_s"],
+    "tp": ["runs", "tp2_over_tp1_decode_step"],
 }
 
 
@@ -74,7 +75,7 @@ def test_benchmark_import_path_avoids_packages_the_gpu_machine_lacks() -> None:
         f"sys.path.insert(0, {str(BENCH)!r})\n"
         "import gpubench\n"
         "gpubench.ensure_kubellm()\n"
-        "import kubellm.runtime.llm, kubellm.runtime.kernels.backend, kubellm.runtime.kernels.ops\n"
+        "import kubellm.runtime.llm, kubellm.runtime.kernels.backend, kubellm.runtime.kernels.dispatch\n"
         "import kubellm.runtime.kernels.fused, kubellm.runtime.models.loader, kubellm.runtime.tokenizer\n"
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'aiohttp', 'kopf', 'kubernetes', 'gguf'})\n"
         "assert not bad, f'imported {bad}'\n"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from kubellm.runtime.engine import cuda_graphs, llm_engine
+from kubellm.runtime.engine import cuda_graphs, model_runner
 from kubellm.runtime.engine.cuda_graphs import DecodeGraphs, capture_sizes, dummy_prefill_forward
 from kubellm.runtime.kernels.backend import TritonAttentionBackend
 from kubellm.runtime.llm import LLM
@@ -56,7 +56,7 @@ def test_capture_sizes() -> None:
 @pytest.fixture
 def triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine picks the Triton backend on the CPU too (the interpreter runs it)."""
-    monkeypatch.setattr(llm_engine, "get_attention_backend", lambda device: TritonAttentionBackend())
+    monkeypatch.setattr(model_runner, "get_attention_backend", lambda device: TritonAttentionBackend())
 
 
 @pytest.fixture

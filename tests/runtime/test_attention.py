@@ -1,4 +1,5 @@
-"""The torch attention backend (batched decodes, per-sequence prefills) equals the reference paged attention."""
+"""The CPU attention backends (batched decodes, per-sequence prefills) equal the reference paged attention: the
+C++ one (decodes through the paged kernel) and the torch one (gather + SDPA)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 
 from kubellm.runtime.kernels import cpu
+from kubellm.runtime.kernels.cpu_backend import CpuAttentionBackend
+from kubellm.runtime.kernels.interface import AttentionBackend, AttentionMetadata
 from kubellm.runtime.kernels.reference import paged_attention, write_kv_cache
-from kubellm.runtime.layers.attention import AttentionMetadata, TorchAttentionBackend
+from kubellm.runtime.kernels.torch_backend import TorchAttentionBackend
 
 
 def make_batch(
@@ -41,12 +44,15 @@ def make_batch(
 
 @pytest.mark.parametrize("kernels", ["cpu-kernels", "torch-ops"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_backend_matches_reference(dtype: torch.dtype, kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_backends_match_reference(dtype: torch.dtype, kernels: str) -> None:
     """Both decode paths: the C++ kernel (reads the cache in place) and, without it, gather + SDPA."""
+    backend: AttentionBackend
     if kernels == "torch-ops":
-        monkeypatch.setattr(cpu, "load", lambda: None)
+        backend = TorchAttentionBackend()
     else:
-        assert cpu.load() is not None
+        loaded = cpu.load()
+        assert loaded is not None
+        backend = CpuAttentionBackend(loaded)
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     print(f"seed={seed}")
     gen = torch.Generator().manual_seed(seed)
@@ -65,7 +71,7 @@ def test_torch_backend_matches_reference(dtype: torch.dtype, kernels: str, monke
     write_kv_cache(key, value, ref_cache, md.slot_mapping)
     ref = paged_attention(query, ref_cache, md.block_tables, md.seq_lens, md.query_start_loc, 0.25)
 
-    out = TorchAttentionBackend().forward(query, key, value, kv_cache, md, 0.25)
+    out = backend.forward(query, key, value, kv_cache, backend.build_metadata(md), 0.25)
     assert torch.equal(kv_cache, ref_cache)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
@@ -77,5 +83,6 @@ def test_slot_minus_one_is_not_written() -> None:
     md.slot_mapping[1] = -1
     kv_cache = torch.zeros(2, 4, 4, 1, 8)
     key = torch.ones(2, 1, 8)
-    TorchAttentionBackend._write_kv_cache(key, key, kv_cache, md)
+    backend = TorchAttentionBackend()
+    backend._write_kv_cache(key, key, kv_cache, backend.build_metadata(md))
     assert int((kv_cache != 0).sum()) == 2 * 8  # one token's key and value

@@ -12,8 +12,10 @@ import sys
 import pytest
 import torch
 
-from kubellm.runtime.kernels import cpu, ops, reference
-from kubellm.runtime.layers.attention import AttentionMetadata, TorchAttentionBackend
+from kubellm.runtime.kernels import cpu, reference
+from kubellm.runtime.kernels.cpu_backend import CpuAttentionBackend
+from kubellm.runtime.kernels.dispatch import get_attention_backend
+from kubellm.runtime.kernels.interface import AttentionMetadata
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ULP = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -114,8 +116,8 @@ def test_int8_matmul(kernels, gen: torch.Generator) -> None:
         kernels.int8_matmul(x.bfloat16(), codes, scales)
 
 
-def spy_on(kernels, name: str, calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
-    """cpu.load() returns the kernels with `name` recording each call's arguments in `calls`."""
+def spy_on(kernels, name: str, calls: list):
+    """The kernels with `name` recording each call's arguments in `calls`."""
     real = getattr(kernels, name)
 
     class Spy:
@@ -124,13 +126,13 @@ def spy_on(kernels, name: str, calls: list, monkeypatch: pytest.MonkeyPatch) -> 
                 return lambda *args: (calls.append(args), real(*args))[1]
             return getattr(kernels, attr)
 
-    monkeypatch.setattr(cpu, "load", lambda: Spy())
+    return Spy()
 
 
-def test_the_torch_backend_decodes_through_the_kernel(kernels, gen: torch.Generator, monkeypatch) -> None:
-    """Decodes through TorchAttentionBackend go to the kernel and equal the reference."""
+def test_the_cpu_backend_decodes_through_the_kernel(kernels, gen: torch.Generator) -> None:
+    """Decodes through CpuAttentionBackend go to the kernel and equal the reference."""
     calls: list = []
-    spy_on(kernels, "paged_decode_attention", calls, monkeypatch)
+    backend = CpuAttentionBackend(spy_on(kernels, "paged_decode_attention", calls))
     for num_seqs in (2, 9):
         block_size, num_blocks = 4, 64
         seq_lens = [3 + 5 * i for i in range(num_seqs)]
@@ -155,18 +157,21 @@ def test_the_torch_backend_decodes_through_the_kernel(kernels, gen: torch.Genera
         cache = torch.randn((2, num_blocks, block_size, 2, 16), generator=gen)
         query = torch.randn((num_seqs, 4, 16), generator=gen)
         key, value = torch.randn((2, num_seqs, 2, 16), generator=gen)
-        out = TorchAttentionBackend().forward(query, key, value, cache, md, 0.25)
+        out = backend.forward(query, key, value, cache, backend.build_metadata(md), 0.25)
         ref = reference.paged_attention(query, cache, md.block_tables, md.seq_lens, md.query_start_loc, 0.25)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert [args[0].shape[0] for args in calls] == [2, 9]
 
 
 def test_ops_fall_back_to_torch_without_the_kernels() -> None:
-    """KUBELLM_CPU_KERNELS=0: no build, and the ops still match the reference."""
+    """KUBELLM_CPU_KERNELS=0: no build, the torch backend is chosen, and its ops still match the reference."""
     code = (
         "import torch\n"
-        "from kubellm.runtime.kernels import cpu, ops, reference\n"
+        "from kubellm.runtime.kernels import cpu, reference\n"
+        "from kubellm.runtime.kernels.dispatch import get_attention_backend\n"
         "assert cpu.load() is None\n"
+        "ops = get_attention_backend(torch.device('cpu'))\n"
+        "assert ops.name == 'torch', ops.name\n"
         "x = torch.randn(3, 8).bfloat16(); w = torch.randn(8).bfloat16()\n"
         "assert torch.equal(ops.rms_norm(x, w, 1e-6, x)[0], reference.rms_norm(x, w, 1e-6, x)[0])\n"
     )
@@ -175,9 +180,13 @@ def test_ops_fall_back_to_torch_without_the_kernels() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_ops_take_the_kernel_path(kernels, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ops_take_the_kernel_path(kernels) -> None:
     calls: list = []
-    spy_on(kernels, "rms_norm", calls, monkeypatch)
+    backend = CpuAttentionBackend(spy_on(kernels, "rms_norm", calls))
     x = torch.randn(2, 8)
-    ops.rms_norm(x, torch.ones(8), 1e-6)
+    backend.rms_norm(x, torch.ones(8), 1e-6)
     assert len(calls) == 1
+
+
+def test_the_dispatch_picks_the_cpu_backend(kernels) -> None:
+    assert get_attention_backend(torch.device("cpu")).name == "cpu"

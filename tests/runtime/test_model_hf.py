@@ -16,7 +16,7 @@ import torch
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.llm_engine import LLMEngine
-from kubellm.runtime.layers.attention import AttentionMetadata
+from kubellm.runtime.kernels.interface import AttentionMetadata
 from kubellm.runtime.models.loader import LoadedModel, load_model
 from kubellm.runtime.sampling_params import SamplingParams
 

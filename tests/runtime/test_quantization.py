@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from kubellm.runtime.config import EngineConfig
-from kubellm.runtime.engine.llm_engine import LLMEngine, resolve_quantization
+from kubellm.runtime.engine.llm_engine import LLMEngine
+from kubellm.runtime.engine.model_runner import resolve_quantization
 from kubellm.runtime.layers.linear import (
     INT4_GROUP_SIZE,
     INT4_MAX_ROWS,

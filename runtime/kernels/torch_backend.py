@@ -1,0 +1,172 @@
+"""The torch backend: every op as a lean torch composition, on any device (the CPU without the C++ kernels).
+
+Decodes in one padded, batched SDPA call over gathered blocks; each prefill in its own SDPA call. Equal (within
+float rounding) to ``reference.paged_attention``, which loops over every sequence; the batched decode path is what
+makes CPU decoding fast (tests/runtime/test_attention.py checks both agree).
+
+Why one call per op matters on the CPU: a decode step of a small model is hundreds of tiny ops, where each call's
+fixed cost (a microsecond or more) outweighs its arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .interface import AttentionBackend, AttentionMetadata, RopeTables, extend_metadata
+
+__all__ = ["TorchAttentionBackend", "TorchAttentionMetadata"]
+
+
+@dataclass
+class TorchAttentionMetadata(AttentionMetadata):
+    """What the torch backend derives once per step and reuses in every layer."""
+
+    all_slots_valid: bool = True  # every new token has a cache slot (the engine's case)
+    # batched decode (filled on first use): rows of the cache seen as [2 * num_blocks, block_size * Hkv * D]
+    decode_rows: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, width * block_size]; None when all lengths are equal
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def build_metadata(self, md: AttentionMetadata) -> TorchAttentionMetadata:
+        if isinstance(md, TorchAttentionMetadata):
+            return md
+        return extend_metadata(TorchAttentionMetadata, md, all_slots_valid=bool((md.slot_mapping >= 0).all()))
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        md = attn_metadata
+        assert isinstance(md, TorchAttentionMetadata), "call build_metadata() once per step first"
+        self._write_kv_cache(key, value, kv_cache, md)
+        num_decodes = md.num_decode_tokens
+        if num_decodes == md.num_seqs:  # a pure decode step: no output buffer to assemble
+            return self._decode(query, kv_cache, md, scale)
+        out = torch.empty_like(query)
+        if num_decodes:
+            out[:num_decodes] = self._decode(query[:num_decodes], kv_cache, md, scale)
+        starts, lens = md.query_start_loc_cpu, md.seq_lens_cpu
+        for i in range(num_decodes, md.num_seqs):
+            q_start, q_end = starts[i], starts[i + 1]
+            out[q_start:q_end] = self._prefill(query[q_start:q_end], kv_cache, md.block_tables[i], lens[i], scale)
+        return out
+
+    @staticmethod
+    def _write_kv_cache(
+        key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, md: TorchAttentionMetadata
+    ) -> None:
+        if not md.all_slots_valid:
+            reference.write_kv_cache(key, value, kv_cache, md.slot_mapping)  # the reference skips slot -1
+            return
+        # every token has a slot: one index_copy_ per tensor, ~1000x cheaper than masking
+        _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+        slots = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+        slots[0].index_copy_(0, md.slot_mapping, key.to(kv_cache.dtype))
+        slots[1].index_copy_(0, md.slot_mapping, value.to(kv_cache.dtype))
+
+    def _decode(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, md: TorchAttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        # query: [B, Hq, D], one new token per sequence
+        num_seqs = query.shape[0]
+        _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+        if md.decode_rows is None:
+            lens = md.seq_lens_cpu[:num_seqs]
+            max_len = max(lens)
+            width = -(-max_len // block_size)
+            blocks = md.block_tables[:num_seqs, :width].reshape(-1).long()
+            # K blocks, then V blocks
+            md.decode_rows = torch.cat([blocks, blocks + num_blocks])
+            if min(lens) != max_len:
+                # True where the key position is inside the sequence
+                key_pos = torch.arange(width * block_size, device=query.device)
+                md.decode_mask = (key_pos[None, :] < md.seq_lens[:num_seqs, None])[:, None, None, :]
+        mask = md.decode_mask
+        # equal lengths (one sequence, say) need no mask: the keys are cut at the length instead
+        length = None if mask is not None else md.seq_lens_cpu[0]
+        # kv: [2, B, L = width * block_size, Hkv, D] -> k, v: [B, Hkv, L, D]
+        kv = kv_cache.view(2 * num_blocks, -1).index_select(0, md.decode_rows)
+        kv = kv.view(2, num_seqs, -1, num_kv_heads, head_dim)
+        if kv.dtype != query.dtype:
+            kv = kv.to(query.dtype)
+        k, v = kv[0, :, :length].transpose(1, 2), kv[1, :, :length].transpose(1, 2)
+        # grouped-query attention without repeating K/V: the `group` query heads sharing a KV head act as
+        # `group` query rows of that head. q: [B, Hkv, group, D]
+        q = query.view(num_seqs, num_kv_heads, -1, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(num_seqs, -1, head_dim)
+
+    @staticmethod
+    def _prefill(
+        query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: float
+    ) -> torch.Tensor:
+        # query: [q_len, Hq, D], the last q_len positions of a seq_len context
+        q_len = query.shape[0]
+        block_size = kv_cache.shape[2]
+        blocks = block_table[: -(-seq_len // block_size)].long()
+        k = kv_cache[0][blocks].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, seq_len, D]
+        v = kv_cache[1][blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
+        q = query.transpose(0, 1)  # [Hq, q_len, D]
+        gqa = q.shape[0] != k.shape[0]
+        if q_len == seq_len:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            # query i sits at position seq_len - q_len + i and sees keys 0 .. that position
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+            mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return out.transpose(0, 1)
+
+    # ---- elementwise ops --------------------------------------------------------------------------------
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            if residual.shape != x.shape:
+                raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+            x = x + residual  # computed in float32 and rounded once, as the reference does
+        # torch's fused rms_norm normalizes in float32 and rounds once: bit-equal to the reference
+        return F.rms_norm(x, weight.shape, weight, eps), x
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2:
+            raise ValueError(f"the last dimension of x must be even (gate and up halves), got {x.shape[-1]}")
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up  # half precision rounds twice (as Hugging Face's SiLU * up does)
+
+    def rotary_embedding(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, rope: RopeTables
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rotate(positions, query, rope), self._rotate(positions, key, rope)
+
+    def rotary_embedding_qk(
+        self, positions: torch.Tensor, qk: torch.Tensor, num_q_heads: int, rope: RopeTables
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rotated = self._rotate(positions, qk, rope)  # one pass over both
+        return rotated[:, :num_q_heads], rotated[:, num_q_heads:]
+
+    @staticmethod
+    def _rotate(positions: torch.Tensor, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        """x [T, H, D] -> ``x * cos + roll(x, D/2) * sin`` in float32 (the reference's arithmetic in fewer ops),
+        with cos and sin gathered once per step: every layer of a forward pass gets the same ``positions``."""
+        cached = rope.step
+        if cached is None or cached[0] is not positions:
+            cos, sin = rope.cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
+            # rotate-half: out = x * [cos, cos] + [x2, x1] * [-sin, sin]
+            cached = (positions, torch.cat([cos, cos], -1)[:, None, :], torch.cat([-sin, sin], -1)[:, None, :])
+            rope.step = cached
+        _, cos_full, sin_signed = cached
+        xf = x.float()
+        return torch.addcmul(xf * cos_full, xf.roll(x.shape[-1] // 2, -1), sin_signed).to(x.dtype)

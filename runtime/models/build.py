@@ -1,0 +1,41 @@
+"""Build a model straight into its target dtype on its target device, one checkpoint tensor at a time.
+
+The modules are constructed on the meta device (no memory), cast there (free), then given uninitialized storage
+on the target device in the target dtype (``to_empty``); each checkpoint tensor is then copied into its parameter
+as the loader yields it. So the peak memory of a load is the model's own bytes (this rank's shard under tensor
+parallelism) plus one checkpoint tensor in flight, instead of a float32 copy of the whole model and then its cast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..distributed.parallel import PipelineStage, TensorParallel
+from ..kernels.interface import AttentionBackend
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+
+
+def build_model(
+    config: ModelConfig,
+    weights: Iterable[tuple[str, torch.Tensor]] | None,
+    *,
+    backend: AttentionBackend,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    tp: TensorParallel | None = None,
+    stage: PipelineStage | None = None,
+) -> LlamaForCausalLM:
+    """The model (this rank's shard of it under ``tp``) with its weights loaded (``weights`` None: random ones from
+    ``seed``, the same on every rank), in eval mode."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, backend, dtype=dtype, device=device, tp=tp, stage=stage)
+    model = model.to(dtype).to_empty(device=device)
+    if weights is None:
+        model.init_dummy_weights(seed)
+    else:
+        model.load_weights(weights)  # every parameter is covered, or a clear error
+    return model.eval()

@@ -1,0 +1,124 @@
+"""Tensor parallelism with real torch.distributed processes on gloo: greedy tokens at TP > 1 equal TP 1 in float32.
+
+Tiny random models that transformers builds from a config (one Llama whose heads divide by the ranks, one Qwen3
+with fewer KV heads than ranks, so each KV head is replicated) and the bundled SmolLM2 (9 heads, 3 KV heads) at
+TP 3. Prompts are token ids drawn from a printed seed; few tokens each, to keep the wall time modest on 2 cores.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.llm import LLM
+from kubellm.runtime.sampling_params import SamplingParams
+
+TINY = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "head_dim": 16,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}  # fmt: skip
+
+
+def save_tiny(kind: str, path: Path, *, tied: bool = False, **heads: int) -> Path:
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[kind]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**{**TINY, "tie_word_embeddings": tied}, **heads, torch_dtype="float32"))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def greedy_tokens(model: str, tp: int, prompts: list[list[int]], **overrides: Any) -> list[list[int]]:
+    fields: dict[str, Any] = {"device": "cpu", "dtype": "float32", "max_model_len": 128, "block_size": 8,
+                              "kv_cache_memory_bytes": 1 << 22, "tensor_parallel_size": tp, **overrides}  # fmt: skip
+    llm = LLM(model, **fields)
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        return [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    finally:
+        llm.engine.runner.shutdown()
+
+
+def draw_prompts(vocab: int, count: int = 3) -> list[list[int]]:
+    seed = random.randrange(2**31)
+    print(f"prompt seed={seed}")
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(3, 20))] for _ in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("kind", "heads"),
+    [
+        pytest.param("llama", {"num_attention_heads": 4, "num_key_value_heads": 2}, id="llama-heads-divide"),
+        pytest.param("qwen3", {"num_attention_heads": 4, "num_key_value_heads": 1}, id="qwen3-kv-replicated"),
+    ],
+)
+def test_tp2_greedy_tokens_equal_tp1(tmp_path: Path, kind: str, heads: dict[str, int]) -> None:
+    model = str(save_tiny(kind, tmp_path / kind, **heads))
+    prompts = draw_prompts(TINY["vocab_size"])
+    expected = greedy_tokens(model, 1, prompts)
+    assert greedy_tokens(model, 2, prompts) == expected
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "tied"),
+    [
+        pytest.param(1, 2, False, id="pp2"),
+        pytest.param(1, 2, True, id="pp2-tied"),
+        pytest.param(2, 2, False, id="tp2xpp2"),
+    ],
+)
+def test_pipeline_greedy_tokens_equal_tp1(tmp_path: Path, tp: int, pp: int, tied: bool) -> None:
+    """Stages of contiguous layers (one each here); micro-batches of a step passed on with send/recv. Tied: the last
+    stage holds the embedding as its head."""
+    model = str(save_tiny("llama", tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2, tied=tied))
+    prompts = draw_prompts(TINY["vocab_size"], count=5)
+    expected = greedy_tokens(model, 1, prompts)
+    assert greedy_tokens(model, tp, prompts, pipeline_parallel_size=pp) == expected
+
+
+def test_more_stages_than_layers_are_refused(tmp_path: Path) -> None:
+    model = str(save_tiny("llama", tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="pipeline_parallel_size 3 exceeds the model's 2 layers"):
+        LLM(model, device="cpu", pipeline_parallel_size=3)
+
+
+@pytest.mark.slow
+def test_tp3_smollm2_greedy_tokens_equal_tp1() -> None:
+    """The bundled model: 9 heads and 3 KV heads over 3 ranks (one KV head each), vocabulary 49152 split in 3."""
+    prompts = draw_prompts(49152, count=2)
+    model = "builtin:smollm2-135m-instruct"
+    expected = greedy_tokens(model, 1, prompts, quantization="none")
+    assert greedy_tokens(model, 3, prompts, quantization="none") == expected
+
+
+def test_a_rank_count_that_does_not_split_the_heads_is_refused(tmp_path: Path) -> None:
+    model = str(save_tiny("llama", tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's 4 attention heads"):
+        LLM(model, device="cpu", tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1, got 0"):
+        EngineConfig(tensor_parallel_size=0)
+
+
+def test_each_rank_holds_only_its_shard(tmp_path: Path) -> None:
+    """The rank-0 model of TP 2: half the heads, half the intermediate size, half the vocabulary, half the KV."""
+    model = str(save_tiny("llama", tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2))
+    llm = LLM(model, device="cpu", dtype="float32", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20)
+    try:
+        m = llm.engine.model
+        attn = m.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
+        assert tuple(attn.qkv_proj.weight.shape) == ((2 + 1 + 1) * 16, 64)
+        assert tuple(attn.o_proj.weight.shape) == (64, 2 * 16)
+        assert tuple(m.layers[0].mlp.gate_up_proj.weight.shape) == (96, 64)
+        assert tuple(m.embed_tokens.weight.shape) == (150, 64)
+        assert llm.engine.runner.kv_caches[0].shape[3] == 1
+    finally:
+        llm.engine.runner.shutdown()
