@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..outputs import TokenLogprob
 from ..sampling_params import SamplingParams
-from ..structured_outputs.state import GrammarState, allocate_bitmask, apply_bitmask
+
+if TYPE_CHECKING:  # xgrammar is imported only when a batch holds a constrained row (the engine runs without it)
+    from ..structured_outputs.state import GrammarState
 
 
 @dataclass
@@ -132,6 +135,8 @@ class Sampler:
         grammars = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
         if not grammars:
             return
+        from ..structured_outputs.state import allocate_bitmask, apply_bitmask
+
         vocab_size = max(g.compiled.vocab_size for _, g in grammars)
         words = (vocab_size + 31) // 32
         if self._bitmask is None or self._bitmask.shape[0] < len(rows) or self._bitmask.shape[1] != words:

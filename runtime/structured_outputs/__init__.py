@@ -13,9 +13,34 @@ Interface (what the server and the engine use):
 - ``allocate_bitmask(num_rows, vocab_size)``, ``apply_bitmask(logits, bitmask, rows, vocab_size)``.
 """
 
-from .backend import CompiledGrammar, GrammarBackend, GrammarStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .params import GrammarError, StructuredOutputsParams
-from .state import GrammarState, allocate_bitmask, apply_bitmask
+
+if TYPE_CHECKING:
+    from .backend import CompiledGrammar, GrammarBackend, GrammarStats
+    from .state import GrammarState, allocate_bitmask, apply_bitmask
+
+# backend and state import xgrammar (and with it pydantic): loaded on first use, so that the engine and the
+# params stay importable where xgrammar is absent (the GPU benchmark machine) and cost nothing until asked for
+_LAZY = {
+    "CompiledGrammar": "backend",
+    "GrammarBackend": "backend",
+    "GrammarStats": "backend",
+    "GrammarState": "state",
+    "allocate_bitmask": "state",
+    "apply_bitmask": "state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CompiledGrammar",
