@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import xgrammar as xg
 
 from .params import GrammarError, StructuredOutputsParams
-from .schema_check import unsupported_schema_feature
+from .schema_check import bounded_strings_as_patterns, unsupported_schema_feature
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -179,6 +179,7 @@ class GrammarBackend:
                 raise GrammarError(f"invalid JSON schema: must be an object, got {type(schema).__name__}", kind)
             if (why := unsupported_schema_feature(schema)) is not None:
                 raise GrammarError(f"unsupported JSON schema: {why}", kind)
+            schema = bounded_strings_as_patterns(schema)
             return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=ws, strict_mode=params.strict)
         if kind == "json_object":
             # any object (not any JSON value): an object schema that declares nothing and allows everything

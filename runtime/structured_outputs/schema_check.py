@@ -1,4 +1,5 @@
-"""JSON Schema features xgrammar 0.2.8 does not enforce: a schema using one is rejected, never silently relaxed.
+"""JSON Schema features xgrammar 0.2.8 does not enforce: a schema using one is rejected, never silently relaxed;
+and one rewrite around an xgrammar bug (:func:`bounded_strings_as_patterns`).
 
 Found by compiling each keyword with and without it and comparing xgrammar's EBNF (an unchanged grammar means the
 keyword was ignored; ``allOf`` with several members and a non-local ``$ref`` even compile to "any JSON value").
@@ -55,6 +56,13 @@ def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
     ref = schema.get("$ref")
     if isinstance(ref, str) and not (ref == "#" or ref.startswith("#/")):
         return f"{path}/$ref: only local references ('#/...') are supported, got {ref!r}"
+    if _has_length_bound(schema):
+        for keyword in ("pattern", "format"):
+            if keyword in schema:
+                return (
+                    f"{path}/{keyword}: '{keyword}' combined with 'minLength'/'maxLength' is not supported by the "
+                    "grammar engine"
+                )
     multiple_of = schema.get("multipleOf")
     if multiple_of is not None and not (schema.get("type") == "integer" and _is_int(multiple_of)):
         return f"{path}/multipleOf: 'multipleOf' is supported only as an integer on an integer type"
@@ -68,6 +76,36 @@ def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
         if keyword in schema and (found := unsupported_schema_feature(schema[keyword], f"{path}/{keyword}")):
             return found
     return None
+
+
+def bounded_strings_as_patterns(schema: Any) -> Any:
+    """``schema`` with each ``minLength``/``maxLength`` string rewritten as the same bound on a ``pattern``.
+
+    xgrammar 0.2.8 lowers a length-bounded string to a bare character class that admits raw control characters
+    (U+0000-U+001F), which RFC 8259 forbids in a JSON string, so the "JSON" it generates can fail ``json.loads``
+    (mlc-ai/xgrammar#800). Its pattern path is JSON-string aware. The pattern admits no escape sequence, so a bounded
+    string never holds a quote or a backslash: a subset of the schema's values, never a superset.
+    """
+    if isinstance(schema, list):
+        return [bounded_strings_as_patterns(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for keyword, value in schema.items():
+        if keyword in _SCHEMA_MAPS and isinstance(value, dict):
+            out[keyword] = {name: bounded_strings_as_patterns(sub) for name, sub in value.items()}
+        elif keyword in _SCHEMA_VALUES:
+            out[keyword] = bounded_strings_as_patterns(value)
+        else:
+            out[keyword] = value
+    if _has_length_bound(out) and "pattern" not in out and "format" not in out:
+        low, high = out.pop("minLength", 0), out.pop("maxLength", None)
+        out["pattern"] = f"^[\\s\\S]{{{low},{'' if high is None else high}}}$"
+    return out
+
+
+def _has_length_bound(schema: dict[str, Any]) -> bool:
+    return "minLength" in schema or "maxLength" in schema
 
 
 def _is_int(value: Any) -> bool:

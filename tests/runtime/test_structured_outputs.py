@@ -138,6 +138,21 @@ def test_json_schema_walks_validate(name: str, backend: GrammarBackend, smollm2_
         jsonschema.validate(json.loads(text), schema)
 
 
+def test_a_length_bounded_string_admits_no_raw_control_character(
+    backend: GrammarBackend, smollm2_tokenizer: Tokenizer
+) -> None:
+    """JSON forbids U+0000-U+001F unescaped in a string; xgrammar 0.2.8's own lowering of maxLength admits them
+    (a walk once produced a raw \\x18 that json.loads refused), so the backend rewrites the bound."""
+    decode = smollm2_tokenizer.decode
+    control = [t for t in range(smollm2_tokenizer.vocab_size) if any(ord(c) < 0x20 for c in decode([t]))]
+    assert control
+    for schema in ({"type": "string", "maxLength": 10}, {"type": ["string", "null"], "minLength": 1}):
+        state = backend.compile(StructuredOutputsParams(json=schema)).new_state()
+        assert state.accept(smollm2_tokenizer.encode('"')[0])
+        allowed = set(allowed_ids(state, backend.vocab_size))
+        assert allowed and not allowed & set(control), schema
+
+
 def test_strict_forbids_undeclared_properties(backend: GrammarBackend, smollm2_tokenizer: Tokenizer) -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     strict = backend.compile(StructuredOutputsParams(json=schema)).new_state()
@@ -187,6 +202,8 @@ def test_regex_choice_and_grammar_match(backend: GrammarBackend, smollm2_tokeniz
         (dict(json={"type": "number", "multipleOf": 0.5}), "json", "multipleOf"),
         (dict(json={"if": {"required": ["a"]}, "then": {"required": ["b"]}}), "json", "'if'"),
         (dict(json={"$ref": "https://example.com/s.json"}), "json", "local references"),
+        (dict(json={"type": "string", "pattern": "^a+$", "maxLength": 3}), "json", "#/pattern: 'pattern' combined"),
+        (dict(json={"type": "string", "format": "email", "minLength": 3}), "json", "#/format: 'format' combined"),
         (dict(regex="(("), "regex", "parenthesis is not closed"),
         (dict(grammar='root ::= "a" | b'), "grammar", 'Rule "b" is not defined'),
     ],
@@ -310,7 +327,7 @@ def test_forced_tool_calls_validate_against_each_functions_parameters(
     for _ in range(4):
         text = walk(backend, smollm2_tokenizer, StructuredOutputsParams(json=schema), rng)
         calls = parse_forced_tool_calls(text)
-        assert calls and (parallel or len(calls) == 1), text
+        assert calls and (parallel or len(calls) == 1), repr(text)
         for call in calls:
             jsonschema.validate(json.loads(call.arguments), by_name[call.name])
 
