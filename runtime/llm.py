@@ -33,6 +33,8 @@ def merge_delta(into: RequestOutput, delta: RequestOutput) -> None:
         mine.finish_reason = choice.finish_reason or mine.finish_reason
         mine.stop_reason = choice.stop_reason if choice.stop_reason is not None else mine.stop_reason
     into.outputs.sort(key=lambda c: c.index)
+    if delta.prompt_logprobs is not None:
+        into.prompt_logprobs = delta.prompt_logprobs
     into.finished = delta.finished
     into.metrics = delta.metrics
 

@@ -14,11 +14,13 @@ class FinishReason(enum.StrEnum):
 
 @dataclass
 class TokenLogprob:
-    """The sampled token's log-probability and the top alternatives (after penalties, before sampling)."""
+    """A token's log-probability and the top alternatives: for a sampled token after penalties, before sampling;
+    for a prompt token the model's raw distribution (with the token's ``rank`` in it, 1 = the most likely)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # [(token_id, logprob)] best first
+    rank: int | None = None
 
 
 @dataclass
@@ -62,6 +64,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # SamplingParams.prompt_logprobs: one per prompt token (None for the first), on the first output that has them
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

@@ -30,7 +30,9 @@ class SamplingParams:
 
     Disabled values: ``top_k <= 0``, ``top_p == 1``, ``min_p == 0``, penalties at their neutral value.
     ``temperature == 0`` is greedy. ``logprobs`` is the number of top alternatives to return for each
-    sampled token (``0`` returns the sampled token's own logprob only; ``None`` returns none).
+    sampled token (``0`` returns the sampled token's own logprob only; ``None`` returns none);
+    ``prompt_logprobs`` the same for each prompt token (the model's raw distribution; the first token has none).
+    ``max_tokens == 0`` scores the prompt only: nothing is generated, which needs ``prompt_logprobs``.
     ``logit_bias`` (token id -> bias in [-100, 100], added to the logits as OpenAI does; string keys, as JSON
     sends them, are converted), ``allowed_token_ids`` (only these may be sampled), ``bad_words`` (never generated),
     ``structured_outputs`` (a grammar the output must match).
@@ -53,6 +55,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
@@ -82,8 +85,13 @@ class SamplingParams:
             f"must be in [-2, 2], got {self.frequency_penalty}",
         )
         _check(
-            self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}"
+            self.max_tokens is None or self.max_tokens >= 0,
+            "max_tokens",
+            f"must be non-negative, got {self.max_tokens}",
         )
+        if self.max_tokens == 0:
+            _check(self.prompt_logprobs is not None, "max_tokens", "0 scores the prompt only: it needs prompt_logprobs")
+            _check(self.n == 1, "n", f"must be 1 when max_tokens is 0 (nothing is generated), got {self.n}")
         _check(self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}")
         _check(
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
@@ -94,6 +102,11 @@ class SamplingParams:
             self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
             "logprobs",
             f"must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}",
+        )
+        _check(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS,
+            "prompt_logprobs",
+            f"must be in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs}",
         )
         _check(all(s for s in self.stop), "stop", "must not contain empty strings")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative")

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import EngineConfig, SchedulerConfig
-from ..layers.sampler import Sampler, SamplingRow
+from ..layers.sampler import Sampler, SamplingRow, score_tokens
 from ..outputs import CompletionOutput, EngineStats, FinishReason, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PromptLogits
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Request, Sequence
 
@@ -167,6 +167,8 @@ class LLMEngine:
         request = Request(request_id, prompt_token_ids, params, priority, next(self._arrivals), metrics)
         request.grammar = grammar
         request.reasoning_end = reasoning_end
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]  # the first token has nothing before it to score it
         seq = self._new_sequence(request, 0)
         seq.token_ids = list(prompt_token_ids)
         self.requests[request_id] = request
@@ -222,14 +224,44 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        logits, sampling = self.runner.execute(batch)
+        out = self.runner.execute(batch)
         self.scheduler.update_computed(batch)
+        for scored in out.prompt_logits:
+            self._score_prompt(scored)
+        logits, sampling = out.logits, out.sampling
+        outputs: list[RequestOutput] = []
+        if any(s.seq.params.max_tokens == 0 for s in sampling):  # prompts scored only: done, nothing to sample
+            keep = [i for i, s in enumerate(sampling) if s.seq.params.max_tokens != 0]
+            outputs = self._finish_scored([s.seq for s in sampling if s.seq.params.max_tokens == 0])
+            logits, sampling = logits[keep], [sampling[i] for i in keep]
         rows, seqs = self._fork_choices(sampling)
         self.last_step = StepStats(batch.num_batched_tokens, len(seqs))
         if not seqs:
-            return []
+            return outputs
         sampled = self.sampler(logits[rows] if len(rows) != len(sampling) else logits, [self._row(s) for s in seqs])
-        return self._append_tokens(seqs, sampled.token_ids, sampled.logprobs)
+        return outputs + self._append_tokens(seqs, sampled.token_ids, sampled.logprobs)
+
+    def _score_prompt(self, scored: PromptLogits) -> None:
+        """Log-probabilities of the prompt tokens these logits predict, appended to the request's."""
+        seq = scored.scheduled.seq
+        into = seq.request.prompt_logprobs
+        assert into is not None and len(into) == scored.start + 1, (seq, scored.start)
+        targets = seq.token_ids[scored.start + 1 : scored.start + 1 + len(scored.logits)]
+        into.extend(score_tokens(scored.logits, targets, seq.params.prompt_logprobs or 0))
+
+    def _finish_scored(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs = []
+        for seq in seqs:
+            if seq.is_finished:  # aborted between schedule and now
+                continue
+            seq.finish_reason = FinishReason.LENGTH
+            self.scheduler.remove(seq)
+            request = seq.request
+            request.metrics.finished_time = now
+            del self.requests[request.request_id]
+            outputs.append(self._make_output(request, final=True))
+        return outputs
 
     def _fork_choices(self, sampling: list[ScheduledSeq]) -> tuple[list[int], list[Sequence]]:
         """n > 1: when choice 0 finishes its prompt, the other choices start from its KV blocks and sample their
@@ -354,7 +386,12 @@ class LLMEngine:
             )
             seq.pending_text, seq.pending_token_ids, seq.pending_logprobs = "", [], []
             seq.finish_reported = seq.finish_reason is not None
-        return RequestOutput(request.request_id, request.prompt_token_ids, choices, final, request.metrics)
+        out = RequestOutput(request.request_id, request.prompt_token_ids, choices, final, request.metrics)
+        scored = request.prompt_logprobs
+        if scored is not None and len(scored) == len(request.prompt_token_ids) and not request.prompt_logprobs_reported:
+            out.prompt_logprobs = scored
+            request.prompt_logprobs_reported = True
+        return out
 
     # ---- introspection ----------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +27,7 @@ from ..kernels.dispatch import get_attention_backend
 from ..models.build import build_model
 from . import cuda_graphs
 from .scheduler import ScheduledSeq, SchedulerOutput
-from .step_input import StepInput, plan_step, step_tensors
+from .step_input import StepInput, plan_step, prompt_logprob_positions, step_tensors
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel
@@ -37,6 +38,22 @@ CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in fl
 # kept free on a GPU besides the profiled activations: the CUDA-graph pool and allocator fragmentation
 GPU_RESERVE_BYTES = 256 << 20
 FOUR_BIT_FORMATS = frozenset({"Q4_0", "Q4_1"})
+
+
+@dataclass
+class PromptLogits:
+    """One sequence's logits at prompt positions ``start .. start + len(logits) - 1``: each scores the next token."""
+
+    scheduled: ScheduledSeq
+    start: int
+    logits: torch.Tensor  # [k, vocab] float32
+
+
+@dataclass
+class ModelRunnerOutput:
+    logits: torch.Tensor  # [num_sampling, vocab] float32, row i for sampling[i]
+    sampling: list[ScheduledSeq]  # the sequences whose next token is sampled this step, in row order
+    prompt_logits: list[PromptLogits] = field(default_factory=list)  # prompts being scored (prompt_logprobs)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -225,9 +242,8 @@ class ModelRunner:
 
     # ---- steps ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        """Rank 0: run one step (on every rank). Returns (logits [num_sampling, vocab] float32, the sampling
-        sequences in row order)."""
+    def execute(self, batch: SchedulerOutput) -> ModelRunnerOutput:
+        """Rank 0: run one step (on every rank)."""
         # decodes (one new token) first: the attention backends batch them together
         items = sorted(batch.scheduled, key=lambda s: s.num_new_tokens != 1)
         step = plan_step(items, self.cache_config.block_size)
@@ -235,7 +251,23 @@ class ModelRunner:
             self.group.broadcast_step(step)
         logits = self.execute_step(step)
         assert logits is not None
-        return logits, [s for s in items if s.samples]
+        sampling = [s for s in items if s.samples]
+        if len(step.logit_rows) == len(sampling):
+            return ModelRunnerOutput(logits, sampling)
+        # some rows score prompts: per item its prompt rows, then its sampled row (plan_step's order)
+        out = ModelRunnerOutput(logits, sampling)
+        sample_rows: list[int] = []
+        row = 0
+        for s in items:
+            positions = prompt_logprob_positions(s)
+            if positions:
+                out.prompt_logits.append(PromptLogits(s, positions.start, logits[row : row + len(positions)]))
+                row += len(positions)
+            if s.samples:
+                sample_rows.append(row)
+                row += 1
+        out.logits = logits[sample_rows]
+        return out
 
     def execute_step(self, step: StepInput) -> torch.Tensor | None:
         """Every rank: the forward pass of one planned step -> logits of its ``logit_rows`` [N, vocab] float32

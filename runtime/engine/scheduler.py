@@ -119,7 +119,8 @@ class Scheduler:
         # 2. waiting sequences in order, while they fit (no admission in a step that had to preempt)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            hits = bm.find_cached_prefix(seq.token_ids, count=False)
+            # a prompt being scored is computed in full: a cached block has no logits to score
+            hits = [] if seq.needs_prompt_logprobs else bm.find_cached_prefix(seq.token_ids, count=False)
             num_computed = len(hits) * bm.block_size
             num_new = min(seq.num_tokens - num_computed, budget)
             num_blocks = -(-(num_computed + num_new) // bm.block_size) - len(hits)

@@ -71,6 +71,12 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """This choice's prefill must produce logits for prompt positions (choice 0 does it for the request)."""
+        scored = self.request.prompt_logprobs
+        return self.index == 0 and scored is not None and len(scored) < self.num_prompt_tokens
+
+    @property
     def params(self) -> SamplingParams:
         return self.request.params
 
@@ -99,6 +105,9 @@ class Request:
     # with a reasoning model: (prompt ids, output ids) -> has the reasoning ended? The grammar applies after it.
     reasoning_end: Callable[[list[int], list[int]], bool] | None = None
     is_forked: bool = False  # n > 1: the other choices were forked from choice 0 after its prefill
+    # params.prompt_logprobs: entry j is prompt token j's (None for j = 0); grows as prefill chunks run
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_reported: bool = False
 
     @property
     def is_finished(self) -> bool:

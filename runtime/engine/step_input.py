@@ -21,11 +21,23 @@ class StepInput:
     seq_lens: list[int]  # [num_seqs]
     query_start_loc: list[int]  # [num_seqs + 1]
     num_decode_tokens: int
-    logit_rows: list[int]  # the tokens whose logits are sampled, in row order
+    # the tokens whose logits leave the model, ascending: per sequence its prompt-logprob rows, then its sampled one
+    logit_rows: list[int]
 
     @property
     def is_decode_only(self) -> bool:
         return self.num_decode_tokens == len(self.seq_lens)
+
+
+def prompt_logprob_positions(s: ScheduledSeq) -> range:
+    """The positions of this step whose logits score the next prompt token (position p scores token p + 1):
+    those of the chunk not scored yet, short of the last prompt token (its logits sample the first output)."""
+    seq = s.seq
+    if not seq.needs_prompt_logprobs:
+        return range(0)
+    assert seq.request.prompt_logprobs is not None
+    first = max(s.start, len(seq.request.prompt_logprobs) - 1)
+    return range(first, max(first, min(s.start + s.num_new_tokens, seq.num_prompt_tokens - 1)))
 
 
 def plan_step(items: list[ScheduledSeq], block_size: int) -> StepInput:
@@ -36,6 +48,7 @@ def plan_step(items: list[ScheduledSeq], block_size: int) -> StepInput:
     seq_lens: list[int] = []
     query_start_loc = [0]
     block_tables: list[list[int]] = []
+    logit_rows: list[int] = []
     for s in items:
         seq, start, end = s.seq, s.start, s.start + s.num_new_tokens
         table = seq.block_table
@@ -43,7 +56,11 @@ def plan_step(items: list[ScheduledSeq], block_size: int) -> StepInput:
         positions.extend(range(start, end))
         slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
         seq_lens.append(end)
+        first_row = query_start_loc[-1] - start
+        logit_rows.extend(first_row + p for p in prompt_logprob_positions(s))
         query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
+        if s.samples:
+            logit_rows.append(query_start_loc[-1] - 1)
         block_tables.append(list(table))
     return StepInput(
         input_ids=input_ids,
@@ -53,7 +70,7 @@ def plan_step(items: list[ScheduledSeq], block_size: int) -> StepInput:
         seq_lens=seq_lens,
         query_start_loc=query_start_loc,
         num_decode_tokens=sum(1 for s in items if s.num_new_tokens == 1),
-        logit_rows=[query_start_loc[i + 1] - 1 for i, s in enumerate(items) if s.samples],
+        logit_rows=logit_rows,
     )
 
 

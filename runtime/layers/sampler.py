@@ -45,6 +45,22 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
 
+def score_tokens(logits: torch.Tensor, targets: list[int], num_top: int) -> list[TokenLogprob]:
+    """Row i's log-probability of ``targets[i]`` under the raw distribution ``logits[i]`` [k, vocab], with its rank
+    and the ``num_top`` most likely tokens: prompt logprobs, as vLLM computes them (no penalties, no temperature)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(targets, dtype=torch.int64, device=logprobs.device)
+    picked = logprobs.gather(1, target[:, None])
+    ranks = (logprobs > picked).sum(dim=1).add_(1).tolist()
+    picked_l = picked.squeeze(1).tolist()
+    top_vals, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], logprobs[:, :0])
+    top_vals_l, top_ids_l = top_vals.tolist(), top_ids.long().tolist()
+    return [
+        TokenLogprob(token_id=t, logprob=lp, top=list(zip(ids, vals, strict=True)), rank=rank)
+        for t, lp, rank, ids, vals in zip(targets, picked_l, ranks, top_ids_l, top_vals_l, strict=True)
+    ]
+
+
 def _token_counts(token_lists: list[Seq[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """[num_rows, vocab_size] counts of each token id in each row's list."""
     width = max((len(t) for t in token_lists), default=0)

@@ -91,6 +91,8 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     # vLLM extensions, reachable from the openai client through ``extra_body``.
+    # each prompt token's logprob and this many alternatives (not with stream, as in vLLM)
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
@@ -142,7 +144,6 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: Annotated[int, Field(ge=1)] | None = None
     suffix: str | None = None
-    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # vLLM
 
     @field_validator("prompt")
     @classmethod
@@ -381,6 +382,7 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM, when the request asks for them
 
 
 class DeltaFunctionCall(_Response):

@@ -163,6 +163,7 @@ class ServingContext:
         max_tokens: int,
         logprobs: int | None,
         constraint: Constraint | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The engine's parameters for ``req``; what the request omits comes from the model's
         generation_config.json (temperature, top_p, top_k, repetition_penalty), else the neutral value."""
@@ -199,6 +200,7 @@ class ServingContext:
                 min_tokens=min(req.min_tokens, max_tokens),
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 logit_bias=dict(req.logit_bias) if req.logit_bias else None,  # type: ignore[arg-type]
                 allowed_token_ids=list(req.allowed_token_ids) if req.allowed_token_ids is not None else None,
@@ -277,6 +279,8 @@ class ServingContext:
             async for i, out in merge(streams):
                 self.observe(trace, out)
                 trace.cached_tokens[out.request_id] = out.metrics.num_cached_tokens
+                if out.prompt_logprobs is not None:
+                    trace.prompt_logprobs[i] = out.prompt_logprobs
                 for c in out.outputs:
                     yield i * n + c.index, c
                 if out.finished:
@@ -331,20 +335,59 @@ class ServingContext:
             )
         return p.ChatChoiceLogprobs(content=content, refusal=None)
 
-    def completion_logprobs(self, logprobs: list[TokenLogprob], offset: int) -> p.CompletionLogprobs:
+    def completion_logprobs(
+        self,
+        logprobs: list[TokenLogprob],
+        offset: int,
+        prompt: tuple[list[int], list[TokenLogprob | None]] | None = None,
+    ) -> p.CompletionLogprobs:
+        """The legacy shape, the generated tokens' text offsets from ``offset``; with ``prompt`` (echo: its token ids
+        and their logprobs), the prompt's tokens first, from offset 0, the first of them without a logprob (nothing
+        before it scores it)."""
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
         top_logprobs: list[dict[str, float] | None] = []
         text_offset: list[int] = []
-        for lp in logprobs:
-            token = self.token_str(lp.token_id)
+        scored = [] if prompt is None else list(zip(*prompt, strict=True))
+        at = 0
+        for i, (token_id, lp) in enumerate([*scored, *((lp.token_id, lp) for lp in logprobs)]):
+            token = self.token_str(token_id)
+            if i == len(scored):
+                at = offset
             tokens.append(token)
+            text_offset.append(at)
+            at += len(token)
+            if lp is None:
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+                continue
             token_logprobs.append(lp.logprob)
             top = {self.token_str(tid): v for tid, v in lp.top}
             top.setdefault(token, lp.logprob)
             top_logprobs.append(top)
-            text_offset.append(offset)
-            offset += len(token)
+        # passed, not appended to defaults: stream chunks serialize only the fields that were set
         return p.CompletionLogprobs(
             tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs, text_offset=text_offset
         )
+
+    def prompt_logprobs(
+        self, prompt_ids: list[int], scored: list[TokenLogprob | None] | None
+    ) -> list[dict[str, p.PromptLogprob] | None] | None:
+        """vLLM's ``prompt_logprobs``: per prompt position {token id: logprob, rank, text} of the prompt token and
+        its top alternatives (None for the first position)."""
+        if scored is None:
+            return None
+        out: list[dict[str, p.PromptLogprob] | None] = []
+        for token_id, lp in zip(prompt_ids, scored, strict=True):
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {
+                str(tid): p.PromptLogprob(logprob=v, rank=rank, decoded_token=self.token_str(tid))
+                for rank, (tid, v) in enumerate(lp.top, start=1)
+            }
+            entry.setdefault(
+                str(token_id), p.PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=self.token_str(token_id))
+            )
+            out.append(entry)
+        return out

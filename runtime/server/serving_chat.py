@@ -78,6 +78,8 @@ class ChatServing:
         tools = plan_tools(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if req.prompt_logprobs is not None and req.stream:
+            raise bad_request("prompt_logprobs is not available when stream is true", param="prompt_logprobs")
         text = self.render(req.messages, req.add_generation_prompt, req.chat_template_kwargs, tools)
         prompt = await ctx.encode(text, False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -91,7 +93,7 @@ class ChatServing:
                     f"{constraint.param} cannot be combined with tool_choice '{tools.mode}'", param=constraint.param
                 )
             constraint = tools.constraint
-        params = ctx.sampling_params(req, limit, logprobs, constraint)
+        params = ctx.sampling_params(req, limit, logprobs, constraint, req.prompt_logprobs)
         parser_name = ctx.settings.tool_call_parser
         template = ctx.tokenizer().chat_template
         if (
@@ -153,7 +155,12 @@ class ChatServing:
                 )
             )
         return p.ChatCompletionResponse(
-            id=plan.request_id, created=created, model=self.ctx.model_name, choices=out, usage=trace.usage()
+            id=plan.request_id,
+            created=created,
+            model=self.ctx.model_name,
+            choices=out,
+            usage=trace.usage(),
+            prompt_logprobs=self.ctx.prompt_logprobs(plan.prompt, trace.prompt_logprobs.get(0)),
         )
 
     def choice_output(self, plan: ChatPlan) -> ChoiceOutput:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..outputs import RequestOutput
+from ..outputs import RequestOutput, TokenLogprob
 from ..sampling_params import SamplingParams
 from . import protocol as p
 from .auth import ANONYMOUS
@@ -50,12 +50,19 @@ class CompletionServing:
             raise bad_request("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request("best_of must equal n when given", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported", param="echo")
+        if req.prompt_logprobs is not None and req.stream:
+            raise bad_request("prompt_logprobs is not available when stream is true", param="prompt_logprobs")
+        # the prompt is scored for echo + logprobs (lm-evaluation-harness) and for vLLM's prompt_logprobs
+        wanted = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+        prompt_logprobs = max(wanted) if wanted else None
         if req.max_tokens == 0:
-            raise bad_request("max_tokens 0 (scoring the prompt) is not supported", param="max_tokens")
-        if req.prompt_logprobs is not None:
-            raise bad_request("prompt_logprobs is not supported", param="prompt_logprobs")
+            if prompt_logprobs is None:
+                raise bad_request(
+                    "max_tokens 0 scores the prompt only: it needs echo with logprobs, or prompt_logprobs",
+                    param="max_tokens",
+                )
+            if req.n != 1:
+                raise bad_request("n must be 1 when max_tokens is 0 (nothing is generated)", param="n")
         raw = req.prompt
         if isinstance(raw, str):
             raw_list: list[Any] = [raw]
@@ -78,7 +85,7 @@ class CompletionServing:
             prompts.append(ids)
         limits = [ctx.check_length(len(ids), req.max_tokens, "max_tokens", "prompt") for ids in prompts]
         constraint = constraint_of(req)
-        params = [ctx.sampling_params(req, limit, req.logprobs, constraint) for limit in limits]
+        params = [ctx.sampling_params(req, limit, req.logprobs, constraint, prompt_logprobs) for limit in limits]
         engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         return CompletionPlan(request_id, req, engine_ids, prompts, texts, params, await ctx.compile(constraint))
 
@@ -108,8 +115,11 @@ class CompletionServing:
         req = plan.req
         out = []
         for index, c in enumerate(choices):
-            prefix = plan.texts[index // req.n] if req.echo else ""
-            logprobs = self.ctx.completion_logprobs(c.logprobs, len(prefix)) if req.logprobs is not None else None
+            prompt = index // req.n
+            prefix = plan.texts[prompt] if req.echo else ""
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = self.ctx.completion_logprobs(c.logprobs, len(prefix), self.echoed(plan, prompt, trace))
             out.append(
                 p.CompletionChoice(
                     index=index,
@@ -117,11 +127,23 @@ class CompletionServing:
                     logprobs=logprobs,
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
+                    prompt_logprobs=self.ctx.prompt_logprobs(plan.prompts[prompt], trace.prompt_logprobs.get(prompt))
+                    if req.prompt_logprobs is not None
+                    else None,
                 )
             )
         return p.CompletionResponse(
             id=plan.request_id, created=created, model=self.ctx.model_name, choices=out, usage=trace.usage()
         )
+
+    @staticmethod
+    def echoed(plan: CompletionPlan, prompt: int, trace: Trace) -> tuple[list[int], list[TokenLogprob | None]] | None:
+        """With echo + logprobs: the prompt's token ids and logprobs, which its logprobs start with (None when the
+        request ended before the engine scored its prompt)."""
+        scored = trace.prompt_logprobs.get(prompt)
+        if not plan.req.echo or scored is None:
+            return None
+        return plan.prompts[prompt], scored
 
     async def chunks(
         self,
@@ -151,13 +173,25 @@ class CompletionServing:
             return c
 
         offsets = [0] * num_choices
-        if req.echo:
-            for index in range(num_choices):
-                echo = plan.texts[index // n]
-                offsets[index] = len(echo)
-                yield chunk([p.CompletionChoice(index=index, text=echo, logprobs=None, finish_reason=None)])
+
+        def echo(index: int) -> p.CompletionChunk:
+            text = plan.texts[index // n]
+            offsets[index] = len(text)
+            lp = None
+            if req.logprobs is not None:  # the prompt's logprobs: known once the engine has scored it
+                lp = self.ctx.completion_logprobs([], 0, self.echoed(plan, index // n, trace))
+            return chunk([p.CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=None)])
+
+        unechoed = set(range(num_choices)) if req.echo else set()
+        if req.logprobs is None:
+            for index in sorted(unechoed):
+                yield echo(index)
+            unechoed.clear()
         async with contextlib.aclosing(self.ctx.generate(plan.engine_ids, streams, n, trace)) as deltas:
             async for index, out in deltas:
+                if index in unechoed:
+                    unechoed.discard(index)
+                    yield echo(index)
                 reason = finish_reason(out)
                 lp = None
                 if req.logprobs is not None and out.logprobs:

@@ -30,6 +30,8 @@ class Trace:
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
     cached_tokens: dict[str, int] = field(default_factory=dict)  # engine request id -> prefix-cache hit tokens
+    # prompt index -> its prompt logprobs (SamplingParams.prompt_logprobs), once the engine has scored it
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = field(default_factory=dict)
 
     def to_log(self) -> dict[str, Any]:
         ttft = None if self.first_token is None else round(self.first_token - self.arrival, 4)
