@@ -122,3 +122,36 @@ def test_each_rank_holds_only_its_shard(tmp_path: Path) -> None:
         assert llm.engine.runner.kv_caches[0].shape[3] == 1
     finally:
         llm.engine.runner.shutdown()
+
+
+def test_prompt_logprobs_under_tp2_x_pp2_equal_tp1(tmp_path: Path) -> None:
+    """Scored prompt rows leave the model beside the sampled ones, through chunked prefills split into
+    micro-batches across the stages."""
+    model = str(save_tiny("llama", tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2))
+    prompts = draw_prompts(TINY["vocab_size"], count=4)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+
+    def scored(tp: int, pp: int) -> list[list[tuple[int, float, list[int]] | None]]:
+        llm = LLM(model, device="cpu", dtype="float32", max_model_len=128, block_size=8, kv_cache_memory_bytes=1 << 22,
+                  max_num_batched_tokens=8, tensor_parallel_size=tp, pipeline_parallel_size=pp)  # fmt: skip
+        try:
+            outs = llm.generate(prompts, params)
+        finally:
+            llm.engine.runner.shutdown()
+        return [
+            [
+                None if lp is None else (lp.token_id, lp.logprob, [t for t, _ in lp.top])
+                for lp in out.prompt_logprobs or []
+            ]
+            for out in outs
+        ]
+
+    expected = scored(1, 1)
+    assert [len(s) for s in expected] == [len(p) for p in prompts]
+    got = scored(2, 2)
+    for want, have in zip(expected, got, strict=True):
+        assert [w is None for w in want] == [h is None for h in have]
+        for w, h in zip(want, have, strict=True):
+            if w is not None and h is not None:
+                assert (w[0], w[2]) == (h[0], h[2])
+                assert w[1] == pytest.approx(h[1], abs=1e-4)
