@@ -24,7 +24,7 @@ from .chat_output import ChoiceOutput, merge
 from .errors import APIError, bad_request
 from .serving import ServingContext, new_request_id
 from .sse import write_sse
-from .streams import Choice, Trace, finish_reason
+from .streams import Choice, StreamUsage, Trace, finish_reason
 from .structured import constraint_of
 from .tools import ToolPlan, new_parser, plan_tools, template_messages
 
@@ -123,10 +123,7 @@ class ChatServing:
             streams = self.start(plan)
             created = int(time.time())
             if req.stream:
-                opts = req.stream_options
-                include_usage = bool(opts and opts.include_usage)
-                continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
-                chunks = self.chunks(plan, created, streams, trace, include_usage, continuous)
+                chunks = self.chunks(plan, created, streams, trace, StreamUsage.of(req.stream_options))
                 return await write_sse(request, chunks)
             choices = [Choice() for _ in range(req.n)]
             async with contextlib.aclosing(self.ctx.generate([plan.request_id], streams, req.n, trace)) as deltas:
@@ -179,15 +176,12 @@ class ChatServing:
         created: int,
         streams: list[AsyncIterator[RequestOutput]],
         trace: Trace,
-        include_usage: bool,
-        continuous_usage: bool = False,
+        usage: StreamUsage,
     ) -> AsyncGenerator[p.ChatCompletionChunk, None]:
         """OpenAI's chat chunk sequence: a role chunk per choice, content deltas, a finish chunk per choice."""
         n = plan.req.n
 
-        def chunk(
-            choices: list[p.ChatCompletionStreamChoice], usage: p.UsageInfo | None = None
-        ) -> p.ChatCompletionChunk:
+        def chunk(choices: list[p.ChatCompletionStreamChoice]) -> p.ChatCompletionChunk:
             c = p.ChatCompletionChunk(
                 id=plan.request_id,
                 object="chat.completion.chunk",
@@ -195,10 +189,7 @@ class ChatServing:
                 model=self.ctx.model_name,
                 choices=choices,
             )
-            if continuous_usage and choices:
-                c.usage = trace.usage()  # vLLM's continuous_usage_stats: the counts so far, on every chunk
-            elif include_usage:
-                c.usage = usage  # assigned: serialized (null on all but the last chunk) only when asked for
+            usage.stamp(c, trace)
             return c
 
         for index in range(n):
@@ -226,5 +217,7 @@ class ChatServing:
                         stop_reason=out.stop_reason,
                     )  # fmt: skip
                     yield chunk([choice])
-        if include_usage:
-            yield chunk([], trace.usage())
+        if usage.include:
+            last = chunk([])
+            last.usage = trace.usage()
+            yield last

@@ -18,7 +18,7 @@ from .auth import ANONYMOUS
 from .errors import bad_request
 from .serving import ServingContext, new_request_id
 from .sse import write_sse
-from .streams import Choice, Trace, finish_reason
+from .streams import Choice, StreamUsage, Trace, finish_reason
 from .structured import constraint_of
 
 if TYPE_CHECKING:
@@ -99,10 +99,7 @@ class CompletionServing:
             streams = self.ctx.start(plan.engine_ids, plan.prompts, plan.params, req.priority, plan.grammar)
             created = int(time.time())
             if req.stream:
-                opts = req.stream_options
-                include_usage = bool(opts and opts.include_usage)
-                continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
-                chunks = self.chunks(plan, created, streams, trace, include_usage, continuous)
+                chunks = self.chunks(plan, created, streams, trace, StreamUsage.of(req.stream_options))
                 return await write_sse(request, chunks)
             choices = [Choice() for _ in range(len(plan.prompts) * req.n)]
             async with contextlib.aclosing(self.ctx.generate(plan.engine_ids, streams, req.n, trace)) as deltas:
@@ -151,14 +148,13 @@ class CompletionServing:
         created: int,
         streams: list[AsyncIterator[RequestOutput]],
         trace: Trace,
-        include_usage: bool,
-        continuous_usage: bool = False,
+        usage: StreamUsage,
     ) -> AsyncGenerator[p.CompletionChunk, None]:
         req = plan.req
         n = req.n
         num_choices = len(plan.engine_ids) * n
 
-        def chunk(choices: list[p.CompletionChoice], usage: p.UsageInfo | None = None) -> p.CompletionChunk:
+        def chunk(choices: list[p.CompletionChoice]) -> p.CompletionChunk:
             c = p.CompletionChunk(
                 id=plan.request_id,
                 object="text_completion",
@@ -166,10 +162,7 @@ class CompletionServing:
                 model=self.ctx.model_name,
                 choices=choices,
             )
-            if continuous_usage and choices:
-                c.usage = trace.usage()  # vLLM's continuous_usage_stats: the counts so far, on every chunk
-            elif include_usage:
-                c.usage = usage  # assigned: serialized (null on all but the last chunk) only when asked for
+            usage.stamp(c, trace)
             return c
 
         offsets = [0] * num_choices
@@ -203,5 +196,7 @@ class CompletionServing:
                 if reason is not None:
                     choice.stop_reason = out.stop_reason  # assigned: serialized on the finish chunk only
                 yield chunk([choice])
-        if include_usage:
-            yield chunk([], trace.usage())
+        if usage.include:
+            last = chunk([])
+            last.usage = trace.usage()
+            yield last

@@ -51,6 +51,28 @@ class Trace:
         )
 
 
+@dataclass(frozen=True)
+class StreamUsage:
+    """Where a stream carries usage: only on a last, choice-less chunk (``stream_options.include_usage``), or the
+    counts so far on every chunk (vLLM's ``continuous_usage_stats``, with include_usage)."""
+
+    include: bool = False
+    continuous: bool = False
+
+    @classmethod
+    def of(cls, options: p.StreamOptions | None) -> StreamUsage:
+        include = bool(options and options.include_usage)
+        return cls(include, include and bool(options and options.continuous_usage_stats))
+
+    def stamp(self, chunk: p.ChatCompletionChunk | p.CompletionChunk, trace: Trace) -> None:
+        """A chunk with choices: the counts so far when continuous; else null, serialized only with include_usage
+        (assigned, not left unset, so that it is)."""
+        if self.continuous:
+            chunk.usage = trace.usage()
+        elif self.include:
+            chunk.usage = None
+
+
 @dataclass
 class Choice:
     """A choice being accumulated from deltas, for non-streaming answers."""

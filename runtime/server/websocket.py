@@ -26,7 +26,7 @@ from .errors import APIError, from_validation_error
 from .serving import reject_constant
 from .serving_chat import ChatServing
 from .sse import chunk_dict, dumps
-from .streams import Trace
+from .streams import StreamUsage, Trace
 
 log = logging.getLogger("kubellm.server")
 request_log = logging.getLogger("kubellm.server.requests")
@@ -82,7 +82,7 @@ class ChatSocket:
         trace.prompt_tokens = len(plan.prompt)
         with self.chat.ctx.admission.admit(self.caller, [plan.request_id], trace):
             streams = self.chat.start(plan)
-            chunks = self.chat.chunks(plan, int(time.time()), streams, trace, False)
+            chunks = self.chat.chunks(plan, int(time.time()), streams, trace, StreamUsage())
             async with contextlib.aclosing(chunks) as stream:
                 async for chunk in stream:
                     await self.send({"type": "chunk", "id": gen_id, "chunk": chunk_dict(chunk)})
