@@ -41,7 +41,9 @@ _small_count = st.one_of(
     st.integers(min_value=-5, max_value=3),
     st.integers(min_value=10**6, max_value=2**64),
     st.text(max_size=3),
-    st.floats(allow_nan=False, allow_infinity=False),
+    # no floats between 8 and 10**6: an integral one is a valid count (480.0 is 480), and a fuzzer that asks for
+    # hundreds of tokens tests the machine's speed, not the server's input handling (it timed out a loaded CI run)
+    st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not 8 < abs(x) < 10**6),
     st.booleans(),
 )
 _role = st.one_of(st.sampled_from(["system", "user", "assistant", "developer", "tool", "robot", ""]), _json)
