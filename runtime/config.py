@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,15 @@ def setting(
     flag: str | None = None,
     metavar: str | None = None,
     cli: bool = True,
+    minimum: int | None = 1,
 ) -> Any:
     """A dataclass field that also describes its command-line flag (``--field-name`` unless `flag` says
-    otherwise; a bool defaulting to True becomes ``--no-field-name``). cli=False: config file only."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag, "metavar": metavar, "cli": cli}
+    otherwise; a bool defaulting to True becomes ``--no-field-name``). cli=False: config file only. An int flag
+    refuses values below ``minimum`` (None: any int)."""
+    meta = {
+        "help": help, "choices": tuple(choices) if choices else None, "flag": flag, "metavar": metavar, "cli": cli,
+        "minimum": minimum,
+    }  # fmt: skip
     return field(default=default, metadata=meta)
 
 
@@ -77,7 +82,7 @@ class EngineConfig:
         "GGUF on the CPU",
         choices=QUANTIZATIONS,
     )
-    seed: int = setting(0, "the engine's seed for unseeded requests")
+    seed: int = setting(0, "the engine's seed for unseeded requests", minimum=None)
     tensor_parallel_size: int = setting(
         1,
         "ranks splitting each layer (heads, intermediate size, vocabulary): one process per rank, one GPU each "
@@ -86,6 +91,13 @@ class EngineConfig:
     pipeline_parallel_size: int = setting(
         1, "stages holding contiguous layer ranges (each stage --tensor-parallel-size ranks)"
     )
+    # one replica over several nodes (pods): the ranks split evenly, node k holding ranks [k*L, (k+1)*L)
+    nnodes: int = setting(1, "nodes (pods) one replica spans; node 0 runs the engine and serves the API")
+    node_rank: int = setting(
+        0, "this node's index in [0, nnodes): nodes above 0 run only their ranks' workers", minimum=0
+    )
+    master_addr: str | None = setting(None, "node 0's address: the torch.distributed rendezvous when nnodes > 1")
+    master_port: int = setting(29500, "node 0's rendezvous port when nnodes > 1")
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -146,11 +158,38 @@ class EngineConfig:
             "pipeline_parallel_size",
             f"must be at least 1, got {self.pipeline_parallel_size}",
         )
+        self._check_nodes()
         _check(
             self.quantization in QUANTIZATIONS,
             "quantization",
             f"must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}",
         )
+
+    def _check_nodes(self) -> None:
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        _check(isinstance(self.nnodes, int) and self.nnodes >= 1, "nnodes", f"must be at least 1, got {self.nnodes}")
+        _check(
+            world % self.nnodes == 0,
+            "nnodes",
+            f"({self.nnodes}) must divide tensor_parallel_size x pipeline_parallel_size ({world}): each node holds "
+            "as many ranks",
+        )
+        _check(
+            isinstance(self.node_rank, int) and 0 <= self.node_rank < self.nnodes,
+            "node_rank",
+            f"must be in [0, nnodes = {self.nnodes}), got {self.node_rank}",
+        )
+        _check(self.nnodes == 1 or bool(self.master_addr), "master_addr", "is needed when nnodes > 1")
+        _check(0 < self.master_port < 65536, "master_port", f"must be in [1, 65535], got {self.master_port}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size // self.nnodes
+
+    @property
+    def node_ranks(self) -> range:
+        """The global ranks this node runs."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
 
 
 @dataclass
@@ -227,7 +266,8 @@ def add_arguments(group: Any, exclude: Sequence[str] = ()) -> None:
         if kind is bool:
             kw["action"] = "store_false" if f.default is True else "store_true"
         else:
-            kw["type"] = _positive if kind is int and f.name != "seed" else kind
+            minimum = f.metadata.get("minimum", 1)
+            kw["type"] = _at_least(minimum) if kind is int and minimum is not None else kind
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
             if f.metadata.get("metavar"):
@@ -236,11 +276,15 @@ def add_arguments(group: Any, exclude: Sequence[str] = ()) -> None:
         group.add_argument(flag_name(f), help=help_text, **kw)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its error message
+    return parse
 
 
 def given(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict[str, Any]:

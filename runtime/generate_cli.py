@@ -11,7 +11,7 @@ import sys
 from . import config
 
 # --seed is the sampling seed here (the engine's is left out); a served name means nothing offline.
-_NOT_HERE = ("seed", "served_model_name")
+_NOT_HERE = ("seed", "served_model_name", "nnodes", "node_rank", "master_addr", "master_port")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -43,14 +43,15 @@ def check_tensor_parallel(tp_size: int, num_heads: int, num_kv_heads: int, inter
         )
 
 
-def check_devices(world_size: int, device: torch.device) -> None:
-    """On GPUs one rank per device: more ranks (tensor x pipeline parallel size) than visible devices is refused."""
+def check_devices(ranks_per_node: int, device: torch.device) -> None:
+    """On GPUs one rank per device: more ranks on this node (tensor x pipeline parallel size / nnodes) than visible
+    devices is refused."""
     if device.type == "cuda":
         available = torch.cuda.device_count()
-        if world_size > available:
+        if ranks_per_node > available:
             raise ValueError(
-                f"tensor_parallel_size x pipeline_parallel_size = {world_size} ranks need {world_size} GPUs, "
-                f"but {available} are visible"
+                f"tensor_parallel_size x pipeline_parallel_size / nnodes = {ranks_per_node} ranks on this node need "
+                f"{ranks_per_node} GPUs, but {available} are visible"
             )
 
 

@@ -44,11 +44,15 @@ def collective_timeout() -> timedelta:
     return timedelta(seconds=float(os.environ.get("KUBELLM_COLLECTIVE_TIMEOUT", "300")))
 
 
-def free_init_method() -> str:
-    """A torch.distributed rendezvous on a free loopback port (one node), unless KUBELLM_DIST_INIT_METHOD names one."""
+def init_method_for(config: EngineConfig) -> str:
+    """The torch.distributed rendezvous: KUBELLM_DIST_INIT_METHOD if set; node 0's master address across nodes;
+    else a free loopback port (one node)."""
     configured = os.environ.get("KUBELLM_DIST_INIT_METHOD")
     if configured:
         return configured
+    if config.nnodes > 1:
+        assert config.master_addr
+        return f"tcp://{config.master_addr}:{config.master_port}"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
@@ -102,16 +106,17 @@ class ParallelGroup:
 
 
 class WorkerGroup:
-    """Ranks 1 .. size-1 as spawned processes, watched by a monitor thread."""
+    """This node's worker ranks as spawned processes (on node 0: its ranks but 0, the engine's), watched by a
+    monitor thread."""
 
     def __init__(self, config: EngineConfig, max_model_len: int, init_method: str) -> None:
         ctx = multiprocessing.get_context("spawn")
-        size = world_size(config)
         self.stopping = False
         self.on_failure: list[Callable[[str], None]] = []
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self._pipes: list[multiprocessing.connection.Connection] = []
-        for rank in range(1, size):
+        self.ranks = [r for r in config.node_ranks if r != 0]
+        for rank in self.ranks:
             parent_end, child_end = ctx.Pipe()
             p = ctx.Process(
                 target=worker_main,
@@ -131,12 +136,15 @@ class WorkerGroup:
         self.stopping = True
 
     def _watch(self) -> None:
-        by_sentinel = {p.sentinel: (rank, p) for rank, p in enumerate(self.processes, start=1)}
+        by_sentinel = {p.sentinel: (rank, p) for rank, p in zip(self.ranks, self.processes, strict=True)}
         ready = multiprocessing.connection.wait(list(by_sentinel))
         if self.stopping:
             return
         rank, p = by_sentinel[ready[0]]  # type: ignore[index]
         p.join(timeout=1)
+        if p.exitcode == 0:  # a node above 0: rank 0 ended the replica (node 0 sets `stopping` before it does)
+            logger.info("rank %d finished: rank 0 ended the replica", rank)
+            return
         reason = (
             f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}: the engine cannot "
             f"continue without it; exiting"
@@ -149,6 +157,18 @@ class WorkerGroup:
                 logger.exception("a worker-failure hook failed")
         logging.shutdown()
         os._exit(1)
+
+    def join(self) -> None:
+        """Wait until every worker has exited."""
+        for p in self.processes:
+            p.join()
+
+    def terminate(self) -> None:
+        """End the workers now (a node above 0 on SIGTERM)."""
+        self.stopping = True
+        for p in self.processes:
+            if p.is_alive():
+                p.terminate()
 
     def shutdown(self) -> None:
         """After rank 0 broadcast the stop: wait for the workers, end any that linger."""
@@ -174,7 +194,7 @@ def worker_main(
     """A worker process: load this rank's shard, then execute broadcast steps until rank 0 sends None."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     threading.Thread(target=_exit_when_parent_dies, args=(conn,), daemon=True).start()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size(config)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.ranks_per_node))
     from ..engine.model_runner import ModelRunner
     from ..models.loader import load_model
 

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _FAILED = object()  # queued to every stream when the step loop dies
+# an idle engine with remote ranks checks on them this often, so a lost node is noticed without a request
+KEEPALIVE_S = 5.0
 
 
 class AsyncEngine:
@@ -49,6 +51,7 @@ class AsyncEngine:
         self._started = threading.Event()
         self._stopping = False
         self.error: BaseException | None = None
+        self.on_failure: list[Callable[[BaseException], None]] = []  # called from the step loop when it dies
         built = threading.Event()
         failure: list[BaseException] = []
 
@@ -216,7 +219,8 @@ class AsyncEngine:
                     return
                 if not engine.has_unfinished_requests():
                     self._stats = engine.stats()
-                    self._wakeup.wait()
+                    if not self._wakeup.wait(KEEPALIVE_S if engine.runner.group is not None else None):
+                        engine.runner.keepalive()  # raises when a rank is gone
                     self._wakeup.clear()
                     continue
                 outputs = engine.step()
@@ -231,3 +235,8 @@ class AsyncEngine:
             for loop, stream in targets:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(stream.put_nowait, _FAILED)
+            for hook in self.on_failure:
+                try:
+                    hook(e)
+                except Exception:
+                    logger.exception("an engine-failure hook failed")

@@ -21,7 +21,7 @@ import torch
 from ..config import CacheConfig, EngineConfig
 from ..distributed.parallel import PipelineStage, TensorParallel, check_devices, check_tensor_parallel
 from ..distributed.pipeline import StageClock, run_pipelined
-from ..distributed.workers import ParallelGroup, WorkerGroup, free_init_method
+from ..distributed.workers import ParallelGroup, WorkerGroup, init_method_for
 from ..kernels import cpu
 from ..kernels.dispatch import get_attention_backend
 from ..models.build import build_model
@@ -38,6 +38,7 @@ CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in fl
 # kept free on a GPU besides the profiled activations: the CUDA-graph pool and allocator fragmentation
 GPU_RESERVE_BYTES = 256 << 20
 FOUR_BIT_FORMATS = frozenset({"Q4_0", "Q4_1"})
+KEEPALIVE = "keepalive"  # broadcast instead of a step by an idle rank 0
 
 
 @dataclass
@@ -117,9 +118,9 @@ class ModelRunner:
         check_tensor_parallel(tp_size, mc.num_attention_heads, mc.num_key_value_heads, mc.intermediate_size)
         PipelineStage.of(0, config.pipeline_parallel_size, mc.num_hidden_layers)  # refuses more stages than layers
         device = resolve_device(config.device)
-        check_devices(world, device)
+        check_devices(config.ranks_per_node, device)
         if device.type == "cuda" and world > 1:
-            device = torch.device("cuda", rank)  # one rank per GPU
+            device = torch.device("cuda", rank % config.ranks_per_node)  # one rank per GPU of its node
             torch.cuda.set_device(device)
         self.device = device
         self.dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
@@ -136,7 +137,7 @@ class ModelRunner:
             raise
 
     def _join_group(self, init_method: str | None, num_layers: int) -> TensorParallel:
-        init_method = init_method or free_init_method()
+        init_method = init_method or init_method_for(self.config)
         if self.rank == 0:  # the workers load their shards while this process loads its own
             self.workers = WorkerGroup(self.config, self.max_model_len, init_method)
         try:
@@ -299,10 +300,18 @@ class ModelRunner:
             step = self.group.broadcast_step(None)
             if step is None:
                 break
+            if step == KEEPALIVE:
+                continue
             assert isinstance(step, StepInput)
             self.execute_step(step)
         self.stage_clock.report()
         self.group.close()
+
+    def keepalive(self) -> None:
+        """Rank 0, idle: one small broadcast, which raises when a rank has gone (a lost node is seen in seconds,
+        not at the next request)."""
+        if self.group is not None:
+            self.group.broadcast_step(KEEPALIVE)
 
     def on_worker_failure(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(reason)`` when a tensor-parallel worker dies, just before the process exits (no-op at TP 1)."""

@@ -176,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"kubellm serve: error: {exc}", file=sys.stderr)
         return 2
     host = args.host or ("0.0.0.0" if _in_container() else "127.0.0.1")
+    if engine_config.node_rank > 0:  # a node of a multi-node replica: workers and probes, no API
+        from ..distributed.node import serve_node
+
+        return asyncio.run(serve_node(engine_config, host, args.port))
     if settings.api_keys:
         log.info("API keys: %d configured", len(settings.api_keys))  # never the keys themselves
     return asyncio.run(serve(engine_config, settings, host, args.port))
@@ -232,6 +236,15 @@ async def serve(config: Any, settings: Any, host: str, port: int) -> int:
             server.set_engine(engine)
             # a tensor-parallel worker that dies: /ready turns 503 at once, then the process exits non-zero
             engine.engine.runner.on_worker_failure(lambda reason: server.start_draining())
+
+            def engine_failed(error: BaseException) -> None:  # the step loop died (a lost node, a bug): exit 1
+                nonlocal status
+                log.critical("the engine failed (%r): draining, then exiting with status 1", error)
+                status = 1
+                loop.call_soon_threadsafe(server.start_draining)
+                loop.call_soon_threadsafe(stop.set)
+
+            engine.on_failure.append(engine_failed)
             stats = engine.stats()
             log.info(
                 "ready: serving %s on http://%s:%d (max_model_len %d, %d KV blocks of %d tokens)",

@@ -8,6 +8,7 @@ TP 3. Prompts are token ids drawn from a printed seed; few tokens each, to keep 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,22 @@ def test_prompt_logprobs_under_tp2_x_pp2_equal_tp1(tmp_path: Path) -> None:
             if w is not None and h is not None:
                 assert (w[0], w[2]) == (h[0], h[2])
                 assert w[1] == pytest.approx(h[1], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        (dict(tensor_parallel_size=3, nnodes=2, master_addr="n0"), "nnodes (2) must divide"),
+        (dict(tensor_parallel_size=2, nnodes=2, node_rank=2, master_addr="n0"), "node_rank must be in [0, nnodes = 2)"),
+        (dict(tensor_parallel_size=2, nnodes=2), "master_addr is needed when nnodes > 1"),
+        (dict(tensor_parallel_size=2, nnodes=2, master_addr="n0", master_port=0), "master_port must be in"),
+    ],
+)
+def test_bad_node_layouts_are_refused_naming_the_field(fields: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        EngineConfig(**fields)
+
+
+def test_each_node_runs_its_share_of_the_ranks() -> None:
+    config = EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=2, nnodes=2, node_rank=1, master_addr="n0")
+    assert (config.ranks_per_node, list(config.node_ranks)) == (2, [2, 3])
