@@ -112,6 +112,11 @@ def engine_section(owner: Owner, spec: LLMDeploymentSpec) -> JSON:
         "enable_prefix_caching": engine.enable_prefix_caching,
         "enforce_eager": engine.enforce_eager,
     }
+    # one rank per GPU of the replica (runtime/distributed): the defaults (1) are left out
+    if spec.tensor_parallel_size() > 1:
+        section["tensor_parallel_size"] = spec.tensor_parallel_size()
+    if spec.pipeline_parallel_size() > 1:
+        section["pipeline_parallel_size"] = spec.pipeline_parallel_size()
     if spec.model.chat_template is not None:
         section["chat_template"] = f"{c.CONFIG_MOUNT_PATH}/{c.CHAT_TEMPLATE_KEY}"
     return {k: v for k, v in section.items() if v is not None}
@@ -217,8 +222,8 @@ def _volumes(owner: Owner, spec: LLMDeploymentSpec) -> tuple[list[JSON], list[JS
             {"name": "api-key", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "api-key"}]}}
         )
         mounts.append({"name": "api-key", "mountPath": c.API_KEY_MOUNT_PATH, "readOnly": True})
-    if spec.resources.gpus > 1:
-        # Tensor-parallel workers exchange tensors through shared memory; the default 64 MiB /dev/shm is too small.
+    if spec.tensor_parallel_size() * spec.pipeline_parallel_size() > 1:
+        # Parallel ranks (NCCL) exchange tensors through shared memory; the default 64 MiB /dev/shm is too small.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts

@@ -419,8 +419,49 @@ class RolloutSpec(_Spec):
         return self
 
 
+class ParallelismSpec(_Spec):
+    """How one replica splits the model: tensor-parallel ranks per stage, pipeline stages, and the nodes they span
+    (one rank per GPU). Without this section a replica of N GPUs runs tensor parallelism over its N GPUs."""
+
+    tensor: int = Field(default=1, ge=1, le=64, description="Tensor-parallel ranks (each layer split this many ways).")
+    pipeline: int = Field(default=1, ge=1, le=64, description="Pipeline stages (contiguous layer ranges).")
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=1,
+        description="Nodes one replica spans. Only 1 for now: a replica spanning nodes (a group of pods) is the "
+        "runtime's `--nnodes`, not yet rendered by the operator.",
+    )
+
+
+# (tensor, pipeline, nodes, gpus) as CEL expressions on the spec, for the cross-section rules
+_P, _GPUS = "self.parallelism", "self.resources.gpus"
+_PARALLELISM_FIELDS = ("parallelism", "parallelism.tensor", "parallelism.pipeline", "parallelism.nodes", "resources",
+                       "resources.gpus")  # fmt: skip
+
+
 class LLMDeploymentSpec(_Spec):
     """spec of an LLMDeployment. Only `model.source` is required."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel_when(
+                    _PARALLELISM_FIELDS,
+                    f"{_GPUS} == 0 || {_P}.tensor * {_P}.pipeline == {_GPUS} * {_P}.nodes",
+                    "parallelism.tensor x parallelism.pipeline must equal resources.gpus x parallelism.nodes "
+                    "(one rank per GPU)",
+                    ".parallelism",
+                ),
+                cel_when(
+                    _PARALLELISM_FIELDS,
+                    f"{_GPUS} >= 1 || {_P}.tensor == 1",
+                    "parallelism.tensor > 1 needs resources.gpus >= 1",
+                    ".parallelism.tensor",
+                ),
+            ]
+        }
+    )
 
     model: ModelSpec
     replicas: int = Field(default=1, ge=0, le=1000, description="Replicas (the scale subresource's target).")
@@ -433,6 +474,28 @@ class LLMDeploymentSpec(_Spec):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     pod: PodOverrides = Field(default_factory=PodOverrides)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    parallelism: ParallelismSpec | None = Field(default=None)
+
+    @model_validator(mode="after")
+    def _check(self) -> LLMDeploymentSpec:
+        par, gpus = self.parallelism, self.resources.gpus
+        if par is None:
+            return self
+        if gpus >= 1 and par.tensor * par.pipeline != gpus * par.nodes:
+            raise ValueError(
+                f"parallelism.tensor x parallelism.pipeline ({par.tensor} x {par.pipeline}) must equal "
+                f"resources.gpus x parallelism.nodes ({gpus} x {par.nodes}): one rank per GPU"
+            )
+        if gpus == 0 and par.tensor > 1:
+            raise ValueError(f"parallelism.tensor {par.tensor} needs resources.gpus >= 1")
+        return self
+
+    def tensor_parallel_size(self) -> int:
+        """The replica's tensor-parallel ranks: the parallelism section's, else one per GPU."""
+        return self.parallelism.tensor if self.parallelism is not None else max(1, self.resources.gpus)
+
+    def pipeline_parallel_size(self) -> int:
+        return self.parallelism.pipeline if self.parallelism is not None else 1
 
 
 # ---- status (written only by the operator; modelled so that the CRD's status schema is structural too) ----

@@ -141,6 +141,20 @@ def test_gpus_resources_tolerations_and_shm() -> None:
     assert "limits" not in _container(cpu_only)["resources"]
 
 
+def test_gpus_are_tensor_parallel_ranks_unless_parallelism_says_otherwise() -> None:
+    engine = _config(_render(resources={"gpus": 4}))["engine"]
+    assert engine["tensor_parallel_size"] == 4 and "pipeline_parallel_size" not in engine
+    split = _render(resources={"gpus": 4}, parallelism={"tensor": 2, "pipeline": 2})
+    engine = _config(split)["engine"]
+    assert (engine["tensor_parallel_size"], engine["pipeline_parallel_size"]) == (2, 2)
+    assert any(v["name"] == "dshm" for v in split.deployment["spec"]["template"]["spec"]["volumes"])
+    for one in (_render(), _render(resources={"gpus": 0})):
+        assert {"tensor_parallel_size", "pipeline_parallel_size"}.isdisjoint(_config(one)["engine"])
+    # a CPU replica may pipeline (gloo), never split layers without GPUs
+    cpu = _config(_render(resources={"gpus": 0}, parallelism={"pipeline": 2}))["engine"]
+    assert cpu["pipeline_parallel_size"] == 2
+
+
 def test_prometheus_annotations_and_config_hash_rolls_pods() -> None:
     a = _render()
     annotations = a.deployment["spec"]["template"]["metadata"]["annotations"]

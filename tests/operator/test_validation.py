@@ -61,6 +61,14 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
     ("rollout-both-zero", "m", _spec(rollout={"maxSurge": 0, "maxUnavailable": 0}), "spec.rollout.maxSurge"),
     ("rollout-not-percent", "m", _spec(rollout={"maxSurge": "lots"}), "spec.rollout.maxSurge"),
     ("unknown-field", "m", _spec(replicaz=2), "spec.replicaz"),
+    ("ranks-ne-gpus", "m", _spec(resources={"gpus": 2}, parallelism={"tensor": 4}), "spec.parallelism"),
+    ("tensor-on-cpu", "m", _spec(resources={"gpus": 0}, parallelism={"tensor": 2}), "spec.parallelism.tensor"),
+    (
+        "nodes-not-yet",
+        "m",
+        _spec(resources={"gpus": 2}, parallelism={"tensor": 4, "nodes": 2}),
+        "spec.parallelism.nodes",
+    ),
     ("name-not-dns1035", "1-model", _spec(), "metadata.name"),
 ]
 
@@ -117,6 +125,7 @@ FULL_SPEC: dict[str, Any] = {
         "env": [{"name": "LOG_LEVEL", "value": "debug"}, {"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}],
     },
     "rollout": {"maxSurge": "25%", "maxUnavailable": 1},
+    "parallelism": {"tensor": 1, "pipeline": 2},
 }
 
 
