@@ -273,10 +273,7 @@ def test_status_follows_deployment_events_not_the_timer(
     k8s_cluster: Any, private_namespace: str, api: Any, tmp_path: Any, operator_process_factory: Any
 ) -> None:
     """With the status timer slowed to a minute, Ready still shows within seconds: Deployment events drive it."""
-    op = operator_process_factory(
-        private_namespace, tmp_path / "operator.log", KUBELLM_TIMER_INTERVAL_SECONDS="60"
-    ).start()
+    operator_process_factory(private_namespace, tmp_path / "operator.log", KUBELLM_TIMER_INTERVAL_SECONDS="60").start()
     create_llmd(api, private_namespace, "prompt", {"model": {"source": SOURCE}, "replicas": 2})
-    start = time.monotonic()
+    # 30 s, half the timer's interval: Ready within it cannot be the timer's doing
     wait_until(lambda: ready(api, private_namespace, "prompt", 2), timeout=30, what="Ready without a timer tick")
-    assert time.monotonic() - start < 45, op.log_tail()

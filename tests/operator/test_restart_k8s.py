@@ -15,7 +15,7 @@ from kubellm.operator import constants as c
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
-COUNT = 8
+COUNT = 32  # enough that applying them all outlasts the watch event that triggers the kill
 
 
 def _managed(api: Any, namespace: str) -> dict[str, list[Any]]:
@@ -85,6 +85,7 @@ def test_sigkill_mid_reconcile_then_restart_converges(
     op.kill()
     state = _managed(api, ns)
     print(f"first kill: {len(state['ConfigMap'])} ConfigMaps, {len(state['Deployment'])} Deployments of {COUNT}")
+    assert len(state["Deployment"]) < COUNT, "the kill did not land mid-reconcile: every Deployment was there"
 
     # A spec change while the operator is down, then restart, and kill again right after the first rollout starts.
     core: Any = client.CoreV1Api(api)
@@ -98,6 +99,7 @@ def test_sigkill_mid_reconcile_then_restart_converges(
     op.kill()
     updated = sum(_runs_32(core, d) for d in _managed(api, ns)["Deployment"])
     print(f"second kill: {updated}/{COUNT} Deployments updated")
+    assert updated < COUNT, "the second kill did not land mid-rollout: every Deployment was updated"
 
     op.start()
     try:

@@ -163,15 +163,12 @@ def _manifest(name: str, spec: dict[str, Any]) -> str:
 
 @pytest.mark.k8s
 def test_api_server_refuses_each_invalid_object(k8s_cluster: Any, k8s_namespace: str) -> None:
-    refused = 0
     for case, name, spec, field in INVALID:
         result = k8s_cluster.kubectl(
             "create", "-n", k8s_namespace, "--dry-run=server", "-f", "-", input=_manifest(name, spec), check=False
         )
         assert result.returncode != 0, f"{case}: the API server accepted it"
         assert field in result.stderr, f"{case}: the message does not name {field}: {result.stderr}"
-        refused += 1
-    assert refused >= 12
 
 
 @pytest.mark.k8s
