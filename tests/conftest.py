@@ -1,4 +1,5 @@
-"""Root conftest: the control-plane fixtures (cluster.fixture) and the CI rule for `k8s` tests."""
+"""Root conftest: the control-plane fixtures (cluster.fixture), the CI rule for `k8s` tests, and the `gpu` tests
+selected by the machine (run where a CUDA device is, deselected elsewhere)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"k8s test skipped in CI (CI=true), which fails the run: {reason}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run on a machine with a CUDA device and are deselected (reported as such) elsewhere, so that
+    `make test` on a GPU machine runs them instead of silently running neither variant of a kernel test (the
+    interpreter variants are skipped where CUDA is present; `make test` runs them in a second pass without it)."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    deselected = [item for item in items if item.get_closest_marker("gpu")]
+    config.hook.pytest_deselected(items=deselected)
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")]
