@@ -419,6 +419,18 @@ class RolloutSpec(_Spec):
         return self
 
 
+class RoutingSpec(_Spec):
+    """How the kubellm gateway picks a replica for a request (read by the gateway; the operator ignores it)."""
+
+    strategy: Literal["PrefixHash", "LeastLoad"] = Field(
+        default="PrefixHash",
+        description=(
+            "PrefixHash: consistent hashing with bounded loads over the request's prefix (the replica that has it "
+            "cached, unless over its load bound); LeastLoad: the replica with the fewest in-flight and waiting requests."
+        ),
+    )
+
+
 class LLMDeploymentSpec(_Spec):
     """spec of an LLMDeployment. Only `model.source` is required."""
 
@@ -433,6 +445,7 @@ class LLMDeploymentSpec(_Spec):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     pod: PodOverrides = Field(default_factory=PodOverrides)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
 
 
 # ---- status (written only by the operator; modelled so that the CRD's status schema is structural too) ----
