@@ -426,7 +426,8 @@ class RoutingSpec(_Spec):
         default="PrefixHash",
         description=(
             "PrefixHash: consistent hashing with bounded loads over the request's prefix (the replica that has it "
-            "cached, unless over its load bound); LeastLoad: the replica with the fewest in-flight and waiting requests."
+            "cached, unless over its load bound); LeastLoad: the replica with the fewest in-flight and waiting "
+            "requests."
         ),
     )
 
