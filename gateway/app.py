@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubellm import contract
 from kubellm.gateway.balance import Strategy, prefix_key
-from kubellm.gateway.discovery import Registry
+from kubellm.gateway.discovery import RUNTIME_SELECTOR, Registry
 from kubellm.gateway.errors import GatewayError
 from kubellm.gateway.hold import Holds, Waker
 from kubellm.gateway.kube import Informer, Kube
@@ -37,7 +37,6 @@ ROUTED = {
     "/detokenize": "completions",
 }
 LLMD_PATH = f"/apis/{contract.LLMD_GROUP}/{contract.LLMD_VERSION}"
-SLICE_PATH = "/apis/discovery.k8s.io/v1"
 
 
 @dataclass
@@ -58,7 +57,6 @@ class Gateway:
 
     def _informers(self, kube: Kube) -> list[Informer]:
         out = []
-        slice_params = {"labelSelector": f"{contract.LABEL_MANAGED_BY}={contract.MANAGED_BY_OPERATOR}"}
         for ns in self.settings.namespaces or (None,):
             scope = f"/namespaces/{ns}" if ns else ""
             out.append(
@@ -73,10 +71,10 @@ class Gateway:
             out.append(
                 Informer(
                     kube,
-                    f"{SLICE_PATH}{scope}/endpointslices",
-                    params=slice_params,
-                    on_replace=lambda items, ns=ns: self.registry.replace_slices(items, ns),
-                    on_event=self.registry.slice_event,
+                    f"/api/v1{scope}/pods",
+                    params={"labelSelector": RUNTIME_SELECTOR},
+                    on_replace=lambda items, ns=ns: self.registry.replace_pods(items, ns),
+                    on_event=self.registry.pod_event,
                     resync_seconds=self.settings.resync_seconds,
                 )
             )

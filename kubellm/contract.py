@@ -19,8 +19,11 @@ LLMD_VERSION: Final = "v1alpha1"
 LLMD_PLURAL: Final = "llmdeployments"
 # Set on an LLMDeployment at 0 replicas (any value): the operator scales it to 1 and removes the annotation.
 ANNOTATION_WAKE: Final = f"{LLMD_GROUP}/wake"
-# The Service (and so its EndpointSlices, which copy the Service's labels) carries these.
+# Labels on every runtime pod the operator creates (the gateway finds an LLMDeployment's pods by them).
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"  # the LLMDeployment's name
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+COMPONENT_RUNTIME: Final = "runtime"
 MANAGED_BY_OPERATOR: Final = "kubellm-operator"
 
 CONTAINER_PORT: Final = 8000

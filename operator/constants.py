@@ -20,12 +20,12 @@ FIELD_MANAGER: Final = "kubellm-operator"
 
 # Recommended labels (https://kubernetes.io/docs/concepts/overview/working-with-objects/common-labels/).
 LABEL_NAME: Final = "app.kubernetes.io/name"
-LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
-LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_INSTANCE: Final = contract.LABEL_INSTANCE
+LABEL_COMPONENT: Final = contract.LABEL_COMPONENT
 LABEL_MANAGED_BY: Final = contract.LABEL_MANAGED_BY
 LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
 APP_NAME: Final = "kubellm"
-COMPONENT_RUNTIME: Final = "runtime"
+COMPONENT_RUNTIME: Final = contract.COMPONENT_RUNTIME
 MANAGED_BY: Final = contract.MANAGED_BY_OPERATOR
 RESERVED_LABELS: Final = (LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_PART_OF)
 
