@@ -58,9 +58,8 @@ class KubeConfig:
                 context.load_cert_chain(cfg.cert_file, cfg.key_file)
 
         def authorization() -> str | None:
-            if cfg.refresh_api_key_hook is not None:  # in a pod: the projected token is rotated on disk
-                cfg.refresh_api_key_hook(cfg)
-            return cfg.get_api_key_with_prefix("authorization")
+            # As the client's own auth_settings asks for it; in a pod its refresh hook re-reads the rotated token.
+            return cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
 
         return cls(host=cfg.host.rstrip("/"), ssl_context=context, authorization=authorization)
 
