@@ -118,7 +118,12 @@ class Gateway:
             "object": "model",
             "created": 0,
             "owned_by": "kubellm",
-            "kubellm": {"namespace": model.namespace, "llmdeployment": model.name, "ready_replicas": ready},
+            "kubellm": {
+                "namespace": model.namespace,
+                "llmdeployment": model.name,
+                "ready_replicas": ready,
+                "routing": model.strategy.value,
+            },
         }
 
     async def models(self, _: web.Request) -> web.Response:
