@@ -10,6 +10,7 @@ IPs (the e2e kubelet stand-in) and a real `kubellm gateway` process, driven with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.request
@@ -263,3 +264,52 @@ def test_scale_from_zero_holds_the_stream_until_the_operator_wakes_the_model(
         assert gateway.metric(HELD, model_name="sleepy-chat") == 0
         assert gateway.metric("kubellm_gateway_hold_seconds_count", model_name="sleepy-chat") >= 1
         print(f"held stream answered after {waited:.1f} s: {text!r}")
+
+
+async def _open_streams(url: str, bodies: list[dict[str, Any]]) -> list[str]:
+    """Open the streams one after the other, each kept open while the next starts; the replica of each."""
+    import aiohttp
+
+    replicas: list[str] = []
+    async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
+        for body in bodies:
+            r = await stack.enter_async_context(session.post(f"{url}/v1/chat/completions", json=body))
+            assert r.status == 200, await r.text()
+            await asyncio.wait_for(r.content.readline(), 120)  # the first SSE line: the request runs upstream
+            replicas.append(r.headers["x-kubellm-replica"])
+    return replicas
+
+
+def test_same_prefix_sticks_to_one_replica_until_the_load_bound_spills_it(
+    k8s_cluster: Any, k8s_namespace: str, run_tag: str, e2e_operator: OperatorProcess, tmp_path: Path
+) -> None:
+    import openai
+
+    ns = k8s_namespace
+    with _harness(k8s_cluster, ns, run_tag, e2e_operator, tmp_path, ["duo"]) as (h, api):
+        (kubelet,) = h.kubelets
+        _create(api, ns, "duo", _spec("duo-chat", replicas=2))
+        h.wait(lambda: len(kubelet.serving()) == 2, 300, "both replicas to serve")
+        h.wait(lambda: _models(h.gateway)["duo-chat"]["kubellm"]["ready_replicas"] == 2, 30, "two endpoints")
+        oai = openai.OpenAI(base_url=f"{h.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        system = {"role": "system", "content": "You answer in one word."}
+
+        # One conversation, turn after turn: always the same replica (the one holding its prefix).
+        history: list[Any] = [system, {"role": "user", "content": "Pick a color."}]
+        seen = set()
+        for turn in range(3):
+            raw = oai.chat.completions.with_raw_response.create(
+                model="duo-chat", messages=history, max_tokens=4, temperature=0
+            )
+            seen.add(raw.headers["x-kubellm-replica"])
+            history += [{"role": "assistant", "content": raw.parse().choices[0].message.content or ""}]
+            history += [{"role": "user", "content": f"Another one ({turn})."}]
+        assert len(seen) == 1, seen
+        (owner,) = seen
+
+        # Three requests of that conversation in flight at once: with a load factor of 1.25 over 2 replicas the
+        # bound is ceil(1.25 * (in flight + 1) / 2): the owner takes two, the third spills to the other replica.
+        body = {"model": "duo-chat", "messages": history, "max_tokens": 200, "stream": True, "temperature": 0}
+        replicas = asyncio.run(_open_streams(h.gateway.url, [body] * 3))
+        assert replicas[:2] == [owner, owner] and replicas[2] != owner, (owner, replicas)
+        assert h.gateway.metric("kubellm_gateway_routing_decisions_total", decision="spill") == 1
