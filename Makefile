@@ -34,9 +34,9 @@ test-fast: setup
 	$(PY) -m pytest -m 'not k8s and not slow'
 
 lint: setup
-	$(VENV)/bin/ruff check runtime operator kubellm tests bench
-	$(VENV)/bin/ruff format --check runtime operator kubellm tests bench
-	$(VENV)/bin/mypy runtime operator kubellm
+	$(VENV)/bin/ruff check runtime operator gateway kubellm tests bench
+	$(VENV)/bin/ruff format --check runtime operator gateway kubellm tests bench
+	$(VENV)/bin/mypy runtime operator gateway kubellm
 
 serve: setup
 	$(VENV)/bin/kubellm serve

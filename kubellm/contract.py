@@ -13,6 +13,19 @@ from typing import Any, Final
 
 from kubellm.runtime.config import EngineConfig, engine_config
 
+# The LLMDeployment API: the operator serves it; the gateway watches it and sets the wake annotation.
+LLMD_GROUP: Final = "kubellm.io"
+LLMD_VERSION: Final = "v1alpha1"
+LLMD_PLURAL: Final = "llmdeployments"
+# Set on an LLMDeployment at 0 replicas (any value): the operator scales it to 1 and removes the annotation.
+ANNOTATION_WAKE: Final = f"{LLMD_GROUP}/wake"
+# Labels on every runtime pod the operator creates (the gateway finds an LLMDeployment's pods by them).
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"  # the LLMDeployment's name
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+COMPONENT_RUNTIME: Final = "runtime"
+MANAGED_BY_OPERATOR: Final = "kubellm-operator"
+
 CONTAINER_PORT: Final = 8000
 HEALTH_PATH: Final = "/health"
 READY_PATH: Final = "/ready"
@@ -22,6 +35,12 @@ METRICS_PATH: Final = "/metrics"
 METRIC_WAITING: Final = "vllm:num_requests_waiting"
 METRIC_RUNNING: Final = "vllm:num_requests_running"
 METRIC_KV_USAGE: Final = "vllm:kv_cache_usage_perc"
+
+# The gateway (`kubellm gateway`): its port, and the gauge of requests it holds for a model with no ready replica,
+# labelled namespace / llmdeployment / model_name. Waiting load the runtimes cannot see: an autoscaler adds it to
+# the runtimes' METRIC_WAITING (scraped from the gateway pods' /metrics, or through Prometheus and KEDA).
+GATEWAY_PORT: Final = 8080
+METRIC_GATEWAY_HELD: Final = "kubellm_gateway_held_requests"
 
 # The config file `kubellm serve --config` reads: {"engine": {EngineConfig fields}, "server": {serve flags}}.
 CONFIG_ENGINE_SECTION: Final = "engine"

@@ -6,11 +6,11 @@ from typing import Final
 
 from kubellm import contract
 
-GROUP: Final = "kubellm.io"
-VERSION: Final = "v1alpha1"
+GROUP: Final = contract.LLMD_GROUP
+VERSION: Final = contract.LLMD_VERSION
 API_VERSION: Final = f"{GROUP}/{VERSION}"
 KIND: Final = "LLMDeployment"
-PLURAL: Final = "llmdeployments"
+PLURAL: Final = contract.LLMD_PLURAL
 SINGULAR: Final = "llmdeployment"
 SHORT_NAME: Final = "llmd"
 CRD_NAME: Final = f"{PLURAL}.{GROUP}"
@@ -20,19 +20,19 @@ FIELD_MANAGER: Final = "kubellm-operator"
 
 # Recommended labels (https://kubernetes.io/docs/concepts/overview/working-with-objects/common-labels/).
 LABEL_NAME: Final = "app.kubernetes.io/name"
-LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
-LABEL_COMPONENT: Final = "app.kubernetes.io/component"
-LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_INSTANCE: Final = contract.LABEL_INSTANCE
+LABEL_COMPONENT: Final = contract.LABEL_COMPONENT
+LABEL_MANAGED_BY: Final = contract.LABEL_MANAGED_BY
 LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
 APP_NAME: Final = "kubellm"
-COMPONENT_RUNTIME: Final = "runtime"
-MANAGED_BY: Final = "kubellm-operator"
+COMPONENT_RUNTIME: Final = contract.COMPONENT_RUNTIME
+MANAGED_BY: Final = contract.MANAGED_BY_OPERATOR
 RESERVED_LABELS: Final = (LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_PART_OF)
 
 # Pod template annotation holding a hash of the engine ConfigMap: a config change rolls the pods.
 ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
 # Set on an LLMDeployment at 0 replicas (any value): the operator scales it to 1 and removes the annotation.
-ANNOTATION_WAKE: Final = f"{GROUP}/wake"
+ANNOTATION_WAKE: Final = contract.ANNOTATION_WAKE
 # kopf keeps its progress and last-handled state in annotations under this prefix (the status is ours).
 KOPF_ANNOTATION_PREFIX: Final = f"operator.{GROUP}"
 

@@ -419,6 +419,19 @@ class RolloutSpec(_Spec):
         return self
 
 
+class RoutingSpec(_Spec):
+    """How the kubellm gateway picks a replica for a request (read by the gateway; the operator ignores it)."""
+
+    strategy: Literal["PrefixHash", "LeastLoad"] = Field(
+        default="PrefixHash",
+        description=(
+            "PrefixHash: consistent hashing with bounded loads over the request's prefix (the replica that has it "
+            "cached, unless over its load bound); LeastLoad: the replica with the fewest in-flight and waiting "
+            "requests."
+        ),
+    )
+
+
 class ParallelismSpec(_Spec):
     """How one replica splits the model: tensor-parallel ranks per stage, pipeline stages, and the nodes they span
     (one rank per GPU). Without this section a replica of N GPUs runs tensor parallelism over its N GPUs."""
@@ -474,6 +487,7 @@ class LLMDeploymentSpec(_Spec):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     pod: PodOverrides = Field(default_factory=PodOverrides)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
     parallelism: ParallelismSpec | None = Field(default=None)
 
     @model_validator(mode="after")

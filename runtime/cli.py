@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("kubellm.runtime.server.cli", "serve a model over an OpenAI-compatible HTTP API"),
     "generate": ("kubellm.runtime.generate_cli", "generate text offline from a prompt"),
     "operator": ("kubellm.operator.cli", "run the LLMDeployment operator"),
+    "gateway": ("kubellm.gateway.cli", "route OpenAI requests to LLMDeployments by model and prefix; hold at zero"),
 }
 
 

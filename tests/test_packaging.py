@@ -8,7 +8,12 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"kubellm": "kubellm", "kubellm.runtime": "runtime", "kubellm.operator": "operator"}
+FOLDERS = {
+    "kubellm": "kubellm",
+    "kubellm.runtime": "runtime",
+    "kubellm.operator": "operator",
+    "kubellm.gateway": "gateway",
+}
 
 
 def _packages_on_disk() -> set[str]:
@@ -38,5 +43,5 @@ def test_operator_package_does_not_shadow_the_standard_library() -> None:
 def test_console_script_lists_its_subcommands() -> None:
     kubellm = Path(sys.executable).parent / "kubellm"
     result = subprocess.run([str(kubellm), "--help"], capture_output=True, text=True, check=True)
-    for command in ("serve", "generate", "operator"):
+    for command in ("serve", "generate", "operator", "gateway"):
         assert command in result.stdout

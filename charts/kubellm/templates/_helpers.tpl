@@ -54,3 +54,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "kubellm.clusterWide" -}}
 {{- if not .Values.watchNamespaces }}true{{ end -}}
 {{- end -}}
+
+{{/* Selector labels of the gateway's pods. */}}
+{{- define "kubellm.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubellm.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end -}}
+
+{{- define "kubellm.gatewayLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "kubellm.gatewaySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: kubellm
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}

@@ -1,0 +1,289 @@
+"""Forward one request to a replica of its model, or hold it while the model has none ready.
+
+    pick (ring / least load) ─▶ connect + send ──▶ relay the response as it arrives (SSE unbuffered)
+       ▲                          │ refused, or 503 (loading, draining): eject the replica for eject_seconds,
+       │                          ▼ pick again (only before the first byte went to the client)
+       └── hold: no ready replica ─▶ count it (bounded: 429), wake a model at zero, wait for a change
+                                     (streams: `: waiting for <model>` every keepalive_seconds), 503 past the timeout
+
+A client that goes away cancels the handler (aiohttp's handler_cancellation): a held request leaves its queue, a
+forwarded one closes its upstream connection at once, which is how the runtime learns to abort it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from kubellm.gateway.balance import Load, Pick, Ring, Strategy, pick_least, pick_prefix
+from kubellm.gateway.discovery import Endpoint, Model, Registry
+from kubellm.gateway.errors import GatewayError
+from kubellm.gateway.hold import Holds, Waker
+from kubellm.gateway.metrics import GatewayMetrics
+from kubellm.gateway.scrape import LoadScraper
+from kubellm.gateway.settings import GatewaySettings
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp sets itself: never copied across.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+REPLICA_HEADER = "x-kubellm-replica"
+
+
+@dataclass
+class RequestRecord:
+    """What one request's log line says."""
+
+    id: str
+    route: str
+    started: float  # time.monotonic()
+    model: str | None = None
+    stream: bool = False
+    replica: str | None = None
+    decision: str | None = None
+    retries: int = 0
+    held_seconds: float = 0.0
+    added_seconds: float | None = None
+    status: int | None = None
+    bytes_out: int = 0
+    attempt_started: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _on_headers_sent(_: aiohttp.ClientSession, ctx: SimpleNamespace, __: Any) -> None:
+    record = ctx.trace_request_ctx
+    if isinstance(record, RequestRecord):
+        record.added_seconds = time.monotonic() - record.started - record.held_seconds
+
+
+class Forwarder:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        registry: Registry,
+        scraper: LoadScraper,
+        metrics: GatewayMetrics,
+        holds: Holds,
+        waker: Waker,
+    ) -> None:
+        self.settings, self.registry, self.scraper, self.metrics = settings, registry, scraper, metrics
+        self.holds, self.waker = holds, waker
+        self.in_flight: dict[str, int] = defaultdict(int)  # by endpoint url
+        self.ejected: dict[str, float] = {}  # endpoint url -> monotonic time it may be tried again
+        self._rings: dict[tuple[str, ...], Ring] = {}
+        self._turn = 0
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            trace = aiohttp.TraceConfig()
+            trace.on_request_headers_sent.append(_on_headers_sent)
+            self._session = aiohttp.ClientSession(
+                # Bytes pass through as the runtime wrote them (compressed or not); no total timeout: a stream
+                # lasts as long as it lasts.
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_seconds),
+                connector=aiohttp.TCPConnector(limit=0),
+                trace_configs=[trace],
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # -- picking ------------------------------------------------------------------------------------------------
+
+    def _loads(self, endpoints: list[Endpoint]) -> dict[str, Load]:
+        loads = {}
+        for ep in endpoints:
+            runtime = self.scraper.get(ep.url)
+            loads[ep.id] = Load(
+                in_flight=self.in_flight.get(ep.url, 0),
+                waiting=runtime.waiting if runtime else 0.0,
+                kv_usage=runtime.kv_usage if runtime else 0.0,
+            )
+        return loads
+
+    def pick(self, model: Model, endpoints: list[Endpoint], key: bytes | None) -> tuple[Endpoint, Pick]:
+        by_id = {ep.id: ep for ep in endpoints}
+        loads = self._loads(endpoints)
+        if model.strategy is Strategy.PREFIX_HASH and key is not None:
+            ids = tuple(sorted(by_id))
+            ring = self._rings.get(ids)
+            if ring is None:
+                if len(self._rings) > 256:
+                    self._rings.clear()
+                ring = self._rings[ids] = Ring(ids)
+            choice = pick_prefix(ring, key, loads, self.settings.load_factor)
+        else:
+            self._turn += 1
+            choice = pick_least(list(by_id), loads, self._turn)
+        self.metrics.decisions.labels(model.served_name, model.strategy.value, choice.decision.value).inc()
+        return by_id[choice.replica], choice
+
+    def _ready(self, model: Model) -> list[Endpoint]:
+        now = time.monotonic()
+        return [ep for ep in self.registry.endpoints(model) if self.ejected.get(ep.url, 0.0) <= now]
+
+    def _eject(self, ep: Endpoint, model: Model, reason: str, record: RequestRecord) -> None:
+        self.ejected[ep.url] = time.monotonic() + self.settings.eject_seconds
+        self.metrics.retries.labels(model.served_name, reason).inc()
+        record.retries += 1
+
+    # -- forwarding ---------------------------------------------------------------------------------------------
+
+    async def forward(
+        self, request: web.Request, model: Model, body: bytes, key: bytes | None, record: RequestRecord
+    ) -> web.StreamResponse:
+        deadline = record.started + self.settings.hold_timeout_seconds
+        held_since: float | None = None
+        stream_out: web.StreamResponse | None = None  # a held stream's 200, sent with its first keepalive
+        with contextlib.ExitStack() as stack:
+            while True:
+                changed = self.registry.changed()
+                current = self.registry.lookup(model.served_name)
+                if current is None:
+                    raise GatewayError(404, f"model {model.served_name!r} was deleted", param="model")
+                model = current
+                endpoints = self._ready(model)
+                if endpoints:
+                    if held_since is not None:
+                        record.held_seconds = time.monotonic() - held_since
+                        self.metrics.hold_seconds.labels(model.served_name).observe(record.held_seconds)
+                        stack.close()
+                        held_since = None
+                    ep, choice = self.pick(model, endpoints, key)
+                    record.replica, record.decision = ep.id, choice.decision.value
+                    response = await self._attempt(request, ep, model, body, record, stream_out)
+                    if response is not None:
+                        return response
+                    continue
+                if held_since is None:
+                    stack.enter_context(self.holds.hold(model))  # 429 when the model's queue is full
+                    held_since = time.monotonic()
+                    next_keepalive = held_since + self.settings.keepalive_seconds
+                await self.waker.wake(model)
+                now = time.monotonic()
+                if now >= deadline:
+                    self.metrics.hold_seconds.labels(model.served_name).observe(now - held_since)
+                    self.metrics.rejected.labels(model.served_name, "timeout").inc()
+                    error = GatewayError(
+                        503,
+                        f"model {model.served_name!r} has no ready replica after waiting "
+                        f"{now - record.started:.0f} s (the gateway holds requests up to "
+                        f"{self.settings.hold_timeout_seconds:.0f} s while it starts)",
+                        code="model_unavailable",
+                        headers={"Retry-After": str(self.settings.retry_after_seconds)},
+                    )
+                    if stream_out is None:
+                        raise error
+                    await stream_out.write(error.sse_event())
+                    return stream_out
+                wakeups = [deadline, next_keepalive if record.stream else deadline]
+                wakeups += [t for t in self.ejected.values() if t > now]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), max(0.0, min(wakeups) - now))
+                if record.stream and time.monotonic() >= next_keepalive:
+                    stream_out = stream_out or await self._start_stream(request)
+                    await stream_out.write(f": waiting for {model.served_name}\n\n".encode())
+                    next_keepalive = time.monotonic() + self.settings.keepalive_seconds
+
+    async def _start_stream(self, request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        return out
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        ep: Endpoint,
+        model: Model,
+        body: bytes,
+        record: RequestRecord,
+        stream_out: web.StreamResponse | None,
+    ) -> web.StreamResponse | None:
+        """One try on one replica: the relayed response, or None when it failed before anything was answered."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        if request.remote:
+            headers["X-Forwarded-For"] = request.remote
+        url = ep.url + request.path_qs
+        self.in_flight[ep.url] += 1
+        try:
+            try:
+                upstream = await self.session().request(
+                    request.method, url, data=body, headers=headers, trace_request_ctx=record
+                )
+            except aiohttp.ClientConnectorError:
+                self._eject(ep, model, "connect", record)
+                return None
+            except aiohttp.ClientError as exc:
+                raise GatewayError(502, f"replica {ep.id} of {model.served_name!r} failed: {exc}") from exc
+            if upstream.status == 503:  # loading or draining: it did no work; another replica may
+                await upstream.read()
+                upstream.release()
+                self._eject(ep, model, "unavailable", record)
+                return None
+            return await self._relay(request, upstream, ep, record, stream_out)
+        finally:
+            self.in_flight[ep.url] -= 1
+            if not self.in_flight[ep.url]:
+                del self.in_flight[ep.url]
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        ep: Endpoint,
+        record: RequestRecord,
+        stream_out: web.StreamResponse | None,
+    ) -> web.StreamResponse:
+        finished = False
+        try:
+            if stream_out is not None and upstream.status != 200:
+                # The 200 of a held stream went out with its keepalives: the error becomes an SSE event.
+                data = await upstream.read()
+                await stream_out.write(b"data: " + data.replace(b"\n", b"") + b"\n\n")
+                finished = True
+                return stream_out
+            out = stream_out
+            if out is None:
+                out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for name, value in upstream.headers.items():
+                    if name.lower() not in HOP_BY_HOP:
+                        out.headers.add(name, value)
+                if upstream.content_length is not None:
+                    out.content_length = upstream.content_length
+                out.headers[REPLICA_HEADER] = ep.id
+                await out.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)
+                record.bytes_out += len(chunk)
+            await out.write_eof()
+            finished = True
+            return out
+        finally:
+            if finished:
+                upstream.release()
+            else:  # the client left (or wrote no more): drop the upstream connection, the runtime aborts
+                upstream.close()

@@ -1,0 +1,315 @@
+"""The gateway end to end: the real control plane, the operator, real `kubellm serve` processes on the pods' loopback
+IPs (the e2e kubelet stand-in) and a real `kubellm gateway` process, driven with the official openai client.
+
+    openai client ──▶ kubellm gateway ──watch──▶ kube-apiserver (LLMDeployments, EndpointSlices)
+                           │ route by model / prefix, hold at zero, wake ──▶ operator scales 0 -> 1
+                           ▼
+                 runtimes on 127.x.y.z:8000 (RuntimeKubelet)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e.gateway_process import GatewayProcess
+from e2e.kubelet import RuntimeKubelet
+from e2e.observer import GROUP, PLURAL, VERSION
+from e2e.operator_process import OperatorProcess
+from e2e.procs import marked_processes, wait_for
+
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
+
+HELD = "kubellm_gateway_held_requests"
+WAKE = "kubellm.io/wake"
+
+
+def _spec(served_name: str, replicas: int = 1, **extra: Any) -> dict[str, Any]:
+    """SmolLM2 on the CPU, two sequences at a time, a small KV cache."""
+    return {
+        "model": {"source": "builtin:smollm2-135m-instruct", "maxModelLen": 512, "servedModelName": served_name},
+        "replicas": replicas,
+        "resources": {"gpus": 0},
+        "engine": {
+            "maxNumSeqs": 2,
+            "maxNumBatchedTokens": 256,
+            "extraArgs": ["--device", "cpu", "--kv-cache-memory", str(64 * 1024 * 1024)],
+        },
+        **extra,
+    }
+
+
+def _create(api: Any, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    from kubernetes import client
+
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMDeployment", "metadata": {"name": name}, "spec": spec}
+    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def _get(api: Any, namespace: str, name: str) -> dict[str, Any]:
+    from kubernetes import client
+
+    obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return obj
+
+
+def _models(gateway: GatewayProcess) -> dict[str, dict[str, Any]]:
+    with urllib.request.urlopen(f"{gateway.url}/v1/models", timeout=5) as r:
+        return {m["id"]: m for m in json.load(r)["data"]}
+
+
+class Harness:
+    """The pieces of one test, with a wait that reports all their logs when it times out."""
+
+    def __init__(self, gateway: GatewayProcess, operator: OperatorProcess, kubelets: list[RuntimeKubelet]) -> None:
+        self.gateway, self.operator, self.kubelets = gateway, operator, kubelets
+
+    def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        def checked() -> Any:
+            for kubelet in self.kubelets:
+                kubelet.check()
+            return predicate()
+
+        try:
+            return wait_for(checked, timeout=timeout, what=what, interval=0.2)
+        except AssertionError as exc:
+            reports = "\n".join(k.report() for k in self.kubelets)
+            raise AssertionError(
+                f"{exc}\n--- gateway\n{self.gateway.log_tail()}\n--- kubelets\n{reports}\n"
+                f"--- operator\n{self.operator.log_tail()}"
+            ) from None
+
+
+@contextmanager
+def _harness(
+    k8s_cluster: Any,
+    namespace: str,
+    run_tag: str,
+    operator: OperatorProcess,
+    tmp_path: Path,
+    instances: list[str],
+    *gateway_args: str,
+) -> Iterator[tuple[Harness, Any]]:
+    api = k8s_cluster.api_client()
+    env = {**k8s_cluster.env(), "KUBELLM_E2E_RUN": f"{run_tag}-gateway"}
+    gateway = GatewayProcess(namespace, env, tmp_path / "gateway.log", *gateway_args)
+    kubelets = [
+        RuntimeKubelet(api, namespace, name, tmp_path, k8s_cluster.env(), tag=f"{run_tag}-runtime", max_pods=2)
+        for name in instances
+    ]
+    with ExitStack() as stack:
+        for kubelet in kubelets:
+            stack.enter_context(kubelet)
+        stack.callback(gateway.stop)
+        gateway.start()
+        yield Harness(gateway, operator, kubelets), api
+    api.close()
+    assert marked_processes(f"{run_tag}-gateway") == [], "the gateway outlived the test"
+
+
+def test_routes_two_models_by_name_and_drops_a_replica_gone_not_ready(
+    k8s_cluster: Any, k8s_namespace: str, run_tag: str, e2e_operator: OperatorProcess, tmp_path: Path
+) -> None:
+    import openai
+    from kubernetes import client
+
+    ns = k8s_namespace
+    with _harness(
+        k8s_cluster, ns, run_tag, e2e_operator, tmp_path, ["alpha", "beta"], "--hold-timeout-seconds", "3"
+    ) as (h, api):
+        _create(api, ns, "alpha", _spec("alpha-chat"))
+        _create(api, ns, "beta", _spec("beta-chat", routing={"strategy": "LeastLoad"}))
+        h.wait(lambda: set(_models(h.gateway)) == {"alpha-chat", "beta-chat"}, 60, "both models in /v1/models")
+        h.wait(lambda: all(k.serving() for k in h.kubelets), 240, "both runtimes to serve")
+        oai = openai.OpenAI(base_url=f"{h.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert {m.id for m in oai.models.list().data} == {"alpha-chat", "beta-chat"}
+
+        # Routed by name: each answer comes from the named model's own pod.
+        for kubelet, served in zip(h.kubelets, ["alpha-chat", "beta-chat"], strict=True):
+            (pod,) = kubelet.serving()
+            raw = oai.chat.completions.with_raw_response.create(
+                model=served, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, temperature=0
+            )
+            reply = raw.parse()
+            assert reply.model == served and reply.choices[0].message.content
+            assert raw.headers["x-kubellm-replica"] == pod.name
+
+        # Streaming passes through as SSE, ending with a finish reason.
+        chunks = list(
+            oai.chat.completions.create(
+                model="alpha-chat", messages=[{"role": "user", "content": "Count to five."}], max_tokens=16, stream=True
+            )
+        )
+        assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        # An unknown model: OpenAI's 404, naming the ones there are.
+        with pytest.raises(openai.NotFoundError) as missing:
+            oai.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        error = missing.value.body
+        assert isinstance(error, dict) and error["code"] == "model_not_found" and error["param"] == "model"
+        assert "alpha-chat" in error["message"] and "beta-chat" in error["message"]
+
+        # alpha's pod goes NotReady: its endpoint leaves the gateway within seconds; a request is held, then a 503
+        # naming the model once the (3 s) hold timeout passes.
+        (alpha_pod,) = h.kubelets[0].serving()
+        core: Any = client.CoreV1Api(api)
+        core.patch_namespaced_pod_status(
+            alpha_pod.name, ns, {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+        )
+        started = time.monotonic()
+        h.wait(lambda: _models(h.gateway)["alpha-chat"]["kubellm"]["ready_replicas"] == 0, 10, "alpha's endpoint gone")
+        print(f"NotReady -> out of the gateway in {time.monotonic() - started:.2f} s")
+        with pytest.raises(openai.APIStatusError) as unavailable:
+            oai.completions.create(model="alpha-chat", prompt="Hello", max_tokens=4)
+        assert unavailable.value.status_code == 503 and "alpha-chat" in unavailable.value.message
+        assert "Retry-After" in unavailable.value.response.headers
+        # beta still serves.
+        assert oai.completions.create(model="beta-chat", prompt="Hello", max_tokens=4).choices[0].text is not None
+        assert h.gateway.metric("kubellm_gateway_routing_decisions_total", model_name="beta-chat") >= 2
+
+
+async def _held_then_gone(url: str, model: str) -> list[bytes]:
+    """Open a streaming request, read until the gateway says it is waiting, then disconnect."""
+    import aiohttp
+
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    lines: list[bytes] = []
+    async with aiohttp.ClientSession() as session, session.post(f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        while not lines or not lines[-1].startswith(b": waiting for"):
+            lines.append((await asyncio.wait_for(r.content.readline(), 30)).strip())
+    return lines
+
+
+def test_scale_from_zero_holds_the_stream_until_the_operator_wakes_the_model(
+    k8s_cluster: Any, k8s_namespace: str, run_tag: str, e2e_operator: OperatorProcess, tmp_path: Path
+) -> None:
+    import openai
+
+    ns = k8s_namespace
+    spec = _spec(
+        "sleepy-chat",
+        replicas=0,
+        autoscaling={"enabled": True, "minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfterSeconds": 3600},
+    )
+    args = ("--keepalive-seconds", "0.5", "--max-held-per-model", "1", "--hold-timeout-seconds", "300")
+    with _harness(k8s_cluster, ns, run_tag, e2e_operator, tmp_path, ["sleepy"], *args) as (h, api):
+        (kubelet,) = h.kubelets
+        kubelet.hold()  # the woken pod's runtime waits (an image pull) until release()
+        _create(api, ns, "sleepy", spec)
+        h.wait(lambda: "sleepy-chat" in _models(h.gateway), 60, "the model at zero in /v1/models")
+        gateway = h.gateway
+
+        async def one_held_one_refused() -> tuple[list[bytes], int, str | None]:
+            import aiohttp
+
+            held = asyncio.create_task(_held_then_gone(gateway.url, "sleepy-chat"))
+            await asyncio.to_thread(
+                h.wait, lambda: gateway.metric(HELD, model_name="sleepy-chat") == 1, 30, "one request held"
+            )
+            body = {"model": "sleepy-chat", "prompt": "hi", "max_tokens": 4}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"{gateway.url}/v1/completions", json=body) as r,
+            ):
+                await r.read()
+                refused = (r.status, r.headers.get("Retry-After"))
+            return await held, *refused
+
+        lines, status, retry_after = asyncio.run(one_held_one_refused())
+        assert lines[-1] == b": waiting for sleepy-chat", lines
+        assert status == 429 and retry_after is not None  # past the bound of 1 held request
+        # The held client went away: nothing is left queued.
+        h.wait(lambda: gateway.metric(HELD, model_name="sleepy-chat") == 0, 10, "the held count back to 0")
+        # The held request woke the model: the operator scaled 0 -> 1 and removed the annotation.
+        woken = h.wait(lambda: (o := _get(api, ns, "sleepy"))["spec"]["replicas"] == 1 and o, 30, "a wake to 1")
+        assert gateway.metric("kubellm_gateway_wakes_total", model_name="sleepy-chat") >= 1
+        h.wait(
+            lambda: WAKE not in (_get(api, ns, "sleepy")["metadata"].get("annotations") or {}), 30, "annotation gone"
+        )
+        assert woken["spec"]["replicas"] == 1
+
+        # A stream waits (Ready pod, runtime not started: its connects fail), then the runtime starts and the
+        # whole answer arrives through the gateway.
+        kubelet.release()
+        oai = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        started = time.monotonic()
+        stream = oai.chat.completions.create(
+            model="sleepy-chat",
+            messages=[{"role": "user", "content": "Name three colors."}],
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        waited = time.monotonic() - started
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens >= 1, chunks[-1]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish in (["stop"], ["length"]), finish
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text, chunks
+        assert kubelet.serving(), "answered before a runtime served"
+        assert gateway.metric(HELD, model_name="sleepy-chat") == 0
+        assert gateway.metric("kubellm_gateway_hold_seconds_count", model_name="sleepy-chat") >= 1
+        print(f"held stream answered after {waited:.1f} s: {text!r}")
+
+
+async def _open_streams(url: str, bodies: list[dict[str, Any]]) -> list[str]:
+    """Open the streams one after the other, each kept open while the next starts; the replica of each."""
+    import aiohttp
+
+    replicas: list[str] = []
+    async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
+        for body in bodies:
+            r = await stack.enter_async_context(session.post(f"{url}/v1/chat/completions", json=body))
+            assert r.status == 200, await r.text()
+            await asyncio.wait_for(r.content.readline(), 120)  # the first SSE line: the request runs upstream
+            replicas.append(r.headers["x-kubellm-replica"])
+    return replicas
+
+
+def test_same_prefix_sticks_to_one_replica_until_the_load_bound_spills_it(
+    k8s_cluster: Any, k8s_namespace: str, run_tag: str, e2e_operator: OperatorProcess, tmp_path: Path
+) -> None:
+    import openai
+
+    ns = k8s_namespace
+    with _harness(k8s_cluster, ns, run_tag, e2e_operator, tmp_path, ["duo"]) as (h, api):
+        (kubelet,) = h.kubelets
+        _create(api, ns, "duo", _spec("duo-chat", replicas=2))
+        h.wait(lambda: len(kubelet.serving()) == 2, 300, "both replicas to serve")
+        h.wait(lambda: _models(h.gateway)["duo-chat"]["kubellm"]["ready_replicas"] == 2, 30, "two endpoints")
+        oai = openai.OpenAI(base_url=f"{h.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        system = {"role": "system", "content": "You answer in one word."}
+
+        # One conversation, turn after turn: always the same replica (the one holding its prefix).
+        history: list[Any] = [system, {"role": "user", "content": "Pick a color."}]
+        seen = set()
+        for turn in range(3):
+            raw = oai.chat.completions.with_raw_response.create(
+                model="duo-chat", messages=history, max_tokens=4, temperature=0
+            )
+            seen.add(raw.headers["x-kubellm-replica"])
+            history += [{"role": "assistant", "content": raw.parse().choices[0].message.content or ""}]
+            history += [{"role": "user", "content": f"Another one ({turn})."}]
+        assert len(seen) == 1, seen
+        (owner,) = seen
+
+        # Three requests of that conversation in flight at once: with a load factor of 1.25 over 2 replicas the
+        # bound is ceil(1.25 * (in flight + 1) / 2): the owner takes two, the third spills to the other replica.
+        body = {"model": "duo-chat", "messages": history, "max_tokens": 200, "stream": True, "temperature": 0}
+        replicas = asyncio.run(_open_streams(h.gateway.url, [body] * 3))
+        assert replicas[:2] == [owner, owner] and replicas[2] != owner, (owner, replicas)
+        assert h.gateway.metric("kubellm_gateway_routing_decisions_total", decision="spill") == 1
