@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,13 @@ class EngineConfig:
     pipeline_parallel_size: int = setting(
         1, "stages holding contiguous layer ranges (each stage --tensor-parallel-size ranks)"
     )
+    speculative_config: dict[str, Any] | None = setting(  # noqa: RUF009 (the default is None, never shared)
+        None,
+        'speculative decoding, as JSON with vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 4, "disable_by_batch_size": 4} (drafts stop above that '
+        "many running sequences; null: never)",
+        metavar="JSON",
+    )
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -146,6 +154,10 @@ class EngineConfig:
             "pipeline_parallel_size",
             f"must be at least 1, got {self.pipeline_parallel_size}",
         )
+        if self.speculative_config is not None:
+            from .spec_decode.config import SpeculativeConfig
+
+            SpeculativeConfig.from_dict(self.speculative_config)  # raises ValueError naming the key
         _check(
             self.quantization in QUANTIZATIONS,
             "quantization",
@@ -194,6 +206,8 @@ class SchedulerConfig:
 def _scalar_type(cls: type, name: str) -> type:
     """int / float / str / bool of a field, from its annotation (they are strings under postponed evaluation)."""
     annotation = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+    if annotation.startswith("dict"):
+        return dict
     for kind in (bool, int, float, str):
         if kind.__name__ in annotation.replace(" ", "").split("|"):
             return kind
@@ -227,7 +241,7 @@ def add_arguments(group: Any, exclude: Sequence[str] = ()) -> None:
         if kind is bool:
             kw["action"] = "store_false" if f.default is True else "store_true"
         else:
-            kw["type"] = _positive if kind is int and f.name != "seed" else kind
+            kw["type"] = _json_object if kind is dict else _positive if kind is int and f.name != "seed" else kind
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
             if f.metadata.get("metavar"):
@@ -240,6 +254,16 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"must be a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value
 
 

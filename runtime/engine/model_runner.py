@@ -51,7 +51,8 @@ class PromptLogits:
 
 @dataclass
 class ModelRunnerOutput:
-    logits: torch.Tensor  # [num_sampling, vocab] float32, row i for sampling[i]
+    # [sum of num_sample_rows, vocab] float32: per sampling[i] in order, 1 + len(its drafts) consecutive rows
+    logits: torch.Tensor
     sampling: list[ScheduledSeq]  # the sequences whose next token is sampled this step, in row order
     prompt_logits: list[PromptLogits] = field(default_factory=list)  # prompts being scored (prompt_logprobs)
 
@@ -245,14 +246,14 @@ class ModelRunner:
     def execute(self, batch: SchedulerOutput) -> ModelRunnerOutput:
         """Rank 0: run one step (on every rank)."""
         # decodes (one new token) first: the attention backends batch them together
-        items = sorted(batch.scheduled, key=lambda s: s.num_new_tokens != 1)
+        items = sorted(batch.scheduled, key=lambda s: s.num_query_tokens != 1)
         step = plan_step(items, self.cache_config.block_size)
         if self.group is not None:
             self.group.broadcast_step(step)
         logits = self.execute_step(step)
         assert logits is not None
         sampling = [s for s in items if s.samples]
-        if len(step.logit_rows) == len(sampling):
+        if len(step.logit_rows) == sum(s.num_sample_rows for s in sampling):
             return ModelRunnerOutput(logits, sampling)
         # some rows score prompts: per item its prompt rows, then its sampled row (plan_step's order)
         out = ModelRunnerOutput(logits, sampling)
@@ -263,9 +264,8 @@ class ModelRunner:
             if positions:
                 out.prompt_logits.append(PromptLogits(s, positions.start, logits[row : row + len(positions)]))
                 row += len(positions)
-            if s.samples:
-                sample_rows.append(row)
-                row += 1
+            sample_rows.extend(range(row, row + s.num_sample_rows))
+            row += s.num_sample_rows
         out.logits = logits[sample_rows]
         return out
 

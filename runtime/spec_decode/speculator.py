@@ -1,0 +1,69 @@
+"""The engine's side of speculation: before a step, drafts for the running sequences that decode; after it, the
+acceptance counters (vLLM's ``vllm:spec_decode_*``).
+
+A draft never reaches past what the sequence may still produce: a step emits at most ``len(drafts) + 1`` tokens
+(the accepted drafts and one token sampled after them), so drafts are capped by ``max_tokens`` and the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .config import SpeculativeConfig
+from .ngram import propose_ngram
+
+if TYPE_CHECKING:
+    from ..engine.sequence import Sequence
+
+
+@dataclass
+class SpecDecodeStats:
+    num_drafts: int = 0  # sequence-steps that verified at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [num_speculative_tokens]
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, max_seq_len: int) -> None:
+        self.config = config
+        self.max_seq_len = max_seq_len
+        self.stats = SpecDecodeStats(num_accepted_tokens_per_pos=[0] * config.num_speculative_tokens)
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set ``draft_token_ids`` of each running sequence whose next step is a decode (cleared elsewhere)."""
+        cfg = self.config
+        if cfg.disable_by_batch_size is not None and len(running) > cfg.disable_by_batch_size:
+            for seq in running:
+                seq.draft_token_ids = []
+            return
+        for seq in running:
+            seq.draft_token_ids = self._drafts(seq) if self._may_speculate(seq) else []
+
+    def _may_speculate(self, seq: Sequence) -> bool:
+        if seq.num_tokens - seq.num_computed_tokens != 1:  # a prefill (chunk) or a recompute
+            return False
+        # while a reasoning model thinks, its grammar waits to switch on at a token we cannot see coming
+        return seq.grammar is None or seq.grammar_active
+
+    def _drafts(self, seq: Sequence) -> list[int]:
+        params = seq.params
+        room = self.max_seq_len - seq.num_tokens - 1
+        if params.max_tokens is not None:
+            room = min(room, params.max_tokens - seq.num_output_tokens - 1)
+        k = min(self.config.num_speculative_tokens, room)
+        if k < 1:
+            return []
+        cfg = self.config
+        return propose_ngram(seq.token_ids, k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+
+    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+        if num_draft_tokens == 0:
+            return
+        s = self.stats
+        s.num_drafts += 1
+        s.num_draft_tokens += num_draft_tokens
+        s.num_accepted_tokens += num_accepted
+        for pos in range(num_accepted):
+            s.num_accepted_tokens_per_pos[pos] += 1
