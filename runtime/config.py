@@ -89,9 +89,10 @@ class EngineConfig:
     )
     speculative_config: dict[str, Any] | None = setting(  # noqa: RUF009 (the default is None, never shared)
         None,
-        'speculative decoding, as JSON with vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
-        '"prompt_lookup_min": 2, "prompt_lookup_max": 4, "disable_by_batch_size": 4} (drafts stop above that '
-        "many running sequences; null: never)",
+        "speculative decoding, JSON with vLLM's keys: method (ngram: prompt lookup; suffix: also the tokens of recent "
+        "requests, suffix_decoding_max_cached_requests of them, default 1000), num_speculative_tokens (3), "
+        "prompt_lookup_min (2), prompt_lookup_max (4), disable_by_batch_size (4: no drafts above that many running "
+        "sequences; null: never)",
         metavar="JSON",
     )
 

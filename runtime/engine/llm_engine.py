@@ -22,7 +22,7 @@ import torch
 
 from ..config import EngineConfig, SchedulerConfig
 from ..layers.sampler import Sampler, SamplingRow, score_tokens
-from ..outputs import EngineStats, RequestMetrics, RequestOutput
+from ..outputs import EngineStats, FinishReason, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from ..spec_decode.config import SpeculativeConfig
 from ..spec_decode.speculator import Speculator
@@ -249,7 +249,10 @@ class LLMEngine:
             row += k + 1
         outputs += self.output_processor.process(runs)
         for run in runs:
-            if len(run.token_ids) > 1 and not run.seq.is_finished:
+            if run.seq.is_finished:
+                if self.speculator is not None and run.seq.finish_reason is not FinishReason.ABORT:
+                    self.speculator.finished(run.seq)
+            elif len(run.token_ids) > 1:
                 self.block_manager.accept_drafts(run.seq, len(run.token_ids) - 1)
         return outputs
 
@@ -310,6 +313,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
+            spec_decode=self.speculator.snapshot() if self.speculator is not None else None,
         )
 
     def abort_all(self) -> list[RequestOutput]:

@@ -90,6 +90,15 @@ def resolve_quantization(quantization: str, device: torch.device, weight_formats
     return quantization
 
 
+def num_speculative_tokens(config: EngineConfig) -> int:
+    """Drafts a sequence may verify per step (each one more logits row)."""
+    if config.speculative_config is None:
+        return 0
+    from ..spec_decode.config import SpeculativeConfig
+
+    return SpeculativeConfig.from_dict(config.speculative_config).num_speculative_tokens
+
+
 def kv_cache_bytes_per_block(
     num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> int:
@@ -207,7 +216,7 @@ class ModelRunner:
             self.model,
             num_tokens=min(config.max_num_batched_tokens, self.max_model_len * config.max_num_seqs),
             max_model_len=self.max_model_len,
-            num_logits=config.max_num_seqs,
+            num_logits=config.max_num_seqs * (1 + num_speculative_tokens(config)),  # a verified draft: a row
             block_size=config.block_size,
         )
         free, total = torch.cuda.mem_get_info(self.device)

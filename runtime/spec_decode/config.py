@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "suffix")
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -20,16 +20,24 @@ def _check(ok: bool, name: str, message: str) -> None:
 @dataclass(frozen=True)
 class SpeculativeConfig:
     method: str = "ngram"
-    num_speculative_tokens: int = 4  # drafts per sequence and step at most
+    # drafts per sequence and step at most; 3: a one-stream verification (4 rows) stays on the CPU int4 path
+    num_speculative_tokens: int = 3
     prompt_lookup_min: int = 2  # shortest n-gram (suffix of the sequence) looked up earlier in it
     prompt_lookup_max: int = 4  # longest; longer n-grams are tried first
     # above this many running sequences no drafts are proposed: a compute-bound batch pays for every verified
     # token and saves little (None: never)
     disable_by_batch_size: int | None = 4
+    # method "suffix": finished requests whose tokens are indexed for the others' drafts (the oldest evicted)
+    suffix_decoding_max_cached_requests: int = 1000
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+        for name in (
+            "num_speculative_tokens",
+            "prompt_lookup_min",
+            "prompt_lookup_max",
+            "suffix_decoding_max_cached_requests",
+        ):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                    f"must be an integer of at least 1, got {value!r}")  # fmt: skip

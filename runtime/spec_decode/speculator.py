@@ -7,29 +7,28 @@ A draft never reaches past what the sequence may still produce: a step emits at 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 from typing import TYPE_CHECKING
 
+from ..outputs import SpecDecodeCounters
 from .config import SpeculativeConfig
 from .ngram import propose_ngram
+from .suffix import SuffixCache
 
 if TYPE_CHECKING:
     from ..engine.sequence import Sequence
-
-
-@dataclass
-class SpecDecodeStats:
-    num_drafts: int = 0  # sequence-steps that verified at least one draft token
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [num_speculative_tokens]
 
 
 class Speculator:
     def __init__(self, config: SpeculativeConfig, max_seq_len: int) -> None:
         self.config = config
         self.max_seq_len = max_seq_len
-        self.stats = SpecDecodeStats(num_accepted_tokens_per_pos=[0] * config.num_speculative_tokens)
+        self.stats = SpecDecodeCounters(num_accepted_tokens_per_pos=[0] * config.num_speculative_tokens)
+        self.suffix_cache: SuffixCache | None = None
+        if config.method == "suffix":
+            self.suffix_cache = SuffixCache(
+                config.suffix_decoding_max_cached_requests, config.prompt_lookup_min, config.prompt_lookup_max
+            )
 
     def propose(self, running: list[Sequence]) -> None:
         """Set ``draft_token_ids`` of each running sequence whose next step is a decode (cleared elsewhere)."""
@@ -56,7 +55,19 @@ class Speculator:
         if k < 1:
             return []
         cfg = self.config
-        return propose_ngram(seq.token_ids, k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+        drafts = propose_ngram(seq.token_ids, k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+        if not drafts and self.suffix_cache is not None:
+            drafts = self.suffix_cache.propose(seq.token_ids, k)
+        return drafts
+
+    def finished(self, seq: Sequence) -> None:
+        """A choice ended (not aborted): with method suffix its tokens serve later requests' drafts."""
+        if self.suffix_cache is not None:
+            self.suffix_cache.add(seq.token_ids)
+
+    def snapshot(self) -> SpecDecodeCounters:
+        s = self.stats
+        return dataclasses.replace(s, num_accepted_tokens_per_pos=list(s.num_accepted_tokens_per_pos))
 
     def record(self, num_draft_tokens: int, num_accepted: int) -> None:
         if num_draft_tokens == 0:
