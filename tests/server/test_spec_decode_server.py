@@ -22,7 +22,7 @@ SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, 
 def stream_texts(proc: ServerProcess) -> list[str]:
     client = openai.OpenAI(base_url=proc.url("/v1"), api_key="unused", max_retries=0, timeout=300)
     texts = []
-    for content, max_tokens in ((f"Repeat this passage word for word: {PASSAGE}", 48), ("Name three colours.", 16)):
+    for content, max_tokens in ((f"Repeat this passage word for word: {PASSAGE}", 32), ("Name three colours.", 10)):
         kwargs: dict[str, Any] = {"model": SERVED_NAME, "max_tokens": max_tokens, "temperature": 0}
         stream = client.chat.completions.create(**kwargs, messages=[{"role": "user", "content": content}], stream=True)
         texts.append("".join(c.delta.content or "" for chunk in stream for c in chunk.choices))
