@@ -245,7 +245,7 @@ class LLMEngine:
             end = row + num_accepted + 1  # the accepted drafts, then the token sampled after them
             runs.append(TokenRun(group.seq, sampled.token_ids[row:end], sampled.logprobs[row:end]))
             if k and self.speculator is not None:
-                self.speculator.record(k, num_accepted)
+                self.speculator.record(group.seq, k, num_accepted)
             row += k + 1
         outputs += self.output_processor.process(runs)
         for run in runs:

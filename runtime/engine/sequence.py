@@ -56,6 +56,8 @@ class Sequence:
     num_preemptions: int = 0
     # speculative decoding: tokens guessed to follow token_ids, verified by the next step (never in token_ids)
     draft_token_ids: list[int] = field(default_factory=list)
+    spec_backoff: int = 0  # steps without drafts after the next failed guess (doubles with each)
+    spec_skip_steps: int = 0  # steps (with a draft at hand) still to skip
 
     @property
     def num_tokens(self) -> int:

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from ..engine.sequence import Sequence
 
 
+MAX_BACKOFF_STEPS = 8
+
+
 class Speculator:
     def __init__(self, config: SpeculativeConfig, max_seq_len: int) -> None:
         self.config = config
@@ -39,6 +42,9 @@ class Speculator:
             return
         for seq in running:
             seq.draft_token_ids = self._drafts(seq) if self._may_speculate(seq) else []
+            if seq.draft_token_ids and seq.spec_skip_steps:  # backing off after failed guesses
+                seq.spec_skip_steps -= 1
+                seq.draft_token_ids = []
 
     def _may_speculate(self, seq: Sequence) -> bool:
         if seq.num_tokens - seq.num_computed_tokens != 1:  # a prefill (chunk) or a recompute
@@ -69,9 +75,16 @@ class Speculator:
         s = self.stats
         return dataclasses.replace(s, num_accepted_tokens_per_pos=list(s.num_accepted_tokens_per_pos))
 
-    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+    def record(self, seq: Sequence, num_draft_tokens: int, num_accepted: int) -> None:
+        """After a verification. A sequence whose drafts all failed stops drafting for a while (1, 2, 4, 8 steps
+        after consecutive misses): free text matches by chance, and each failed guess costs a wider step."""
         if num_draft_tokens == 0:
             return
+        if num_accepted == 0:
+            seq.spec_backoff = min(max(1, 2 * seq.spec_backoff), MAX_BACKOFF_STEPS)
+            seq.spec_skip_steps = seq.spec_backoff
+        else:
+            seq.spec_backoff = 0
         s = self.stats
         s.num_drafts += 1
         s.num_draft_tokens += num_draft_tokens

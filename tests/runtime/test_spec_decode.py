@@ -250,6 +250,18 @@ def test_drafts_stop_above_the_batch_size_cutoff_and_at_max_tokens() -> None:
     near_end = _decoding_seq("x", tokens, max_tokens=14)
     spec.propose([near_end])
     assert near_end.draft_token_ids == [5]
+    # a guess that failed outright: no drafts for 1 step, then after a second miss for 2
+    seq = running[0]
+    spec.record(seq, 4, 0)
+    spec.propose([seq])
+    assert seq.draft_token_ids == []
+    spec.propose([seq])
+    assert seq.draft_token_ids == [5, 6, 7, 8]
+    spec.record(seq, 4, 0)
+    assert [(spec.propose([seq]), seq.draft_token_ids)[1] for _ in range(3)] == [[], [], [5, 6, 7, 8]]
+    spec.record(seq, 4, 1)  # a hit resets the back-off
+    spec.record(seq, 4, 0)
+    assert seq.spec_skip_steps == 1
     prefilling = _decoding_seq("y", tokens)
     prefilling.num_computed_tokens = 4
     spec.propose([prefilling])
