@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,14 @@ class EngineConfig:
     )
     master_addr: str | None = setting(None, "node 0's address: the torch.distributed rendezvous when nnodes > 1")
     master_port: int = setting(29500, "node 0's rendezvous port when nnodes > 1")
+    speculative_config: dict[str, Any] | None = setting(  # noqa: RUF009 (the default is None, never shared)
+        None,
+        "speculative decoding, JSON with vLLM's keys: method (ngram: prompt lookup; suffix: also the tokens of recent "
+        "requests, suffix_decoding_max_cached_requests of them, default 1000), num_speculative_tokens (3), "
+        "prompt_lookup_min (2), prompt_lookup_max (4), disable_by_batch_size (4: no drafts above that many running "
+        "sequences; null: never)",
+        metavar="JSON",
+    )
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -159,6 +168,10 @@ class EngineConfig:
             f"must be at least 1, got {self.pipeline_parallel_size}",
         )
         self._check_nodes()
+        if self.speculative_config is not None:
+            from .spec_decode.config import SpeculativeConfig
+
+            SpeculativeConfig.from_dict(self.speculative_config)  # raises ValueError naming the key
         _check(
             self.quantization in QUANTIZATIONS,
             "quantization",
@@ -233,6 +246,8 @@ class SchedulerConfig:
 def _scalar_type(cls: type, name: str) -> type:
     """int / float / str / bool of a field, from its annotation (they are strings under postponed evaluation)."""
     annotation = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+    if annotation.startswith("dict"):
+        return dict
     for kind in (bool, int, float, str):
         if kind.__name__ in annotation.replace(" ", "").split("|"):
             return kind
@@ -267,7 +282,12 @@ def add_arguments(group: Any, exclude: Sequence[str] = ()) -> None:
             kw["action"] = "store_false" if f.default is True else "store_true"
         else:
             minimum = f.metadata.get("minimum", 1)
-            kw["type"] = _at_least(minimum) if kind is int and minimum is not None else kind
+            if kind is dict:
+                kw["type"] = _json_object
+            elif kind is int and minimum is not None:
+                kw["type"] = _at_least(minimum)
+            else:
+                kw["type"] = kind
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
             if f.metadata.get("metavar"):
@@ -285,6 +305,16 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = "int"  # argparse names the type in its error message
     return parse
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"must be a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def given(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict[str, Any]:

@@ -80,3 +80,13 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
+    # speculative decoding (None when it is off): vLLM's vllm:spec_decode_* counters
+    spec_decode: SpecDecodeCounters | None = None
+
+
+@dataclass
+class SpecDecodeCounters:
+    num_drafts: int = 0  # sequence-steps that verified at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [num_speculative_tokens]

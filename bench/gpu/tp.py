@@ -53,12 +53,18 @@ def run_tp(source: str, tp: int, args: Any, device: Any) -> dict[str, Any]:
         generated = 0
         start = time.perf_counter()
         while engine.has_unfinished_requests():
+            sched = engine.scheduler
+            decodes_all = (
+                sched.num_running == args.batch
+                and not sched.waiting
+                and all(s.num_tokens - s.num_computed_tokens == 1 for s in sched.running)
+            )
             t0 = time.perf_counter()
             outputs = engine.step()
             gpubench.sync(device)
             elapsed = (time.perf_counter() - t0) * 1e3
             generated += sum(len(c.token_ids) for o in outputs for c in o.outputs)
-            if engine.last_step.num_batched_tokens == args.batch == engine.last_step.num_generated_tokens:
+            if decodes_all:
                 decode_ms.append(elapsed)
         total_s = time.perf_counter() - start
         weights = gpubench.weight_bytes(engine.model)  # rank 0's shard

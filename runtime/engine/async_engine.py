@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import EngineConfig
@@ -39,12 +40,30 @@ _FAILED = object()  # queued to every stream when the step loop dies
 KEEPALIVE_S = 5.0
 
 
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    grammar: CompiledGrammar | None = None
+    reasoning_end: Callable[[list[int], list[int]], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+
+Command = AddRequest | Abort
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, *, loaded: LoadedModel | None = None) -> None:
         """Loads the model (blocking, in the engine's own thread; see the module docstring). ``loaded`` skips
         reading the checkpoint again (tests)."""
         self.config = config
-        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._lock = threading.Lock()  # guards _streams
@@ -141,7 +160,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = (loop, stream)
-        self._commands.put(("add", (request_id, prompt_token_ids, params, priority, grammar, reasoning_end)))
+        self._commands.put(AddRequest(request_id, prompt_token_ids, params, priority, grammar, reasoning_end))
         self._wakeup.set()
         return self._iterate(request_id, stream)
 
@@ -166,7 +185,7 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, idempotent). Its stream, if still read, ends with finish_reason abort."""
-        self._commands.put(("abort", request_id))
+        self._commands.put(Abort(request_id))
         self._wakeup.set()
 
     def stats(self) -> EngineStats:
@@ -186,26 +205,25 @@ class AsyncEngine:
         engine = self.engine
         while True:
             try:
-                kind, arg = self._commands.get_nowait()
+                command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                request_id, prompt_token_ids, params, priority, grammar, reasoning_end = arg
+            if isinstance(command, AddRequest):
                 try:
                     engine.add_request(
-                        request_id,
-                        prompt_token_ids,
-                        params,
-                        priority=priority,
-                        grammar=grammar,
-                        reasoning_end=reasoning_end,
+                        command.request_id,
+                        command.prompt_token_ids,
+                        command.params,
+                        priority=command.priority,
+                        grammar=command.grammar,
+                        reasoning_end=command.reasoning_end,
                     )
                 except ValueError as e:
-                    self._emit(e, request_id)
-            elif kind == "abort":
-                out = engine.abort_request(arg)
+                    self._emit(e, command.request_id)
+            else:
+                out = engine.abort_request(command.request_id)
                 if out is not None:
-                    self._emit(out, arg)
+                    self._emit(out, command.request_id)
 
     def _run(self) -> None:
         engine = self.engine

@@ -85,31 +85,65 @@ class BlockManager:
         self.prefix_cache_queries += num_query_tokens
         self.prefix_cache_hits += num_hit_tokens
 
+    def token_block_hashes(self, seq: Sequence) -> list[int]:
+        """The chained hashes of ``seq``'s full blocks of tokens, each computed once (extended as it grows)."""
+        hashes, bs = seq.token_block_hashes, self.block_size
+        for i in range(len(hashes), seq.num_tokens // bs):
+            hashes.append(hash_block(hashes[i - 1] if i else None, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
+        return hashes
+
     def find_cached_prefix(self, token_ids: list[int], *, count: bool = True) -> list[int]:
         """Block ids holding the longest cached prefix of ``token_ids`` in whole blocks, leaving at least the
         last token uncached (its logits must be computed). ``count`` adds the lookup to the hit-rate counters."""
-        num_full = (len(token_ids) - 1) // self.block_size
+        bs = self.block_size
+        num_full = (len(token_ids) - 1) // bs
+        hashes: list[int] = []
+        if self.enable_prefix_caching:
+            for i in range(num_full):
+                hashes.append(hash_block(hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs])))
+        hits = self._lookup(hashes, token_ids)
+        if count:
+            self.record_prefix_lookup(len(token_ids), len(hits) * bs)
+        return hits
+
+    def _lookup(self, hashes: list[int], token_ids: list[int]) -> list[int]:
+        """The cached blocks of the leading ``hashes`` (those of ``token_ids``' blocks), up to the first miss."""
         if not self.enable_prefix_caching:
-            if count:
-                self.record_prefix_lookup(len(token_ids), 0)
             return []
         hits: list[int] = []
         parent: int | None = None
         bs = self.block_size
-        for i in range(num_full):
-            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
-            h = hash_block(parent, tokens)
+        for i, h in enumerate(hashes):
             block_id = self._cached.get(h)
             if block_id is None:
                 break
             block = self.blocks[block_id]
-            if block.token_ids != tokens or block.parent_hash != parent:
+            if block.parent_hash != parent or block.token_ids != tuple(token_ids[i * bs : (i + 1) * bs]):
                 break  # a collision: same hash, different content
             hits.append(block_id)
             parent = h
-        if count:
-            self.record_prefix_lookup(len(token_ids), len(hits) * bs)
         return hits
+
+    def allocate_prefill(self, seq: Sequence, budget: int, *, use_prefix_cache: bool = True) -> int | None:
+        """Admit a waiting sequence (empty block table): take its cached prefix blocks and blocks for up to
+        ``budget`` more tokens. Returns the number of tokens to compute this step, or None (nothing taken) when
+        the free blocks do not suffice. Its ``num_computed_tokens`` is then the cached prefix's length."""
+        assert not seq.block_table, seq
+        bs = self.block_size
+        # the last token is never taken from the cache: its logits must be computed
+        num_full = (seq.num_tokens - 1) // bs
+        hits = self._lookup(self.token_block_hashes(seq)[:num_full], seq.token_ids) if use_prefix_cache else []
+        num_computed = len(hits) * bs
+        num_new = min(seq.num_tokens - num_computed, budget)
+        num_blocks = -(-(num_computed + num_new) // bs) - len(hits)
+        num_revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # cached-free blocks taken back
+        if not self.can_allocate(num_blocks + num_revived):
+            return None
+        self.record_prefix_lookup(seq.num_tokens, num_computed)
+        self.allocate_cached_prefix(seq, hits)
+        allocated = self.allocate_slots(seq, num_computed + num_new)
+        assert allocated, seq
+        return num_new
 
     def allocate_cached_prefix(self, seq: Sequence, block_ids: list[int]) -> None:
         """Give a sequence with an empty block table the cached blocks ``block_ids`` as its first blocks."""
@@ -120,7 +154,6 @@ class BlockManager:
                 del self._free_cached[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
-            seq.block_hashes.append(block.block_hash)  # type: ignore[arg-type]
         seq.num_hashed_blocks = len(block_ids)
         seq.num_computed_tokens = len(block_ids) * self.block_size
 
@@ -130,16 +163,18 @@ class BlockManager:
             return
         bs = self.block_size
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        if seq.num_hashed_blocks >= num_full:
+            return
+        hashes = self.token_block_hashes(seq)
         while seq.num_hashed_blocks < num_full:
             i = seq.num_hashed_blocks
-            parent = seq.block_hashes[i - 1] if i else None
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = hash_block(parent, tokens)
+            h = hashes[i]
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is None and h not in self._cached:
-                block.block_hash, block.parent_hash, block.token_ids = h, parent, tokens
+                parent = hashes[i - 1] if i else None
+                block.block_hash, block.parent_hash = h, parent
+                block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
                 self._cached[h] = block.block_id
-            seq.block_hashes.append(h)
             seq.num_hashed_blocks += 1
 
     # ---- allocation ---------------------------------------------------------------------------------------
@@ -168,6 +203,20 @@ class BlockManager:
             seq.block_table.append(self._pop_free_block().block_id)
         return True
 
+    def accept_drafts(self, seq: Sequence, num_accepted: int) -> None:
+        """After a verification step: the ``num_accepted`` drafts (now in ``token_ids``) keep their KV; the slots
+        of the rejected ones are garbage, and blocks past the sequence's tokens go back (never hashed: the prefix
+        cache only ever sees accepted tokens)."""
+        seq.num_computed_tokens += num_accepted
+        assert seq.num_computed_tokens < seq.num_tokens, seq
+        self.register_computed_blocks(seq)
+        keep = -(-seq.num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            assert block.ref_count == 0 and block.block_hash is None, block
+            self._free_plain.append(block.block_id)
+
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks (last block first, so a prefix's tail is evicted before its head)."""
         for block_id in reversed(seq.block_table):
@@ -180,7 +229,6 @@ class BlockManager:
                 else:
                     self._free_plain.append(block_id)
         seq.block_table = []
-        seq.block_hashes = []
         seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0
 
@@ -192,8 +240,7 @@ class BlockManager:
         for block_id in parent.block_table[:num_shared]:
             self.blocks[block_id].ref_count += 1
         child.block_table = parent.block_table[:num_shared]
-        child.block_hashes = parent.block_hashes[: min(num_shared, parent.num_hashed_blocks)]
-        child.num_hashed_blocks = len(child.block_hashes)
+        child.num_hashed_blocks = min(num_shared, parent.num_hashed_blocks)
         child.num_computed_tokens = num_shared * self.block_size
 
     def check_all_free(self) -> None:

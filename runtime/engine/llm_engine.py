@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,10 +22,14 @@ import torch
 
 from ..config import EngineConfig, SchedulerConfig
 from ..layers.sampler import Sampler, SamplingRow, score_tokens
-from ..outputs import CompletionOutput, EngineStats, FinishReason, RequestMetrics, RequestOutput
+from ..outputs import EngineStats, FinishReason, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
+from ..spec_decode.config import SpeculativeConfig
+from ..spec_decode.speculator import Speculator
+from ..spec_decode.verify import RowGroup, accepted_length, verification_rows
 from .block_manager import BlockManager
 from .model_runner import ModelRunner, PromptLogits
+from .output_processor import OutputProcessor, TokenRun
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Request, Sequence
 
@@ -36,12 +39,6 @@ if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepStats:
-    num_batched_tokens: int = 0
-    num_generated_tokens: int = 0
 
 
 class LLMEngine:
@@ -87,7 +84,11 @@ class LLMEngine:
         self._grammar_lock = threading.Lock()
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
-        self.last_step = StepStats()
+        self.speculator: Speculator | None = None
+        if config.speculative_config is not None:
+            spec = SpeculativeConfig.from_dict(config.speculative_config)
+            self.speculator = Speculator(spec, self.max_seq_len)
+        self.output_processor = OutputProcessor(self.scheduler, self.requests, self.eos_token_ids, self.max_seq_len)
 
     # ---- requests ---------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -207,20 +208,15 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        for seq in request.seqs:
-            if not seq.is_finished:
-                self.scheduler.remove(seq)
-                seq.finish_reason = FinishReason.ABORT
-                if seq.detokenizer is not None:
-                    seq.pending_text += seq.detokenizer.flush()  # the text held back for a stop string
-        request.metrics.finished_time = time.monotonic()
-        return self._make_output(request, final=True)
+        return self.output_processor.abort(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     # ---- the step loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -228,18 +224,37 @@ class LLMEngine:
         self.scheduler.update_computed(batch)
         for scored in out.prompt_logits:
             self._score_prompt(scored)
-        logits, sampling = out.logits, out.sampling
-        outputs: list[RequestOutput] = []
-        if any(s.seq.params.max_tokens == 0 for s in sampling):  # prompts scored only: done, nothing to sample
-            keep = [i for i, s in enumerate(sampling) if s.seq.params.max_tokens != 0]
-            outputs = self._finish_scored([s.seq for s in sampling if s.seq.params.max_tokens == 0])
-            logits, sampling = logits[keep], [sampling[i] for i in keep]
-        rows, seqs = self._fork_choices(sampling)
-        self.last_step = StepStats(batch.num_batched_tokens, len(seqs))
-        if not seqs:
+        # prompts scored only (max_tokens 0) are done: nothing to sample
+        scored_only = [s.seq for s in out.sampling if s.seq.params.max_tokens == 0]
+        outputs = self.output_processor.finish_scored(scored_only) if scored_only else []
+        groups = self._fork_choices(out.sampling)
+        if not groups:
             return outputs
-        sampled = self.sampler(logits[rows] if len(rows) != len(sampling) else logits, [self._row(s) for s in seqs])
-        return outputs + self._append_tokens(seqs, sampled.token_ids, sampled.logprobs)
+        rows: list[int] = []
+        sampling_rows: list[SamplingRow] = []
+        for group in groups:
+            rows.extend(range(group.first_row, group.first_row + 1 + len(group.drafts)))
+            sampling_rows.extend(verification_rows(self._row(group.seq), group.drafts))
+        logits = out.logits if rows == list(range(len(out.logits))) else out.logits[rows]
+        sampled = self.sampler(logits, sampling_rows)
+        runs: list[TokenRun] = []
+        row = 0
+        for group in groups:
+            k = len(group.drafts)
+            num_accepted = accepted_length(sampled.accepted[row : row + k])
+            end = row + num_accepted + 1  # the accepted drafts, then the token sampled after them
+            runs.append(TokenRun(group.seq, sampled.token_ids[row:end], sampled.logprobs[row:end]))
+            if k and self.speculator is not None:
+                self.speculator.record(group.seq, k, num_accepted)
+            row += k + 1
+        outputs += self.output_processor.process(runs)
+        for run in runs:
+            if run.seq.is_finished:
+                if self.speculator is not None and run.seq.finish_reason is not FinishReason.ABORT:
+                    self.speculator.finished(run.seq)
+            elif len(run.token_ids) > 1:
+                self.block_manager.accept_drafts(run.seq, len(run.token_ids) - 1)
+        return outputs
 
     def _score_prompt(self, scored: PromptLogits) -> None:
         """Log-probabilities of the prompt tokens these logits predict, appended to the request's."""
@@ -249,28 +264,16 @@ class LLMEngine:
         targets = seq.token_ids[scored.start + 1 : scored.start + 1 + len(scored.logits)]
         into.extend(score_tokens(scored.logits, targets, seq.params.prompt_logprobs or 0))
 
-    def _finish_scored(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        now = time.monotonic()
-        outputs = []
-        for seq in seqs:
-            if seq.is_finished:  # aborted between schedule and now
+    def _fork_choices(self, sampling: list[ScheduledSeq]) -> list[RowGroup]:
+        """The sequences that sample this step with their logits rows. n > 1: when choice 0 finishes its prompt,
+        the other choices start from its KV blocks and sample their first token from the same logits row."""
+        groups: list[RowGroup] = []
+        first_row = 0
+        for s in sampling:
+            row, first_row = first_row, first_row + s.num_sample_rows
+            if s.seq.params.max_tokens == 0:
                 continue
-            seq.finish_reason = FinishReason.LENGTH
-            self.scheduler.remove(seq)
-            request = seq.request
-            request.metrics.finished_time = now
-            del self.requests[request.request_id]
-            outputs.append(self._make_output(request, final=True))
-        return outputs
-
-    def _fork_choices(self, sampling: list[ScheduledSeq]) -> tuple[list[int], list[Sequence]]:
-        """n > 1: when choice 0 finishes its prompt, the other choices start from its KV blocks and sample their
-        first token from the same logits row."""
-        rows: list[int] = []
-        seqs: list[Sequence] = []
-        for row, s in enumerate(sampling):
-            rows.append(row)
-            seqs.append(s.seq)
+            groups.append(RowGroup(s.seq, row, s.draft_token_ids))
             request = s.seq.request
             if request.params.n > 1 and not request.is_forked:
                 request.is_forked = True
@@ -281,117 +284,22 @@ class LLMEngine:
                         self.scheduler.add_running(child)
                     else:  # no room to run: it waits, and is recomputed from the prefix cache when admitted
                         self.scheduler.add(child)
-                    rows.append(row)
-                    seqs.append(child)
-        return rows, seqs
+                    groups.append(RowGroup(child, row, []))
+        return groups
 
     def _row(self, seq: Sequence) -> SamplingRow:
         if seq.grammar is not None and not seq.grammar_active:
             end = seq.request.reasoning_end
             assert end is not None
-            seq.grammar_active = end(seq.token_ids[: seq.num_prompt_tokens], seq.token_ids[seq.num_prompt_tokens :])
+            seq.grammar_active = end(seq.request.prompt_token_ids, seq.output_token_ids)
         return SamplingRow(
             seq.params,
-            seq.token_ids[: seq.num_prompt_tokens],
-            seq.token_ids[seq.num_prompt_tokens :],
+            seq.request.prompt_token_ids,
+            seq.output_token_ids,
             seq.generator,
             self.eos_token_ids,
             grammar=seq.grammar if seq.grammar_active else None,
         )
-
-    def _append_tokens(self, seqs: list[Sequence], token_ids: list[int], logprobs: list) -> list[RequestOutput]:
-        now = time.monotonic()
-        touched: dict[str, Request] = {}
-        for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
-            request = seq.request
-            if seq.is_finished:  # aborted between schedule and now
-                continue
-            touched[request.request_id] = request
-            metrics = request.metrics
-            metrics.first_token_time = metrics.first_token_time or now
-            metrics.num_generation_tokens += 1
-            seq.token_ids.append(token_id)
-            seq.pending_token_ids.append(token_id)
-            if logprob is not None:
-                seq.pending_logprobs.append(logprob)
-            grammar_done = seq.grammar is not None and seq.grammar_active and self._advance_grammar(seq, token_id)
-            self._check_stop(seq, token_id)
-            if grammar_done and seq.finish_reason is None:
-                seq.finish_reason = FinishReason.STOP  # the grammar accepted its stop token: the answer is complete
-                if seq.detokenizer is not None:
-                    seq.pending_text += seq.detokenizer.flush()
-            if seq.finish_reason is not None:
-                self.scheduler.remove(seq)
-        outputs = []
-        for request in touched.values():
-            finished = request.is_finished
-            if finished:
-                request.metrics.finished_time = now
-                del self.requests[request.request_id]
-            outputs.append(self._make_output(request, final=finished))
-        return outputs
-
-    def _check_stop(self, seq: Sequence, token_id: int) -> None:
-        params = seq.params
-        num_output = seq.num_output_tokens
-        can_stop = num_output >= params.min_tokens
-        is_stop_id = can_stop and token_id in params.stop_token_ids
-        is_eos = can_stop and token_id in self.eos_token_ids and not params.ignore_eos
-        stop_string = None
-        # a stop token's own text is dropped (vLLM), unless include_stop_str_in_output
-        if seq.detokenizer is not None and (params.include_stop_str_in_output or not (is_stop_id or is_eos)):
-            text, stop_string = seq.detokenizer.step([token_id])
-            seq.pending_text += text
-        if stop_string is not None:  # the detokenizer matches stop strings only from min_tokens on
-            seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_string
-            return
-        if is_stop_id:
-            seq.finish_reason, seq.stop_reason = FinishReason.STOP, token_id
-        elif is_eos:
-            seq.finish_reason = FinishReason.STOP
-        elif (params.max_tokens is not None and num_output >= params.max_tokens) or seq.num_tokens >= self.max_seq_len:
-            seq.finish_reason = FinishReason.LENGTH
-        else:
-            return
-        if seq.detokenizer is not None:
-            seq.pending_text += seq.detokenizer.flush()
-
-    @staticmethod
-    def _advance_grammar(seq: Sequence, token_id: int) -> bool:
-        """Feed the sampled token to the choice's matcher; True when the grammar has terminated."""
-        assert seq.grammar is not None
-        if not seq.grammar.accept(token_id):
-            # the bitmask allowed only tokens the matcher accepts: this is a bug, not a client error
-            logger.error("grammar rejected token %d of %s: stopping the choice", token_id, seq)
-            return True
-        return seq.grammar.is_terminated()
-
-    def _make_output(self, request: Request, *, final: bool) -> RequestOutput:
-        """The delta since the last output: choices with new tokens/text or a finish not yet reported (every
-        choice on the final output)."""
-        choices = []
-        for seq in request.seqs:
-            unreported_finish = seq.finish_reason is not None and not seq.finish_reported
-            if not (final or seq.pending_token_ids or seq.pending_text or unreported_finish):
-                continue
-            choices.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text=seq.pending_text,
-                    token_ids=seq.pending_token_ids,
-                    logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                )
-            )
-            seq.pending_text, seq.pending_token_ids, seq.pending_logprobs = "", [], []
-            seq.finish_reported = seq.finish_reason is not None
-        out = RequestOutput(request.request_id, request.prompt_token_ids, choices, final, request.metrics)
-        scored = request.prompt_logprobs
-        if scored is not None and len(scored) == len(request.prompt_token_ids) and not request.prompt_logprobs_reported:
-            out.prompt_logprobs = scored
-            request.prompt_logprobs_reported = True
-        return out
 
     # ---- introspection ----------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -405,6 +313,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
+            spec_decode=self.speculator.snapshot() if self.speculator is not None else None,
         )
 
     def abort_all(self) -> list[RequestOutput]:

@@ -52,7 +52,8 @@ class PromptLogits:
 
 @dataclass
 class ModelRunnerOutput:
-    logits: torch.Tensor  # [num_sampling, vocab] float32, row i for sampling[i]
+    # [sum of num_sample_rows, vocab] float32: per sampling[i] in order, 1 + len(its drafts) consecutive rows
+    logits: torch.Tensor
     sampling: list[ScheduledSeq]  # the sequences whose next token is sampled this step, in row order
     prompt_logits: list[PromptLogits] = field(default_factory=list)  # prompts being scored (prompt_logprobs)
 
@@ -88,6 +89,15 @@ def resolve_quantization(quantization: str, device: torch.device, weight_formats
         four_bit = bool(weight_formats) and weight_formats <= FOUR_BIT_FORMATS
         return "int4" if device.type == "cpu" and four_bit else "none"
     return quantization
+
+
+def num_speculative_tokens(config: EngineConfig) -> int:
+    """Drafts a sequence may verify per step (each one more logits row)."""
+    if config.speculative_config is None:
+        return 0
+    from ..spec_decode.config import SpeculativeConfig
+
+    return SpeculativeConfig.from_dict(config.speculative_config).num_speculative_tokens
 
 
 def kv_cache_bytes_per_block(
@@ -207,7 +217,7 @@ class ModelRunner:
             self.model,
             num_tokens=min(config.max_num_batched_tokens, self.max_model_len * config.max_num_seqs),
             max_model_len=self.max_model_len,
-            num_logits=config.max_num_seqs,
+            num_logits=config.max_num_seqs * (1 + num_speculative_tokens(config)),  # a verified draft: a row
             block_size=config.block_size,
         )
         free, total = torch.cuda.mem_get_info(self.device)
@@ -246,14 +256,14 @@ class ModelRunner:
     def execute(self, batch: SchedulerOutput) -> ModelRunnerOutput:
         """Rank 0: run one step (on every rank)."""
         # decodes (one new token) first: the attention backends batch them together
-        items = sorted(batch.scheduled, key=lambda s: s.num_new_tokens != 1)
+        items = sorted(batch.scheduled, key=lambda s: s.num_query_tokens != 1)
         step = plan_step(items, self.cache_config.block_size)
         if self.group is not None:
             self.group.broadcast_step(step)
         logits = self.execute_step(step)
         assert logits is not None
         sampling = [s for s in items if s.samples]
-        if len(step.logit_rows) == len(sampling):
+        if len(step.logit_rows) == sum(s.num_sample_rows for s in sampling):
             return ModelRunnerOutput(logits, sampling)
         # some rows score prompts: per item its prompt rows, then its sampled row (plan_step's order)
         out = ModelRunnerOutput(logits, sampling)
@@ -264,9 +274,8 @@ class ModelRunner:
             if positions:
                 out.prompt_logits.append(PromptLogits(s, positions.start, logits[row : row + len(positions)]))
                 row += len(positions)
-            if s.samples:
-                sample_rows.append(row)
-                row += 1
+            sample_rows.extend(range(row, row + s.num_sample_rows))
+            row += s.num_sample_rows
         out.logits = logits[sample_rows]
         return out
 

@@ -21,15 +21,34 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledSeq:
+    """One sequence's share of a step. With speculation the step also feeds ``draft_token_ids`` after its last
+    token (their KV slots are allocated), and each of the ``1 + len(draft_token_ids)`` positions yields logits.
+
+    ::
+
+        token_ids:  ... t[n-1] | d0 d1 .. d[k-1]        query = [t[n-1], d0, .., d[k-1]]   (num_new_tokens = 1)
+        logits of:      t[n-1]   d0 ..       d[k-1]     row j verifies d[j]; row k samples the token after them
+    """
+
     seq: Sequence
     num_new_tokens: int  # tokens computed this step: token_ids[num_computed_tokens : + num_new_tokens]
     start: int = 0  # num_computed_tokens when scheduled
     samples: bool = False  # the step reaches the last token, so its logits are sampled
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+    def of(cls, seq: Sequence, num_new_tokens: int, draft_token_ids: list[int] | None = None) -> ScheduledSeq:
         start = seq.num_computed_tokens
-        return cls(seq, num_new_tokens, start, start + num_new_tokens == seq.num_tokens)
+        return cls(seq, num_new_tokens, start, start + num_new_tokens == seq.num_tokens, draft_token_ids or [])
+
+    @property
+    def num_query_tokens(self) -> int:
+        """Positions fed to the model this step: the new tokens and the drafts."""
+        return self.num_new_tokens + len(self.draft_token_ids)
+
+    @property
+    def num_sample_rows(self) -> int:
+        return 1 + len(self.draft_token_ids) if self.samples else 0
 
 
 @dataclass
@@ -39,7 +58,7 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_query_tokens for s in self.scheduled)
 
     @property
     def is_empty(self) -> bool:
@@ -61,9 +80,6 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -105,41 +121,47 @@ class Scheduler:
                 running.append(seq)  # keeps its blocks, runs next step
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            drafts = self._take_drafts(seq, num_new, budget, len(queue))
             while not bm.allocate_slots(seq, seq.num_computed_tokens + num_new):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim, out)
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSeq.of(seq, num_new))
+                out.scheduled.append(ScheduledSeq.of(seq, num_new, drafts))
                 running.append(seq)
-                budget -= num_new
+                budget -= num_new + len(drafts)
         self.running = running
 
         # 2. waiting sequences in order, while they fit (no admission in a step that had to preempt)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
             # a prompt being scored is computed in full: a cached block has no logits to score
-            hits = [] if seq.needs_prompt_logprobs else bm.find_cached_prefix(seq.token_ids, count=False)
-            num_computed = len(hits) * bm.block_size
-            num_new = min(seq.num_tokens - num_computed, budget)
-            num_blocks = -(-(num_computed + num_new) // bm.block_size) - len(hits)
-            num_revived = sum(1 for b in hits if bm.blocks[b].ref_count == 0)  # cached-free blocks taken back
-            if not bm.can_allocate(num_blocks + num_revived):
+            num_admitted = bm.allocate_prefill(seq, budget, use_prefix_cache=not seq.needs_prompt_logprobs)
+            if num_admitted is None:
                 break  # FCFS: nobody overtakes the head of the queue
-            bm.record_prefix_lookup(seq.num_tokens, num_computed)
-            bm.allocate_cached_prefix(seq, hits)
             if seq.num_preemptions == 0 and seq.index == 0:
-                seq.request.metrics.num_cached_tokens = num_computed
+                seq.request.metrics.num_cached_tokens = seq.num_computed_tokens
                 seq.request.metrics.first_scheduled_time = time.monotonic()
-            allocated = bm.allocate_slots(seq, num_computed + num_new)
-            assert allocated, seq
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq.of(seq, num_new))
-            budget -= num_new
+            out.scheduled.append(ScheduledSeq.of(seq, num_admitted))
+            budget -= num_admitted
         return out
+
+    def _take_drafts(self, seq: Sequence, num_new: int, budget: int, num_queued: int) -> list[int]:
+        """The drafts ``seq`` verifies this step, their slots allocated: only when the step reaches its last token,
+        within the token budget, and with blocks to spare (one kept back for each of the ``num_queued`` sequences
+        still to schedule): a guess must not preempt anyone."""
+        bm = self.block_manager
+        drafts, seq.draft_token_ids = seq.draft_token_ids[: budget - num_new], []
+        if not drafts or seq.num_computed_tokens + num_new != seq.num_tokens:
+            return []
+        end = seq.num_tokens + len(drafts)
+        if bm.num_blocks_needed(seq, end) > bm.num_free_blocks - num_queued or not bm.allocate_slots(seq, end):
+            return []
+        return drafts
 
     def update_computed(self, out: SchedulerOutput) -> None:
         """After the model ran: the scheduled tokens now have KV; full blocks join the prefix cache."""

@@ -40,7 +40,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks registered in the prefix cache
-    block_hashes: list[int] = field(default_factory=list)  # chained hash of each registered block
+    # chained hash of each full block of token_ids (computed once per block; token ids only ever grow)
+    token_block_hashes: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None  # per-choice RNG when the request has a seed
     detokenizer: IncrementalDetokenizer | None = None
     grammar: GrammarState | None = None  # structured outputs: this choice's matcher, advanced with each token
@@ -53,6 +54,10 @@ class Sequence:
     pending_token_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    # speculative decoding: tokens guessed to follow token_ids, verified by the next step (never in token_ids)
+    draft_token_ids: list[int] = field(default_factory=list)
+    spec_backoff: int = 0  # steps without drafts after the next failed guess (doubles with each)
+    spec_skip_steps: int = 0  # steps (with a draft at hand) still to skip
 
     @property
     def num_tokens(self) -> int:

@@ -41,7 +41,8 @@ def prompt_logprob_positions(s: ScheduledSeq) -> range:
 
 
 def plan_step(items: list[ScheduledSeq], block_size: int) -> StepInput:
-    """items ordered decodes (one new token) first."""
+    """items ordered decodes (one query token) first. A sequence with drafts feeds them after its new tokens, and
+    all of its ``1 + len(drafts)`` last positions give logits."""
     input_ids: list[int] = []
     positions: list[int] = []
     slot_mapping: list[int] = []
@@ -50,17 +51,17 @@ def plan_step(items: list[ScheduledSeq], block_size: int) -> StepInput:
     block_tables: list[list[int]] = []
     logit_rows: list[int] = []
     for s in items:
-        seq, start, end = s.seq, s.start, s.start + s.num_new_tokens
+        seq, start, end = s.seq, s.start, s.start + s.num_query_tokens
         table = seq.block_table
-        input_ids.extend(seq.token_ids[start:end])
+        input_ids.extend(seq.token_ids[start : s.start + s.num_new_tokens])
+        input_ids.extend(s.draft_token_ids)
         positions.extend(range(start, end))
         slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
         seq_lens.append(end)
         first_row = query_start_loc[-1] - start
         logit_rows.extend(first_row + p for p in prompt_logprob_positions(s))
-        query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
-        if s.samples:
-            logit_rows.append(query_start_loc[-1] - 1)
+        query_start_loc.append(query_start_loc[-1] + s.num_query_tokens)
+        logit_rows.extend(range(query_start_loc[-1] - s.num_sample_rows, query_start_loc[-1]))
         block_tables.append(list(table))
     return StepInput(
         input_ids=input_ids,
@@ -69,7 +70,7 @@ def plan_step(items: list[ScheduledSeq], block_size: int) -> StepInput:
         block_tables=block_tables,
         seq_lens=seq_lens,
         query_start_loc=query_start_loc,
-        num_decode_tokens=sum(1 for s in items if s.num_new_tokens == 1),
+        num_decode_tokens=sum(1 for s in items if s.num_query_tokens == 1),
         logit_rows=logit_rows,
     )
 

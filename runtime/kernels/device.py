@@ -8,17 +8,11 @@ selects when each kernel is *defined* (at import of the kernel module), from the
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
-__all__ = ["check_launchable", "dot_in_float32", "dot_precision", "interpreting", "next_power_of_2", "num_sms"]
-
-
-def interpreting() -> bool:
-    """True when Triton kernels defined now run in the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+__all__ = ["check_launchable", "dot_in_float32", "dot_precision", "next_power_of_2", "num_sms"]
 
 
 def check_launchable(kernel: object, *tensors: torch.Tensor) -> None:

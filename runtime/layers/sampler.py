@@ -6,8 +6,14 @@ untouched) -> penalties (repetition, presence, frequency) -> logit_bias, allowed
 min_tokens suppression of EOS/stop ids -> logprobs (log-softmax of these processed logits) -> greedy argmax, or
 temperature -> top_k -> top_p -> min_p -> sample. The grammar goes first so that nothing after it (a +100 bias)
 can bring back a token it forbids; min_tokens yields to it (when the grammar allows only its stop token, the stop
-token stays). The sampler never advances a grammar: the engine calls ``row.grammar.accept(token)`` after it
+token stays). The sampler never advances a grammar for good: the engine calls ``row.grammar.accept(token)`` after it
 appended the token.
+
+Speculative decoding: a row with a ``draft_token_id`` verifies that draft. Its processed distribution p is the
+target's at that position (the row's output ids include the drafts before it; a grammar row is filled with the
+matcher advanced over them, then rolled back). The draft (a deterministic guess, q = one-hot) is accepted with
+probability p(draft) (greedy: when it is the argmax); when rejected the token is drawn from p without the draft,
+renormalised, so each emitted token is distributed exactly as p (Leviathan et al. 2023, with q one-hot).
 Sampling draws ``argmax(probs / E)`` with E ~ Exp(1) (the "exponential race", equivalent to multinomial); a
 seeded row draws E from its own ``torch.Generator`` so its choice does not depend on the other rows.
 """
@@ -37,12 +43,15 @@ class SamplingRow:
     generator: torch.Generator | None = None
     eos_token_ids: frozenset[int] = frozenset()
     grammar: GrammarState | None = None  # structured outputs: the tokens it allows next are the only candidates
+    # speculation: the draft this row verifies. Rows of one sequence are consecutive and share its grammar state
+    draft_token_id: int | None = None
 
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
+    token_ids: list[int]  # a verified row: its draft when accepted, else the token drawn in its place
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    accepted: list[bool] = field(default_factory=list)  # per row: its draft was accepted (False without one)
 
 
 def score_tokens(logits: torch.Tensor, targets: list[int], num_top: int) -> list[TokenLogprob]:
@@ -124,12 +133,13 @@ class Sampler:
         want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
 
-        # 4. choose: greedy rows keep the argmax; random rows race
+        # 4. choose: greedy rows keep the argmax; random rows race (verifying rows: accept or draw the rest)
         token_ids = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
             token_ids[random_rows] = self._sample(logits[random_rows], [rows[i] for i in random_rows])
         chosen = token_ids.tolist()
+        accepted = [r.draft_token_id is not None and chosen[i] == r.draft_token_id for i, r in enumerate(rows)]
 
         out_logprobs: list[TokenLogprob | None] = [None] * num_rows
         if logprobs is not None:
@@ -144,7 +154,7 @@ class Sampler:
                     logprob=picked[j],
                     top=list(zip(top_ids_l[j][:n], top_vals_l[j][:n], strict=True)),
                 )
-        return SamplerOutput(chosen, out_logprobs)
+        return SamplerOutput(chosen, out_logprobs, accepted)
 
     def _apply_grammars(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         """One bitmask for the batch, filled for the constrained rows and applied to them in one op."""
@@ -158,9 +168,28 @@ class Sampler:
         if self._bitmask is None or self._bitmask.shape[0] < len(rows) or self._bitmask.shape[1] != words:
             self._bitmask = allocate_bitmask(max(len(rows), 8), vocab_size)
         bitmask = self._bitmask[: len(rows)]  # rows of free sequences are neither filled nor read
+        filled: list[int] = []
+        advanced: dict[int, tuple[GrammarState, int]] = {}  # id(state) -> (state, drafts accepted into it)
+        ended: set[int] = set()  # states whose draft chain they refused or that terminated on a draft
         for i, grammar in grammars:
+            key = id(grammar)
+            if key in ended:
+                continue  # a later row of a chain that an earlier row rejects: its token is never used
             grammar.fill_bitmask(bitmask, i)
-        apply_bitmask(logits, bitmask, [i for i, _ in grammars], vocab_size)
+            filled.append(i)
+            draft = rows[i].draft_token_id
+            if draft is None:
+                continue
+            if grammar.accept(draft):
+                state, n = advanced.get(key, (grammar, 0))
+                advanced[key] = (state, n + 1)
+                if grammar.is_terminated():
+                    ended.add(key)
+            else:
+                ended.add(key)  # the bitmask of this row forbids the draft, so it is rejected here
+        for state, n in advanced.values():
+            state.rollback(n)
+        apply_bitmask(logits, bitmask, filled, vocab_size)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """logits: [R, V] of the random rows -> [R] sampled ids."""
@@ -194,7 +223,30 @@ class Sampler:
         for i, r in enumerate(rows):
             if r.generator is not None:
                 race[i].exponential_(generator=r.generator)
-        return (probs / race).argmax(dim=-1)
+        verifying = [i for i, r in enumerate(rows) if r.draft_token_id is not None]
+        if not verifying:
+            return (probs / race).argmax(dim=-1)
+        return self._verify(probs, race, rows, verifying)
+
+    def _verify(
+        self, probs: torch.Tensor, race: torch.Tensor, rows: list[SamplingRow], verifying: list[int]
+    ) -> torch.Tensor:
+        """Rejection sampling of one-hot drafts: accept row i's draft d with probability p(d), else draw from p
+        with d removed. probs, race: [R, V]; verifying: the rows with a draft."""
+        device = probs.device
+        drafts = torch.tensor([rows[i].draft_token_id for i in verifying], dtype=torch.int64, device=device)
+        index = torch.tensor(verifying, dtype=torch.int64, device=device)
+        p_draft = probs[index].gather(1, drafts[:, None]).squeeze(1)  # [D]
+        uniform = torch.empty(len(verifying), device=device)
+        for j, i in enumerate(verifying):
+            generator = rows[i].generator or self._generator(device)
+            uniform[j : j + 1].uniform_(generator=generator)
+        # the rejected branch: the draft cannot be drawn again
+        residual = probs.clone()
+        residual[index, drafts] = 0.0
+        token_ids = (residual / race).argmax(dim=-1)
+        token_ids[index] = torch.where(uniform < p_draft, drafts, token_ids[index])
+        return token_ids
 
 
 def _apply_token_controls(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -130,6 +130,19 @@ class _EngineStatsCollector(Collector):
             "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries
         )
         yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
+        spec = stats.spec_decode
+        if spec is not None:
+            yield counter("vllm:spec_decode_num_drafts", "Sequence-steps that verified drafts.", spec.num_drafts)
+            yield counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", spec.num_draft_tokens)
+            yield counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens)
+            per_pos = CounterMetricFamily(
+                "vllm:spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted, by position in the draft.",
+                labels=["model_name", "position"],
+            )
+            for pos, n in enumerate(spec.num_accepted_tokens_per_pos):
+                per_pos.add_metric([self._model_name, str(pos)], n)
+            yield per_pos
 
 
 class ServerMetrics:

@@ -175,3 +175,25 @@ def test_bad_node_layouts_are_refused_naming_the_field(fields: dict[str, Any], w
 def test_each_node_runs_its_share_of_the_ranks() -> None:
     config = EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=2, nnodes=2, node_rank=1, master_addr="n0")
     assert (config.ranks_per_node, list(config.node_ranks)) == (2, [2, 3])
+
+
+def test_speculation_under_tp2_x_pp2_equals_tp1(tmp_path: Path) -> None:
+    """Drafts travel in the broadcast step (extra query tokens, their logits rows) to every rank and stage: greedy
+    tokens with method suffix at TP 2 x PP 2 equal TP 1 without; the second pass drafts from the first."""
+    model = str(save_tiny("llama", tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2))
+    prompts = draw_prompts(TINY["vocab_size"], count=3)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    fields: dict[str, Any] = {"device": "cpu", "dtype": "float32", "max_model_len": 128, "block_size": 8,
+                              "kv_cache_memory_bytes": 1 << 22}  # fmt: skip
+    plain = LLM(model, **fields)
+    expected = [out.outputs[0].token_ids for out in plain.generate(prompts, params)]
+    spec = {"method": "suffix", "num_speculative_tokens": 3, "disable_by_batch_size": None}
+    llm = LLM(model, **fields, tensor_parallel_size=2, pipeline_parallel_size=2, speculative_config=spec)
+    try:
+        for _ in range(2):
+            assert [out.outputs[0].token_ids for out in llm.generate(prompts, params)] == expected
+        stats = llm.engine.stats().spec_decode
+        assert stats is not None and stats.num_accepted_tokens > 0, stats
+        llm.engine.block_manager.check_all_free()
+    finally:
+        llm.engine.runner.shutdown()

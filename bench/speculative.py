@@ -1,0 +1,187 @@
+"""Speculative decoding (ngram prompt lookup): output tokens/s with and without it, at 1, 4 and 16 streams, on
+(a) an extractive workload (quote / rewrite a given passage, rename a variable in code) and (b) the free-form
+workload of bench/serve.py, with the acceptance rate.
+
+    python -P bench/speculative.py                       # SmolLM2-135M (bundled GGUF), the serving defaults
+    python -P bench/speculative.py --levels 1 4 --max-tokens 64
+
+In-process (no HTTP): one LLMEngine, closed loop — ``streams`` requests in flight, a new one added as one finishes,
+``--requests-per-stream`` per stream. Greedy, ``ignore_eos`` so each request generates exactly ``--max-tokens``.
+Off and on run back to back per level on the same engine (its speculator switched off for the "off" runs), so a
+ratio compares measurements seconds apart. Writes bench/results/speculative-<machine>.json (with
+``os.getloadavg()`` before and after) and prints a table last. Speed is measured here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.engine.llm_engine import LLMEngine
+from kubellm.runtime.sampling_params import SamplingParams
+from kubellm.runtime.spec_decode.config import SpeculativeConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
+from machine import cpu_model, machine_name
+from serve import prompts as free_form_prompts
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PASSAGES = [
+    "The history of computing is a story of people, ideas and machines. Early mechanical calculators gave way to "
+    "electronic computers, which filled rooms and consumed enormous power. Transistors and integrated circuits "
+    "made them smaller and faster, and networks connected them across the world.",
+    "The river runs through the valley, past the old mill and the stone bridge, until it reaches the sea. "
+    "Fishermen gather at dawn on its banks, mending nets and telling stories of storms long past, while the "
+    "children of the village race paper boats along the shallow edge of the water.",
+    "Kubernetes schedules containers onto nodes. A Deployment keeps a number of identical pods running, a Service "
+    "gives them one stable address, and a controller watches the cluster and moves its actual state towards the "
+    "desired state written in the objects that users apply.",
+]
+CODE = """def total(items):
+    x = 0
+    for item in items:
+        if item.price > 0:
+            x = x + item.price * item.quantity
+    return x
+
+
+def average(items):
+    x = total(items)
+    return x / len(items) if items else 0.0
+"""
+TASKS = [
+    "Repeat the following passage exactly, word for word:\n\n{p}",
+    "Quote this text back to me without changing anything:\n\n{p}",
+]
+
+
+def extractive_prompts(engine: LLMEngine, n: int, seed: int) -> list[list[int]]:
+    tokenizer = engine.tokenizer
+    assert tokenizer is not None
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i % 4 == 3:
+            content = f"Rename the variable x to running_sum in this Python code and show the whole code:\n\n{CODE}"
+        else:
+            content = rng.choice(TASKS).format(p=PASSAGES[i % len(PASSAGES)])
+        text = f"<|im_start|>user\n(request {i}) {content}<|im_end|>\n<|im_start|>assistant\n"
+        out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
+
+
+def run_level(engine: LLMEngine, prompts: list[list[int]], streams: int, max_tokens: int) -> dict[str, Any]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    todo = list(enumerate(prompts))
+    spec = engine.speculator
+    before = spec.snapshot() if spec is not None else None
+    generated = 0
+    in_flight = 0
+    start = time.perf_counter()
+    while todo or engine.has_unfinished_requests():
+        while todo and in_flight < streams:
+            i, prompt = todo.pop(0)
+            engine.add_request(f"r{time.monotonic_ns()}-{i}", prompt, params)
+            in_flight += 1
+        for out in engine.step():
+            generated += sum(len(c.token_ids) for c in out.outputs)
+            in_flight -= out.finished
+    wall = time.perf_counter() - start
+    engine.block_manager.check_all_free()
+    row: dict[str, Any] = {"output_tokens": generated, "wall_s": wall, "output_tokens_per_s": generated / wall}
+    if spec is not None and before is not None:
+        after = spec.snapshot()
+        drafted = after.num_draft_tokens - before.num_draft_tokens
+        accepted = after.num_accepted_tokens - before.num_accepted_tokens
+        row |= {
+            "num_drafts": after.num_drafts - before.num_drafts,
+            "num_draft_tokens": drafted,
+            "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafted if drafted else None,
+        }
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--requests-per-stream", type=int, default=2)
+    ap.add_argument("--speculative-config", default='{"method": "ngram"}', help="JSON, as the serve flag")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    spec_dict = json.loads(args.speculative_config)
+    spec_config = SpeculativeConfig.from_dict(spec_dict)
+    engine = LLMEngine(EngineConfig(speculative_config=spec_dict, max_num_seqs=max(args.levels)))
+    speculator = engine.speculator
+    warm = extractive_prompts(engine, 2, args.seed)
+    run_level(engine, warm, 2, 16)  # warm-up (kernels, allocator)
+    results: list[dict[str, Any]] = []
+    for workload in ("extractive", "free-form"):
+        for streams in args.levels:
+            n = streams * args.requests_per_stream
+            if workload == "extractive":
+                prompts = extractive_prompts(engine, n, args.seed + streams)
+            else:
+                tokenizer = engine.tokenizer
+                assert tokenizer is not None
+                prompts = [tokenizer.encode(p) for p in free_form_prompts(n, args.seed + streams)]
+            engine.speculator = None
+            off = run_level(engine, prompts, streams, args.max_tokens)
+            engine.speculator = speculator
+            on = run_level(engine, prompts, streams, args.max_tokens)
+            speedup = on["output_tokens_per_s"] / off["output_tokens_per_s"]
+            results.append({"workload": workload, "streams": streams, "off": off, "ngram": on, "speedup": speedup})
+            print(f"{workload:10s} streams={streams:2d} off {off['output_tokens_per_s']:7.1f} tok/s  ngram "
+                  f"{on['output_tokens_per_s']:7.1f} tok/s  x{speedup:.2f}  acceptance {on.get('acceptance_rate')}",
+                  flush=True)  # fmt: skip
+    load_after = os.getloadavg()
+    report = {
+        "benchmark": "speculative",
+        "machine": {"name": machine_name(), "cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "engine": {
+            "model": engine.model_name,
+            "dtype": str(engine.dtype),
+            "quantization": engine.quantization,
+            "speculative_config": spec_config.__dict__,
+        },
+        "workload": {
+            "max_tokens": args.max_tokens,
+            "requests_per_stream": args.requests_per_stream,
+            "greedy": True,
+            "ignore_eos": True,
+            "extractive": "quote/rewrite one of 3 passages (~60 tokens) or rename a variable in 11 lines of code",
+            "free-form": "bench/serve.py's prompts (BASE_TEXT, an explanation asked for)",
+        },
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "results": results,
+    }
+    out = args.out or RESULTS / f"speculative-{machine_name()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nloadavg before {load_before}, after {load_after}; wrote {out}")
+    print(f"{'workload':10s} {'streams':>7s} {'off tok/s':>10s} {'ngram tok/s':>12s} {'speedup':>8s} {'accept':>7s}")
+    for r in results:
+        acc = r["ngram"].get("acceptance_rate")
+        print(f"{r['workload']:10s} {r['streams']:7d} {r['off']['output_tokens_per_s']:10.1f} "
+              f"{r['ngram']['output_tokens_per_s']:12.1f} {r['speedup']:8.2f} "
+              f"{'-' if acc is None else f'{acc:.2f}':>7s}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
