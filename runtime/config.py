@@ -80,7 +80,7 @@ class EngineConfig:
     quantization: str = setting(
         "auto",
         "int4: int4 weight-only linears and an int8 head for small batches (CPU); auto: int4 for a Q4_0/Q4_1 "
-        "GGUF on the CPU",
+        "GGUF on an AVX-512 CPU",
         choices=QUANTIZATIONS,
     )
     seed: int = setting(0, "the engine's seed for unseeded requests", minimum=None)
