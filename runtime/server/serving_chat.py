@@ -218,6 +218,4 @@ class ChatServing:
                     )  # fmt: skip
                     yield chunk([choice])
         if usage.include:
-            last = chunk([])
-            last.usage = trace.usage()
-            yield last
+            yield chunk([])

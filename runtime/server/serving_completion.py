@@ -197,6 +197,4 @@ class CompletionServing:
                     choice.stop_reason = out.stop_reason  # assigned: serialized on the finish chunk only
                 yield chunk([choice])
         if usage.include:
-            last = chunk([])
-            last.usage = trace.usage()
-            yield last
+            yield chunk([])

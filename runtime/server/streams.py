@@ -65,9 +65,10 @@ class StreamUsage:
         return cls(include, include and bool(options and options.continuous_usage_stats))
 
     def stamp(self, chunk: p.ChatCompletionChunk | p.CompletionChunk, trace: Trace) -> None:
-        """A chunk with choices: the counts so far when continuous; else null, serialized only with include_usage
-        (assigned, not left unset, so that it is)."""
-        if self.continuous:
+        """The choice-less last chunk (sent only with include_usage): the totals. A chunk with choices: the counts
+        so far when continuous; else null, serialized only with include_usage (assigned, not left unset, so that
+        it is)."""
+        if self.continuous or (self.include and not chunk.choices):
             chunk.usage = trace.usage()
         elif self.include:
             chunk.usage = None
