@@ -83,7 +83,8 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str) -> to
 
 def cpu_int4_is_fast() -> bool:
     """torch's CPU int4 matmul is vectorized for AVX-512 only: on an AVX2-only CPU it is ~20x slower than the float32
-    matmul it replaces (576x1536 at batch 1, 2-core AVX2 EPYC: 2.7 ms vs 0.13 ms; SmolLM2 2.8 vs 14.3 tok/s)."""
+    matmul it replaces (bench/results/cpu_int4-amd-epyc-2c.json: 576x1536 at batch 1, 2.6 ms vs 0.11 ms; SmolLM2
+    3.0 vs 16.0 tok/s)."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
