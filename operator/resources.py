@@ -268,7 +268,8 @@ def pod_security_context(spec: LLMDeploymentSpec, settings: Settings) -> JSON:
     }
 
 
-def render_deployment(owner: Owner, spec: LLMDeploymentSpec, settings: Settings, config_map: JSON) -> JSON:
+def render_pod_template(owner: Owner, spec: LLMDeploymentSpec, settings: Settings, config_map: JSON) -> JSON:
+    """The runtime pod: what a Deployment replica (and, adapted, each pod of a multi-node group) runs."""
     res = spec.resources
     volumes, mounts = _volumes(owner, spec)
     startup_period = 10
@@ -328,6 +329,13 @@ def render_deployment(owner: Owner, spec: LLMDeploymentSpec, settings: Settings,
         c.ANNOTATION_CONFIG_HASH: config_hash(config_map),
     }
     return {
+        "metadata": {"labels": {**spec.pod.labels, **common_labels(owner.name)}, "annotations": pod_annotations},
+        "spec": pod_spec,
+    }
+
+
+def render_deployment(owner: Owner, spec: LLMDeploymentSpec, settings: Settings, config_map: JSON) -> JSON:
+    return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(owner, owner.name),
@@ -341,13 +349,7 @@ def render_deployment(owner: Owner, spec: LLMDeploymentSpec, settings: Settings,
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxSurge": spec.rollout.max_surge, "maxUnavailable": spec.rollout.max_unavailable},
             },
-            "template": {
-                "metadata": {
-                    "labels": {**spec.pod.labels, **common_labels(owner.name)},
-                    "annotations": pod_annotations,
-                },
-                "spec": pod_spec,
-            },
+            "template": render_pod_template(owner, spec, settings, config_map),
         },
     }
 
