@@ -25,6 +25,9 @@ LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 COMPONENT_RUNTIME: Final = "runtime"
 MANAGED_BY_OPERATOR: Final = "kubellm-operator"
+# The StatefulSet controller's ordinal label: in a multi-node replica group (parallelism.nodes > 1) only pod 0
+# serves the API (the gateway routes to it alone; the others run only their ranks' workers).
+LABEL_POD_INDEX: Final = "apps.kubernetes.io/pod-index"
 
 CONTAINER_PORT: Final = 8000
 HEALTH_PATH: Final = "/health"

@@ -28,6 +28,7 @@ _COLLECTIONS: dict[tuple[str, str], str] = {
     ("v1", "Pod"): "/api/v1/namespaces/{namespace}/pods",
     ("v1", "Event"): "/api/v1/namespaces/{namespace}/events",
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{namespace}/deployments",
+    ("apps/v1", "StatefulSet"): "/apis/apps/v1/namespaces/{namespace}/statefulsets",
     ("policy/v1", "PodDisruptionBudget"): "/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
     (c.API_VERSION, c.KIND): f"/apis/{c.API_VERSION}/namespaces/{{namespace}}/{c.PLURAL}",
     # kopf's peering objects (read by the fleet loop to know whether this replica leads); the cluster one has no
@@ -124,14 +125,35 @@ class Kube:
         owners = current.get("metadata", {}).get("ownerReferences") or []
         if not any(ref.get("uid") == owner_uid and ref.get("controller") for ref in owners):
             return False
-        uid = current["metadata"]["uid"]
+        return self.delete(api_version, kind, namespace, name, current["metadata"]["uid"])
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, uid: str) -> bool:
+        """Delete exactly the object with this uid (a precondition: never a namesake created since). True if
+        deleted; False if it is gone or is another object now."""
         try:
             self._call(
                 "DELETE",
                 object_path(api_version, kind, namespace, name),
-                # The precondition: delete exactly the object inspected, not a namesake created since.
                 body={"preconditions": {"uid": uid}},
                 content_type="application/json",
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    def annotate(
+        self, api_version: str, kind: str, namespace: str, name: str, uid: str, annotations: dict[str, str]
+    ) -> bool:
+        """Add annotations to exactly the object with this uid (the patch's uid is a precondition). True if
+        written; False if it is gone or is another object now."""
+        try:
+            self._call(
+                "PATCH",
+                object_path(api_version, kind, namespace, name),
+                body={"metadata": {"uid": uid, "annotations": annotations}},
+                content_type="application/merge-patch+json",
             )
         except ApiException as exc:
             if exc.status in (404, 409):

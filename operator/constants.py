@@ -29,6 +29,17 @@ COMPONENT_RUNTIME: Final = contract.COMPONENT_RUNTIME
 MANAGED_BY: Final = contract.MANAGED_BY_OPERATOR
 RESERVED_LABELS: Final = (LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_PART_OF)
 
+# Multi-node replicas (groups.py): the group a pod belongs to, and its ordinal, which the StatefulSet controller
+# labels it with (GA in Kubernetes 1.32): the runtime's --node-rank, and 0 marks the pod that serves the API.
+LABEL_GROUP: Final = f"{GROUP}/group"
+LABEL_POD_INDEX: Final = contract.LABEL_POD_INDEX
+# group_restart.py: on a group's worker pods, the uid of the rank-0 pod they joined; on a rank-0 pod, that all its
+# workers had joined (a worker lost after that restarts the whole group).
+ANNOTATION_GROUP_LEADER: Final = f"{GROUP}/group-leader"
+ANNOTATION_GROUP_COMPLETE: Final = f"{GROUP}/group-complete"
+# The torch.distributed rendezvous port on a group's pod 0 (the runtime's --master-port default).
+DIST_PORT: Final = 29500
+
 # Pod template annotation holding a hash of the engine ConfigMap: a config change rolls the pods.
 ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
 # Set on an LLMDeployment at 0 replicas (any value): the operator scales it to 1 and removes the annotation.

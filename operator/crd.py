@@ -20,6 +20,7 @@ import yaml
 from kubellm.operator import constants
 from kubellm.operator.spec import (
     DNS1035_LABEL,
+    MAX_GROUPED_NAME_LENGTH,
     MAX_NAME_LENGTH,
     LLMDeploymentSpec,
     LLMDeploymentStatus,
@@ -156,7 +157,13 @@ def build_crd() -> dict[str, Any]:
                 f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('{DNS1035_LABEL}')",
                 f"metadata.name must be an RFC 1035 label (lower-case letters, digits and '-', starting with a letter)"
                 f" of at most {MAX_NAME_LENGTH} characters: it names the Service",
-            )
+            ),
+            cel(
+                "!has(self.spec.parallelism) || !has(self.spec.parallelism.nodes) || self.spec.parallelism.nodes == 1"
+                f" || self.metadata.name.size() <= {MAX_GROUPED_NAME_LENGTH}",
+                f"metadata.name must be at most {MAX_GROUPED_NAME_LENGTH} characters when spec.parallelism.nodes > 1:"
+                " it names the replica groups' StatefulSets, whose pods carry it in a label",
+            ),
         ],
     }
     columns = [

@@ -1,16 +1,16 @@
 """The kopf handlers: thin glue between watch events and the domain modules.
 
     create / update / resume  ->  reconcile.reconcile (parse -> render -> server-side apply) -> status
-    Deployment event          ->  status (readiness shows at once, not at the loop's next tick)
+    Deployment / StatefulSet  ->  status (readiness shows at once, not at the loop's next tick)
     owned object event        ->  drift: deleted, or written by another manager -> re-apply it
     startup                   ->  loop.FleetLoop, one task over the indices: status, autoscaling, periodic resync
 
-Deployments, pods, PDBs and the LLMDeployments themselves are not read from the API server on every tick:
-kopf indices keep their current state in memory, fed by watches. No handler needs a finalizer (no timer, no
-daemon, no deletion handler), so deleting an LLMDeployment never waits for the operator. Every handler is a
-module-level function that reads the operator's settings and clients from kopf's memo; `register()` only applies
-kopf's decorators, each stating its retries, backoff and timeout (kopf's event handlers take none: the loop's
-next tick redoes what one of them missed).
+Deployments, StatefulSets (multi-node replica groups), pods, PDBs and the LLMDeployments themselves are not read
+from the API server on every tick: kopf indices keep their current state in memory, fed by watches. No handler
+needs a finalizer (no timer, no daemon, no deletion handler), so deleting an LLMDeployment never waits for the
+operator. Every handler is a module-level function that reads the operator's settings and clients from kopf's
+memo; `register()` only applies kopf's decorators, each stating its retries, backoff and timeout (kopf's event
+handlers take none: the loop's next tick redoes what one of them missed).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import kopf
 from kubellm.operator import constants as c
 from kubellm.operator.apply import Kube, make_api_client
 from kubellm.operator.drift import controller_owner, foreign_writes, write_key
+from kubellm.operator.groups import StatefulSetState, workload_state
 from kubellm.operator.loop import FleetLoop, one
 from kubellm.operator.metrics import Scraper
 from kubellm.operator.peering import Leadership
-from kubellm.operator.reconcile import parse_or_error, reapply_one, reconcile
+from kubellm.operator.reconcile import Existing, parse_or_error, reapply_one, reconcile
 from kubellm.operator.resources import Owner
 from kubellm.operator.settings import Settings
 from kubellm.operator.status import DeploymentState, PodSummary, summarize_pod
@@ -42,6 +43,7 @@ _RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
 _OWNED = (
     ("", "v1", "configmaps"),
     ("apps", "v1", "deployments"),
+    ("apps", "v1", "statefulsets"),
     ("", "v1", "services"),
     ("policy", "v1", "poddisruptionbudgets"),
 )
@@ -108,10 +110,11 @@ async def start_loop(
     pods_by_owner: kopf.Index[Any, PodSummary] | None = None,
     deployments_by_owner: kopf.Index[Any, DeploymentState] | None = None,
     pdbs_by_owner: kopf.Index[Any, bool] | None = None,
+    statefulsets_by_owner: kopf.Index[Any, StatefulSetState] | None = None,
     **_: Any,
 ) -> None:
     assert llmds_by_key is not None and pods_by_owner is not None
-    assert deployments_by_owner is not None and pdbs_by_owner is not None
+    assert deployments_by_owner is not None and pdbs_by_owner is not None and statefulsets_by_owner is not None
     loop = FleetLoop(
         settings=memo.settings,
         kube=memo.kube,
@@ -121,6 +124,7 @@ async def start_loop(
         pods=pods_by_owner,
         deployments=deployments_by_owner,
         pdbs=pdbs_by_owner,
+        statefulsets=statefulsets_by_owner,
     )
     memo.loop_task = asyncio.create_task(loop.run(), name="kubellm fleet loop")
 
@@ -148,6 +152,13 @@ def deployments_by_owner(namespace: str | None, name: str, body: kopf.Body, **_:
     return {(namespace, name): DeploymentState.from_object(body)}
 
 
+def statefulsets_by_owner(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, StatefulSetState]:
+    # A multi-node replica group's StatefulSet, by owner: one LLMDeployment has one per group.
+    return {(namespace, labels.get(c.LABEL_INSTANCE, "")): StatefulSetState.from_object(body)}
+
+
 def pods_by_owner(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, PodSummary]:
     return {(namespace, labels.get(c.LABEL_INSTANCE, "")): summarize_pod(body)}
 
@@ -164,28 +175,33 @@ def llmds_by_key(namespace: str | None, name: str, body: kopf.Body, **_: Any) ->
 # ---- resource handlers ----
 
 
-async def deployment_changed(
+async def workload_changed(
     type: str | None,
     namespace: str | None,
-    name: str,
-    body: kopf.Body,
+    labels: kopf.Labels,
     memo: kopf.Memo,
     llmds_by_key: kopf.Index[Any, LLMDeploymentRef] | None = None,
     pods_by_owner: kopf.Index[Any, PodSummary] | None = None,
+    deployments_by_owner: kopf.Index[Any, DeploymentState] | None = None,
+    statefulsets_by_owner: kopf.Index[Any, StatefulSetState] | None = None,
     **_: Any,
 ) -> None:
-    """A Deployment's status moved (pods became Ready, a rollout progressed): show it at once in the owner's
-    status rather than at the loop's next tick."""
+    """A Deployment's or a group StatefulSet's status moved (pods became Ready, a rollout progressed): show it at
+    once in the owner's status rather than at the loop's next tick (kopf updates the indices before it calls
+    handlers, so they include this event)."""
     assert llmds_by_key is not None and pods_by_owner is not None
-    ref: LLMDeploymentRef | None = one(llmds_by_key.get((namespace, name)))
+    assert deployments_by_owner is not None and statefulsets_by_owner is not None
+    key = (namespace, labels.get(c.LABEL_INSTANCE, ""))
+    ref: LLMDeploymentRef | None = one(llmds_by_key.get(key))
     if type == "DELETED" or namespace is None or ref is None or not memo.leadership.active():
         return
     spec, _error = parse_or_error(ref.spec)
     if spec is None:
         return
-    owner = Owner(name=name, namespace=namespace, uid=ref.uid)
-    pods = list(pods_by_owner.get((namespace, name), ()))
-    args = (memo.kube, owner, ref.generation, spec, DeploymentState.from_object(body), pods)
+    state = workload_state(spec, key, deployments_by_owner, statefulsets_by_owner)
+    owner = Owner(name=key[1], namespace=namespace, uid=ref.uid)
+    pods = list(pods_by_owner.get(key, ()))
+    args = (memo.kube, owner, ref.generation, spec, state, pods)
     last_seen = seen(ref.resource_version, ref.status)
     write = functools.partial(write_refresh, *args, last_seen, with_scaling_keys=False)
     await asyncio.wait_for(asyncio.to_thread(write), memo.settings.handler_timeout_seconds)
@@ -245,13 +261,16 @@ def reconcile_handler(
     memo: kopf.Memo,
     pods_by_owner: kopf.Index[Any, PodSummary] | None = None,  # kopf passes indices by name
     pdbs_by_owner: kopf.Index[Any, bool] | None = None,
+    deployments_by_owner: kopf.Index[Any, DeploymentState] | None = None,
+    statefulsets_by_owner: kopf.Index[Any, StatefulSetState] | None = None,
     **_: Any,
 ) -> None:
     assert pods_by_owner is not None and pdbs_by_owner is not None
+    assert deployments_by_owner is not None and statefulsets_by_owner is not None
     assert namespace is not None  # the CRD is namespaced
     owner = Owner(name=name, namespace=namespace, uid=uid)
-    has_pdb = (namespace, name) in pdbs_by_owner
-    outcome = reconcile(memo.kube, owner, spec, int(meta.get("generation", 0)), memo.settings, has_pdb)
+    existing = Existing.from_indices((namespace, name), pdbs_by_owner, deployments_by_owner, statefulsets_by_owner)
+    outcome = reconcile(memo.kube, owner, spec, int(meta.get("generation", 0)), memo.settings, existing)
     pods = list(pods_by_owner.get((namespace, name), ()))
     write_outcome(memo.kube, owner, outcome, pods, seen(meta.get("resourceVersion"), status))
     if outcome.error is not None:
@@ -279,12 +298,14 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index("apps", "v1", "deployments", id="deployments_by_owner", labels=_MANAGED, **quick)(deployments_by_owner)
     kopf.index("", "v1", "pods", id="pods_by_owner", labels=_MANAGED, **quick)(pods_by_owner)
     kopf.index("policy", "v1", "poddisruptionbudgets", id="pdbs_by_owner", labels=_MANAGED, **quick)(pdbs_by_owner)
+    kopf.index("apps", "v1", "statefulsets", id="statefulsets_by_owner", labels=_MANAGED, **quick)(
+        statefulsets_by_owner
+    )
     kopf.index(*_RESOURCE, id="llmds_by_key", **quick)(llmds_by_key)
 
     # kopf's event handlers have no retry policy: a status refresh lost here is redone by the loop's next tick.
-    on.event("apps", "v1", "deployments", id="deployment_changed", labels=_MANAGED, registry=registry)(
-        deployment_changed
-    )
+    for plural in ("deployments", "statefulsets"):
+        on.event("apps", "v1", plural, id=f"{plural}_changed", labels=_MANAGED, registry=registry)(workload_changed)
     for group, version, plural in _OWNED:
         on.event(group, version, plural, id=f"drift_{plural}", labels=_MANAGED, registry=registry)(owned_changed)
     for decorator in (on.resume, on.create, on.update):

@@ -22,13 +22,15 @@ from typing import Any
 
 from kubellm.operator import constants as c
 from kubellm.operator.apply import Kube
+from kubellm.operator.group_restart import group_actions
+from kubellm.operator.groups import workload_state
 from kubellm.operator.metrics import Scraper
 from kubellm.operator.peering import Leadership
-from kubellm.operator.reconcile import parse_or_error, reconcile
+from kubellm.operator.reconcile import Existing, parse_or_error, reconcile
 from kubellm.operator.resources import Owner
 from kubellm.operator.scaling import AutoscaleMemory, PostEvent, autoscale
 from kubellm.operator.settings import Settings
-from kubellm.operator.status import DeploymentState, PodSummary, ScalingReport, metrics_due, parse_status
+from kubellm.operator.status import PodSummary, ScalingReport, metrics_due, parse_status, serving_pods
 from kubellm.operator.status_writes import now_iso, seen, write_outcome, write_refresh
 
 log = logging.getLogger("kubellm.operator.loop")
@@ -61,6 +63,7 @@ class FleetLoop:
     pods: Mapping[Any, Any]
     deployments: Mapping[Any, Any]
     pdbs: Mapping[Any, Any]
+    statefulsets: Mapping[Any, Any]
     memory: dict[str, ObjectMemory] = field(default_factory=dict)
 
     async def run(self) -> None:
@@ -120,6 +123,24 @@ class FleetLoop:
                 await self._post_event(owner)("Normal", "ScaledUp", f"woken by {c.ANNOTATION_WAKE}: 0 -> 1")
         await asyncio.to_thread(self.kube.clear_annotation, owner.namespace, owner.name, c.ANNOTATION_WAKE)
 
+    async def restart_groups(self, owner: Owner, pods: list[PodSummary], nodes: int) -> None:
+        """Multi-node replicas: record which workers joined which rank 0, and restart a group that lost a member
+        (group_restart.py)."""
+        ns = owner.namespace
+        for action in group_actions(pods, nodes):
+            if action.action == "delete":
+                if await asyncio.to_thread(self.kube.delete, "v1", "Pod", ns, action.pod, action.uid):
+                    log.info("%s/%s: deleted pod %s: %s", owner.namespace, owner.name, action.pod, action.reason)
+                    if action.restarts_group:
+                        message = f"restarting the replica group of {action.pod}: {action.reason}"
+                        await self._post_event(owner)("Warning", "GroupRestarted", message)
+                continue
+            if action.action == "stamp":
+                note = {c.ANNOTATION_GROUP_LEADER: action.leader}
+            else:
+                note = {c.ANNOTATION_GROUP_COMPLETE: "true"}
+            await asyncio.to_thread(self.kube.annotate, "v1", "Pod", ns, action.pod, action.uid, note)
+
     async def refresh(self, key: tuple[str, str], ref: Any) -> None:
         namespace, name = key
         spec, _error = parse_or_error(ref.spec)
@@ -132,13 +153,16 @@ class FleetLoop:
         clock = time.monotonic()
         if clock - memory.last_resync >= self.settings.resync_seconds:
             memory.last_resync = clock
-            args = (self.kube, owner, ref.spec, ref.generation, self.settings, key in self.pdbs)
+            existing = Existing.from_indices(key, self.pdbs, self.deployments, self.statefulsets)
+            args = (self.kube, owner, ref.spec, ref.generation, self.settings, existing)
             outcome = await asyncio.to_thread(reconcile, *args)
             await asyncio.to_thread(write_outcome, self.kube, owner, outcome, pods, last_seen)
             return  # the next tick refreshes from the status just written
         if ref.wake:
             await self.wake(owner, spec.replicas, ref.resource_version)
             return  # the next tick sees the new replicas
+        if spec.nodes() > 1:
+            await self.restart_groups(owner, pods, spec.nodes())
         report = None
         auto, auto_memory = spec.autoscaling, memory.autoscale
         if auto.enabled and clock - auto_memory.last_evaluation >= auto.evaluation_period_seconds - 0.05:
@@ -147,7 +171,7 @@ class FleetLoop:
                 post_event=self._post_event(owner),
                 owner=owner,
                 spec=spec,
-                pods=pods,
+                pods=serving_pods(pods, spec.nodes()),  # one per replica: a group's rank 0 speaks for it
                 memory=auto_memory,
                 stored=list(parse_status(ref.status).recommendations),
                 resource_version=ref.resource_version,
@@ -171,7 +195,7 @@ class FleetLoop:
             )
         elif pending is not None:
             report = pending
-        deployment: DeploymentState | None = one(self.deployments.get(key))
+        deployment = workload_state(spec, key, self.deployments, self.statefulsets)
         args2 = (self.kube, owner, ref.generation, spec, deployment, pods, last_seen, report)
         try:
             await asyncio.to_thread(write_refresh, *args2)

@@ -17,7 +17,8 @@ from kubernetes.client.exceptions import ApiException
 
 from kubellm import contract
 from kubellm.operator.apply import Kube
-from kubellm.operator.resources import Owner, engine_section, render
+from kubellm.operator.render import render
+from kubellm.operator.resources import Owner, engine_section
 from kubellm.operator.settings import Settings
 from kubellm.operator.spec import LLMDeploymentSpec, parse_spec
 from kubellm.operator.status import DeploymentState
@@ -36,6 +37,26 @@ class ReconcileOutcome:
     @property
     def invalid_spec(self) -> bool:
         return self.spec is None
+
+
+@dataclass(frozen=True)
+class Existing:
+    """What the watches show of the owner's objects, so a reconcile prunes what the spec no longer renders."""
+
+    pdb: bool = False
+    deployment: bool = False
+    groups: frozenset[str] = frozenset()  # replica groups' StatefulSets (each with a namesake headless Service)
+
+    @classmethod
+    def from_indices(
+        cls, key: Any, pdbs: Mapping[Any, Any], deployments: Mapping[Any, Any], statefulsets: Mapping[Any, Any]
+    ) -> Existing:
+        """From the kopf indices (key: (namespace, LLMDeployment name))."""
+        return cls(
+            pdb=key in pdbs,
+            deployment=key in deployments,
+            groups=frozenset(s.name for s in statefulsets.get(key, ())),
+        )
 
 
 def parse_or_error(spec: Mapping[str, Any]) -> tuple[LLMDeploymentSpec | None, str | None]:
@@ -64,9 +85,11 @@ def api_message(exc: ApiException) -> str:
 
 
 def reconcile(
-    kube: Kube, owner: Owner, raw_spec: Mapping[str, Any], generation: int, settings: Settings, has_pdb: bool
+    kube: Kube, owner: Owner, raw_spec: Mapping[str, Any], generation: int, settings: Settings, existing: Existing
 ) -> ReconcileOutcome:
-    """Apply everything the spec renders to, in dependency order; prune the PDB when there must be none."""
+    """Apply everything the spec renders to, in dependency order; then prune what it no longer renders (the PDB
+    at one replica, the Deployment or the groups when the replicas switch between pods and groups, the groups
+    above spec.replicas)."""
     spec, error = parse_or_error(raw_spec)
     if spec is None:
         return ReconcileOutcome(generation=generation, spec=None, applied=False, error=error)
@@ -83,9 +106,16 @@ def reconcile(
             applied = kube.apply(obj)
             if obj["kind"] == "Deployment":
                 deployment = DeploymentState.from_object(applied)
-        if desired.pdb is None and has_pdb:
+        if desired.pdb is None and existing.pdb:
             what = f"pruning PodDisruptionBudget {owner.name}"
             kube.delete_owned("policy/v1", "PodDisruptionBudget", owner.namespace, owner.name, owner.uid)
+        if desired.deployment is None and existing.deployment:
+            what = f"pruning Deployment {owner.name}"
+            kube.delete_owned("apps/v1", "Deployment", owner.namespace, owner.name, owner.uid)
+        for group in sorted(existing.groups - desired.group_names()):
+            what = f"pruning replica group {group}"
+            kube.delete_owned("apps/v1", "StatefulSet", owner.namespace, group, owner.uid)
+            kube.delete_owned("v1", "Service", owner.namespace, group, owner.uid)
     except ApiException as exc:
         if not is_permanent(exc):
             raise

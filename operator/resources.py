@@ -1,6 +1,7 @@
-"""PURE: an LLMDeployment spec -> the objects that run it (ConfigMap, Deployment, Service, PodDisruptionBudget).
+"""PURE: an LLMDeployment spec -> the objects that run it (ConfigMap, Deployment, Service, PodDisruptionBudget);
+groups.py renders the StatefulSets of replicas spanning several nodes, render.py puts them together.
 
-Nothing here talks to the cluster: `render` returns plain dicts, shaped as server-side apply configurations
+Nothing here talks to the cluster: the renderers return plain dicts, shaped as server-side apply configurations
 (only the fields the operator has an opinion on), with owner references so that deleting the LLMDeployment
 garbage-collects them.
 """
@@ -40,26 +41,15 @@ class Owner:
         }
 
 
-@dataclass(frozen=True)
-class DesiredObjects:
-    config_map: JSON
-    deployment: JSON
-    service: JSON
-    # None: there must be no PodDisruptionBudget (a single replica cannot keep one available while draining).
-    pdb: JSON | None
-
-    def to_apply(self) -> list[JSON]:
-        """In dependency order: the ConfigMap exists before the pods that mount it."""
-        objects = [self.config_map, self.deployment, self.service]
-        return objects + ([self.pdb] if self.pdb is not None else [])
-
-
 def selector_labels(name: str) -> dict[str, str]:
     return {c.LABEL_NAME: c.APP_NAME, c.LABEL_INSTANCE: name}
 
 
-def selector_string(name: str) -> str:
-    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+def selector_string(name: str, spec: LLMDeploymentSpec | None = None) -> str:
+    """The label selector of the pods (status.selector, which the scale subresource gives HPA to count replicas
+    by): with `spec`, of the pods that serve, one per replica."""
+    labels = serving_selector(name, spec) if spec is not None else selector_labels(name)
+    return ",".join(f"{k}={v}" for k, v in labels.items())
 
 
 def common_labels(name: str) -> dict[str, str]:
@@ -83,11 +73,13 @@ def endpoint(owner: Owner, spec: LLMDeploymentSpec) -> str:
     return f"http://{owner.name}.{owner.namespace}.svc:{spec.service.port}"
 
 
-def _metadata(owner: Owner, name: str, annotations: dict[str, str] | None = None) -> JSON:
+def object_metadata(
+    owner: Owner, name: str, annotations: dict[str, str] | None = None, labels: dict[str, str] | None = None
+) -> JSON:
     meta: JSON = {
         "name": name,
         "namespace": owner.namespace,
-        "labels": common_labels(owner.name),
+        "labels": {**common_labels(owner.name), **(labels or {})},
         "ownerReferences": [owner.reference()],
     }
     if annotations:
@@ -147,7 +139,7 @@ def render_config_map(owner: Owner, spec: LLMDeploymentSpec, settings: Settings)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(owner, config_map_name(owner.name)),
+        "metadata": object_metadata(owner, config_map_name(owner.name)),
         "data": data,
     }
 
@@ -338,7 +330,7 @@ def render_deployment(owner: Owner, spec: LLMDeploymentSpec, settings: Settings,
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(owner, owner.name),
+        "metadata": object_metadata(owner, owner.name),
         "spec": {
             "replicas": spec.replicas,
             "revisionHistoryLimit": 3,
@@ -354,14 +346,22 @@ def render_deployment(owner: Owner, spec: LLMDeploymentSpec, settings: Settings,
     }
 
 
+def serving_selector(name: str, spec: LLMDeploymentSpec) -> dict[str, str]:
+    """The pods that serve the API: all of them, or in multi-node groups only each group's pod 0 (the others run
+    only their ranks' workers)."""
+    if spec.nodes() > 1:
+        return {**selector_labels(name), c.LABEL_POD_INDEX: "0"}
+    return selector_labels(name)
+
+
 def render_service(owner: Owner, spec: LLMDeploymentSpec) -> JSON:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, owner.name, spec.service.annotations),
+        "metadata": object_metadata(owner, owner.name, spec.service.annotations),
         "spec": {
             "type": spec.service.type,
-            "selector": selector_labels(owner.name),
+            "selector": serving_selector(owner.name, spec),
             "ports": [{"name": c.PORT_NAME, "port": spec.service.port, "targetPort": c.PORT_NAME, "protocol": "TCP"}],
         },
     }
@@ -373,7 +373,7 @@ def render_pdb(owner: Owner, spec: LLMDeploymentSpec) -> JSON | None:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(owner, owner.name),
+        "metadata": object_metadata(owner, owner.name),
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(owner.name)},
@@ -381,13 +381,3 @@ def render_pdb(owner: Owner, spec: LLMDeploymentSpec) -> JSON | None:
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
-
-
-def render(owner: Owner, spec: LLMDeploymentSpec, settings: Settings) -> DesiredObjects:
-    config_map = render_config_map(owner, spec, settings)
-    return DesiredObjects(
-        config_map=config_map,
-        deployment=render_deployment(owner, spec, settings, config_map),
-        service=render_service(owner, spec),
-        pdb=render_pdb(owner, spec),
-    )

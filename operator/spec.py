@@ -441,9 +441,11 @@ class ParallelismSpec(_Spec):
     nodes: int = Field(
         default=1,
         ge=1,
-        le=1,
-        description="Nodes one replica spans. Only 1 for now: a replica spanning nodes (a group of pods) is the "
-        "runtime's `--nnodes`, not yet rendered by the operator.",
+        le=64,
+        description="Nodes (pods) one replica spans. Above 1 a replica is a group of pods, a StatefulSet with a "
+        "headless Service per group: pod k runs the ranks [k*L, (k+1)*L) of the tensor x pipeline ranks, pod 0 is "
+        "the rendezvous and alone serves the API; replicas count groups, and a group that loses a pod restarts "
+        "whole.",
     )
 
 
@@ -451,6 +453,9 @@ class ParallelismSpec(_Spec):
 _P, _GPUS = "self.parallelism", "self.resources.gpus"
 _PARALLELISM_FIELDS = ("parallelism", "parallelism.tensor", "parallelism.pipeline", "parallelism.nodes", "resources",
                        "resources.gpus")  # fmt: skip
+# A group's StatefulSet `{name}-g{i}` (i < 1000) gets pods labelled `controller-revision-hash: {sts}-{10 chars}`,
+# a label value of at most 63 characters.
+MAX_GROUPED_NAME_LENGTH = MAX_NAME_LENGTH - len("-g999") - len("-0123456789")
 
 
 class LLMDeploymentSpec(_Spec):
@@ -465,6 +470,13 @@ class LLMDeploymentSpec(_Spec):
                     "parallelism.tensor x parallelism.pipeline must equal resources.gpus x parallelism.nodes "
                     "(one rank per GPU)",
                     ".parallelism",
+                ),
+                cel_when(
+                    ("parallelism", "parallelism.tensor", "parallelism.pipeline", "parallelism.nodes"),
+                    f"({_P}.tensor * {_P}.pipeline) % {_P}.nodes == 0",
+                    "parallelism.nodes must divide parallelism.tensor x parallelism.pipeline (each node holds "
+                    "as many ranks)",
+                    ".parallelism.nodes",
                 ),
                 cel_when(
                     _PARALLELISM_FIELDS,
@@ -502,6 +514,11 @@ class LLMDeploymentSpec(_Spec):
             )
         if gpus == 0 and par.tensor > 1:
             raise ValueError(f"parallelism.tensor {par.tensor} needs resources.gpus >= 1")
+        if (par.tensor * par.pipeline) % par.nodes:
+            raise ValueError(
+                f"parallelism.nodes ({par.nodes}) must divide parallelism.tensor x parallelism.pipeline "
+                f"({par.tensor} x {par.pipeline}): each node holds as many ranks"
+            )
         return self
 
     def tensor_parallel_size(self) -> int:
@@ -510,6 +527,10 @@ class LLMDeploymentSpec(_Spec):
 
     def pipeline_parallel_size(self) -> int:
         return self.parallelism.pipeline if self.parallelism is not None else 1
+
+    def nodes(self) -> int:
+        """Pods (nodes) one replica spans: above 1, a replica is a group of pods (groups.py)."""
+        return self.parallelism.nodes if self.parallelism is not None else 1
 
 
 # ---- status (written only by the operator; modelled so that the CRD's status schema is structural too) ----
@@ -579,7 +600,12 @@ def parse_spec(spec: dict[str, Any]) -> LLMDeploymentSpec:
     return LLMDeploymentSpec.model_validate(spec)
 
 
-def check_name(name: str) -> None:
-    """The LLMDeployment name becomes a Service name: an RFC 1035 label (the CRD checks it too)."""
+def check_name(name: str, spec: LLMDeploymentSpec | None = None) -> None:
+    """The LLMDeployment name becomes a Service name: an RFC 1035 label (the CRD checks it too); shorter when the
+    replicas are groups of pods (their StatefulSets' names add a suffix)."""
     if len(name) > MAX_NAME_LENGTH or not re.match(DNS1035_LABEL, name):
         raise ValueError(f"metadata.name {name!r} must be an RFC 1035 label of at most {MAX_NAME_LENGTH} characters")
+    if spec is not None and spec.nodes() > 1 and len(name) > MAX_GROUPED_NAME_LENGTH:
+        raise ValueError(
+            f"metadata.name {name!r} must be at most {MAX_GROUPED_NAME_LENGTH} characters when parallelism.nodes > 1"
+        )

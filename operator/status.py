@@ -47,6 +47,13 @@ class PodSummary:
     # Pending and the scheduler found no node: its message ("0/3 nodes are available: 3 Insufficient ...").
     unschedulable_message: str | None = None
     broken_reason: str | None = None  # e.g. CrashLoopBackOff
+    # A pod of a multi-node replica group (groups.py, group_restart.py): which group, its rank (the StatefulSet
+    # ordinal), the rank-0 pod it joined (workers), whether all its workers had joined (rank 0).
+    uid: str = ""
+    group: str | None = None
+    rank: int | None = None
+    leader: str | None = None
+    complete: bool = False
 
 
 def summarize_pod(pod: Mapping[str, Any]) -> PodSummary:
@@ -63,6 +70,8 @@ def summarize_pod(pod: Mapping[str, Any]) -> PodSummary:
         reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
         if reason in BROKEN_WAITING_REASONS:
             broken = reason
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    index = str(labels.get(c.LABEL_POD_INDEX, ""))
     return PodSummary(
         name=meta.get("name", ""),
         ip=status.get("podIP"),
@@ -70,6 +79,11 @@ def summarize_pod(pod: Mapping[str, Any]) -> PodSummary:
         terminating=meta.get("deletionTimestamp") is not None,
         unschedulable_message=unschedulable,
         broken_reason=broken,
+        uid=str(meta.get("uid", "")),
+        group=labels.get(c.LABEL_GROUP),
+        rank=int(index) if index.isdigit() else None,
+        leader=annotations.get(c.ANNOTATION_GROUP_LEADER),
+        complete=c.ANNOTATION_GROUP_COMPLETE in annotations,
     )
 
 
@@ -121,20 +135,35 @@ class ScalingReport:
     history: Sequence[RecommendationSegment] | None = None  # status.recommendations (None: leave as it is)
 
 
+def serving_pods(pods: Sequence[PodSummary], nodes: int) -> list[PodSummary]:
+    """The pods that serve the API, one per replica: all of them, or each multi-node group's rank 0 (ready only
+    once every rank of its group joined)."""
+    return [p for p in pods if nodes <= 1 or (p.group is not None and p.rank == 0)]
+
+
 @dataclass(frozen=True)
 class Observed:
-    """What the status is computed from: the Deployment and pods as the watches last saw them."""
+    """What the status is computed from: the workload (the Deployment, or the groups' StatefulSets as one
+    Deployment-like state counted in groups) and the pods, as the watches last saw them."""
 
     deployment: DeploymentState | None
     pods: Sequence[PodSummary]
+    nodes: int = 1  # pods per replica
 
     @property
     def live(self) -> list[PodSummary]:
         return [p for p in self.pods if not p.terminating]
 
     @property
+    def replicas(self) -> int:
+        """Replicas that exist: pods, or groups with a live pod."""
+        if self.nodes <= 1:
+            return len(self.live)
+        return len({p.group for p in self.live if p.group is not None})
+
+    @property
     def ready(self) -> int:
-        return sum(p.ready for p in self.live)
+        return sum(p.ready for p in serving_pods(self.live, self.nodes))
 
     @property
     def unschedulable(self) -> list[PodSummary]:
@@ -321,13 +350,13 @@ def compute_status(
     return LLMDeploymentStatus(
         observed_generation=applied_generation,
         conditions=merge_conditions(previous.conditions, new_conditions, generation, now),
-        replicas=len(observed.live),
+        replicas=observed.replicas,
         ready_replicas=observed.ready,
         updated_replicas=dep.updated_replicas,
         desired_replicas=spec.replicas,
         pending_replicas=len(observed.unschedulable),
         ready=f"{observed.ready}/{spec.replicas}",
-        selector=selector_string(owner.name),
+        selector=selector_string(owner.name, spec),
         endpoint=endpoint(owner, spec),
         metrics=metrics,
         last_scale_time=last_scale,
@@ -367,7 +396,7 @@ def build_status(
             owner=owner,
             generation=generation,
             spec=spec,
-            observed=Observed(deployment, pods),
+            observed=Observed(deployment, pods, spec.nodes()),
             previous=before,
             now=now,
             error=failure,

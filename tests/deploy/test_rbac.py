@@ -3,7 +3,7 @@
 The permissions the operator needs are derived from the code itself, not from a list kept by hand:
 - kopf's registry, filled by `handlers.register`: every watched or indexed resource needs list+watch; resources with
   change handlers or timers are patched (progress annotations, finalizer) and so is their status subresource;
-- every use of `Kube` (apply.py) in operator/: apply -> patch and create on each kind `resources.render` produces,
+- every use of `Kube` (apply.py) in operator/: apply -> patch and create on each kind `render.render` produces,
   scale -> patch on the scale subresource, delete_owned/get/list -> the verbs they send, on the kinds named at the call;
 - `kopf.event` and kopf's own warning Events -> events create;
 - kopf itself (kopf/_core/reactor/observation.py, engines/peering.py): CRDs list+watch for resource scanning;
@@ -24,11 +24,17 @@ from deploy.helmchart import ROOT, VALUES_DIR, Helm, by_kind
 
 Permission = tuple[str, str, str]  # (apiGroup, resource, verb)
 
-# A spec that makes resources.render produce every kind it can (a PDB needs two replicas).
+# Specs that make render.render produce every kind it can (a PDB needs two replicas; StatefulSets and headless
+# Services replicas spanning several nodes).
 FULL_SPEC: dict[str, Any] = {
     "model": {"source": "builtin:smollm2-135m-instruct", "chatTemplate": "{{ messages }}"},
     "replicas": 2,
     "auth": {"apiKeySecretRef": {"name": "key"}},
+}
+GROUPED_SPEC: dict[str, Any] = {
+    **FULL_SPEC,
+    "resources": {"gpus": 2},
+    "parallelism": {"tensor": 2, "pipeline": 2, "nodes": 2},
 }
 CLUSTER_SCOPED = {
     ("apiextensions.k8s.io", "customresourcedefinitions"),
@@ -121,7 +127,8 @@ def _kube_requests() -> dict[str, list[_Request]]:
 
 
 def _kube_uses() -> list[tuple[str, tuple[str, ...]]]:
-    """(method, literal positional args) for every `kube.<method>` / `memo.kube.<method>` reference in operator/."""
+    """(method, literal positional args) for every `kube.<method>` / `memo.kube.<method>` reference in operator/:
+    called, or handed to a thread with its arguments (`asyncio.to_thread(self.kube.delete, "v1", "Pod", ...)`)."""
     from kubellm.operator.apply import Kube
 
     methods = {name for name, _ in inspect.getmembers(Kube, inspect.isfunction) if not name.startswith("_")}
@@ -131,6 +138,7 @@ def _kube_uses() -> list[tuple[str, tuple[str, ...]]]:
             continue
         tree = ast.parse(path.read_text())
         calls = {id(node.func): node for node in ast.walk(tree) if isinstance(node, ast.Call)}
+        handed = {id(node.args[0]): node for node in ast.walk(tree) if isinstance(node, ast.Call) and node.args}
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Attribute) and node.attr in methods):
                 continue
@@ -139,7 +147,8 @@ def _kube_uses() -> list[tuple[str, tuple[str, ...]]]:
             if name != "kube":
                 continue
             call = calls.get(id(node))
-            args = tuple(str(a.value) for a in call.args if isinstance(a, ast.Constant)) if call else ()
+            literal = call.args if call else handed[id(node)].args[1:] if id(node) in handed else []
+            args = tuple(str(a.value) for a in literal if isinstance(a, ast.Constant))
             uses.append((node.attr, args))
     return uses
 
@@ -148,7 +157,7 @@ def used_permissions(*, cluster_wide: bool, peering: bool) -> tuple[set[Permissi
     """(cluster-scoped, namespaced) permissions some code path of the operator uses in this mode."""
     import kopf
 
-    from kubellm.operator import apply, handlers, resources
+    from kubellm.operator import apply, handlers, render, resources
     from kubellm.operator.settings import Settings
     from kubellm.operator.spec import parse_spec
 
@@ -163,15 +172,18 @@ def used_permissions(*, cluster_wide: bool, peering: bool) -> tuple[set[Permissi
                 # kopf patches the object (annotations, finalizer) and, via the subresource, its status.
                 namespaced |= {(group, plural, "patch"), (group, f"{plural}/status", "patch")}
 
-    rendered = resources.render(
-        resources.Owner(name="x", namespace="ns", uid="u"), parse_spec(FULL_SPEC), Settings()
-    ).to_apply()
+    owner = resources.Owner(name="x", namespace="ns", uid="u")
+    rendered = [
+        obj
+        for spec in (FULL_SPEC, GROUPED_SPEC)
+        for obj in render.render(owner, parse_spec(spec), Settings()).to_apply()
+    ]
     uses = _kube_uses()
     assert uses, "found no use of Kube in operator/"
     requests = _kube_requests()
     for method, args in uses:
         for request in requests[method]:
-            if request.target == "object":  # apply(obj): every kind resources.render produces
+            if request.target == "object":  # apply(obj): every kind render.render produces
                 kinds = [(obj["apiVersion"], obj["kind"]) for obj in rendered]
             elif request.target == "params":  # the caller names the kind: its first two literal arguments
                 kinds = [(args[0], args[1])]

@@ -15,7 +15,8 @@ import pytest
 
 from kubellm import contract
 from kubellm.operator import constants as c
-from kubellm.operator.resources import Owner, render
+from kubellm.operator.render import render
+from kubellm.operator.resources import Owner
 from kubellm.operator.settings import Settings
 from kubellm.operator.spec import LLMDeploymentSpec
 from kubellm.runtime import config

@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 from kubellm.operator import constants as c
-from kubellm.operator.resources import Owner, config_hash, model_argument, render, selector_string
+from kubellm.operator.render import render
+from kubellm.operator.resources import Owner, config_hash, model_argument, selector_string
 from kubellm.operator.settings import Settings
 from kubellm.operator.spec import LLMDeploymentSpec
 

@@ -64,12 +64,24 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
     ("ranks-ne-gpus", "m", _spec(resources={"gpus": 2}, parallelism={"tensor": 4}), "spec.parallelism"),
     ("tensor-on-cpu", "m", _spec(resources={"gpus": 0}, parallelism={"tensor": 2}), "spec.parallelism.tensor"),
     (
-        "nodes-not-yet",
+        "nodes-not-dividing-ranks",
         "m",
-        _spec(resources={"gpus": 2}, parallelism={"tensor": 4, "nodes": 2}),
+        _spec(resources={"gpus": 0}, parallelism={"pipeline": 3, "nodes": 2}),
         "spec.parallelism.nodes",
     ),
+    (
+        "nodes-too-many",
+        "m",
+        _spec(resources={"gpus": 1}, parallelism={"pipeline": 65, "nodes": 65}),
+        "spec.parallelism",
+    ),
     ("name-not-dns1035", "1-model", _spec(), "metadata.name"),
+    (
+        "grouped-name-too-long",  # 48 characters: its groups' pods would carry a revision label over 63
+        "m" * 48,
+        _spec(resources={"gpus": 2}, parallelism={"tensor": 4, "nodes": 2}),
+        "metadata.name",
+    ),
 ]
 
 FULL_SPEC: dict[str, Any] = {
@@ -137,7 +149,7 @@ def _leaf(field: str) -> str:
 def test_models_refuse(case: str, name: str, spec: dict[str, Any], field: str) -> None:
     if field == "metadata.name":
         with pytest.raises(ValueError, match=r"metadata\.name"):
-            check_name(name)
+            check_name(name, LLMDeploymentSpec.model_validate(spec))
         return
     with pytest.raises(pydantic.ValidationError) as info:
         LLMDeploymentSpec.model_validate(spec)

@@ -41,23 +41,29 @@
 - apiGroups: ["kubellm.io"]
   resources: ["llmdeployments/finalizers"]
   verbs: ["update"]
-# apply.py Kube.apply: server-side apply of what resources.py renders (an apply that creates the object needs
+# apply.py Kube.apply: server-side apply of what render.py renders (an apply that creates the object needs
 # `create` as well as `patch`; owner references need `delete`); handlers.py watches them all for drift.
+# reconcile.py prunes (Kube.delete_owned reads the object first) the Deployment, the replica groups'
+# StatefulSets and their headless Services when the replicas switch between pods and groups or scale down.
 - apiGroups: ["apps"]
-  resources: ["deployments"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  resources: ["deployments", "statefulsets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["configmaps", "services"]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps"]
   verbs: ["list", "watch", "create", "patch", "delete"]
 # apply.py Kube.apply; Kube.delete_owned when replicas drop to one (it reads the owner first); handlers.py indexes
 # the PDBs by watch to know when there is one to prune.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# handlers.py: the pods index (readiness, Pending for GPUs, the IPs to scrape).
+# handlers.py: the pods index (readiness, Pending for GPUs, the IPs to scrape). loop.py restart_groups: a
+# multi-node replica group's pods are annotated with the rank 0 they joined, and deleted to restart the group.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch"]
+  verbs: ["list", "watch", "patch", "delete"]
 # kopf.event (scaling decisions) and kopf's own warnings.
 - apiGroups: [""]
   resources: ["events"]
