@@ -71,12 +71,15 @@ def parse_model(obj: JSON) -> Model | None:
 
 
 def parse_pod(obj: JSON) -> tuple[str, Endpoint | None]:
-    """(LLMDeployment name, the pod's endpoint if it is Ready and not terminating) of one runtime pod."""
+    """(LLMDeployment name, the pod's endpoint if it is Ready, not terminating and serves the API: of a multi-node
+    replica group only pod 0 does) of one runtime pod."""
     meta, status = obj.get("metadata") or {}, obj.get("status") or {}
-    owner = str((meta.get("labels") or {}).get(contract.LABEL_INSTANCE, ""))
+    labels = meta.get("labels") or {}
+    owner = str(labels.get(contract.LABEL_INSTANCE, ""))
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
     ip = status.get("podIP")
-    if not ready or not ip or meta.get("deletionTimestamp") is not None:
+    worker = contract.LABEL_GROUP in labels and labels.get(contract.LABEL_POD_INDEX) != "0"
+    if not ready or not ip or worker or meta.get("deletionTimestamp") is not None:
         return owner, None
     port = contract.CONTAINER_PORT
     for container in (obj.get("spec") or {}).get("containers") or ():

@@ -25,8 +25,10 @@ LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 COMPONENT_RUNTIME: Final = "runtime"
 MANAGED_BY_OPERATOR: Final = "kubellm-operator"
-# The StatefulSet controller's ordinal label: in a multi-node replica group (parallelism.nodes > 1) only pod 0
-# serves the API (the gateway routes to it alone; the others run only their ranks' workers).
+# A multi-node replica group's pods (parallelism.nodes > 1) carry their group's index, and the StatefulSet
+# controller's ordinal label: only pod 0 serves the API (the gateway routes to it alone; the others run only
+# their ranks' workers).
+LABEL_GROUP: Final = f"{LLMD_GROUP}/group"
 LABEL_POD_INDEX: Final = "apps.kubernetes.io/pod-index"
 
 CONTAINER_PORT: Final = 8000

@@ -31,7 +31,7 @@ RESERVED_LABELS: Final = (LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_MAN
 
 # Multi-node replicas (groups.py): the group a pod belongs to, and its ordinal, which the StatefulSet controller
 # labels it with (GA in Kubernetes 1.32): the runtime's --node-rank, and 0 marks the pod that serves the API.
-LABEL_GROUP: Final = f"{GROUP}/group"
+LABEL_GROUP: Final = contract.LABEL_GROUP
 LABEL_POD_INDEX: Final = contract.LABEL_POD_INDEX
 # group_restart.py: on a group's worker pods, the uid of the rank-0 pod they joined; on a rank-0 pod, that all its
 # workers had joined (a worker lost after that restarts the whole group).

@@ -39,8 +39,7 @@ def test_every_llmdeployment_is_a_valid_spec(path: Path) -> None:
         assert "namespace" not in doc["metadata"], "examples apply to the namespace the user picks (-n)"
     for llmd in llmds:
         assert llmd["apiVersion"] == constants.API_VERSION
-        check_name(llmd["metadata"]["name"])
-        parse_spec(llmd["spec"])
+        check_name(llmd["metadata"]["name"], parse_spec(llmd["spec"]))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])

@@ -51,6 +51,16 @@ def test_pods_count_only_when_ready_with_an_ip_and_not_terminating() -> None:
     assert parse_pod(_pod("p", "m", "10.0.0.1", True, deleting=True))[1] is None
 
 
+def test_of_a_multi_node_group_only_pod_0_is_an_endpoint() -> None:
+    def member(index: str) -> dict[str, Any]:
+        pod = _pod(f"m-g0-{index}", "m", "10.0.0.2", True)
+        pod["metadata"]["labels"] |= {"kubellm.io/group": "0", "apps.kubernetes.io/pod-index": index}
+        return pod
+
+    assert parse_pod(member("0"))[1] is not None
+    assert parse_pod(member("1"))[1] is None, "a worker of the group serves no API"
+
+
 def test_registry_follows_events_and_relists() -> None:
     registry = Registry()
     registry.replace_models([_llmd("m", served="chat"), _llmd("m", ns="b", served="chat"), _llmd("n")])
