@@ -1,4 +1,4 @@
-"""The ``kubellm`` command: ``kubellm serve | generate | operator ...``.
+"""The ``kubellm`` command: ``kubellm serve | generate | download | operator | gateway``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
 Those modules keep heavy imports (torch, kopf) inside ``run`` so that ``kubellm --help`` stays quick.
@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("kubellm.runtime.server.cli", "serve a model over an OpenAI-compatible HTTP API"),
     "generate": ("kubellm.runtime.generate_cli", "generate text offline from a prompt"),
+    "download": ("kubellm.runtime.download", "download an hf:// model into a folder once, resumably (the loader Job)"),
     "operator": ("kubellm.operator.cli", "run the LLMDeployment operator"),
     "gateway": ("kubellm.gateway.cli", "route OpenAI requests to LLMDeployments by model and prefix; hold at zero"),
 }

