@@ -29,6 +29,8 @@ _COLLECTIONS: dict[tuple[str, str], str] = {
     ("v1", "Event"): "/api/v1/namespaces/{namespace}/events",
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{namespace}/deployments",
     ("apps/v1", "StatefulSet"): "/apis/apps/v1/namespaces/{namespace}/statefulsets",
+    ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{namespace}/jobs",
+    ("v1", "PersistentVolumeClaim"): "/api/v1/namespaces/{namespace}/persistentvolumeclaims",
     ("policy/v1", "PodDisruptionBudget"): "/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
     (c.API_VERSION, c.KIND): f"/apis/{c.API_VERSION}/namespaces/{{namespace}}/{c.PLURAL}",
     # kopf's peering objects (read by the fleet loop to know whether this replica leads); the cluster one has no
@@ -74,8 +76,10 @@ class Kube:
         body: Any = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str | None = None,
+        text: bool = False,
     ) -> JSON:
-        headers = {"Accept": "application/json"}
+        """One request; the JSON body as a dict, or with `text` the body as {"text": ...} (a pod's log)."""
+        headers = {"Accept": "text/plain" if text else "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
         request = self.api.param_serialize(
@@ -90,6 +94,8 @@ class Kube:
         raw = response.read()
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=raw.decode("utf-8", "replace"), data=None)
+        if text:
+            return {"text": raw.decode("utf-8", "replace")}
         data = json.loads(raw) if raw else {}
         return data if isinstance(data, dict) else {}
 
@@ -134,7 +140,8 @@ class Kube:
             self._call(
                 "DELETE",
                 object_path(api_version, kind, namespace, name),
-                body={"preconditions": {"uid": uid}},
+                # Background: dependents go too (a Job's pods; the API's default for Jobs is to orphan them).
+                body={"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
                 content_type="application/json",
             )
         except ApiException as exc:
@@ -142,6 +149,16 @@ class Kube:
                 return False
             raise
         return True
+
+    def pod_log_tail(self, namespace: str, name: str, lines: int = 5) -> str:
+        """The last lines a pod's container wrote (a loader's progress)."""
+        data = self._call(
+            "GET",
+            object_path(c.POD_API_VERSION, c.POD_KIND, namespace, name) + "/log",
+            query=[("tailLines", str(lines))],
+            text=True,
+        )
+        return str(data.get("text", ""))
 
     def annotate(
         self, api_version: str, kind: str, namespace: str, name: str, uid: str, annotations: dict[str, str]

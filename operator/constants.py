@@ -26,6 +26,7 @@ LABEL_MANAGED_BY: Final = contract.LABEL_MANAGED_BY
 LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
 APP_NAME: Final = "kubellm"
 COMPONENT_RUNTIME: Final = contract.COMPONENT_RUNTIME
+COMPONENT_MODEL_LOADER: Final = "model-loader"  # the loader Job of storage.modelCache (model_cache.py)
 MANAGED_BY: Final = contract.MANAGED_BY_OPERATOR
 RESERVED_LABELS: Final = (LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_PART_OF)
 
@@ -59,6 +60,7 @@ ENGINE_CONFIG_KEY: Final = "engine.json"
 CHAT_TEMPLATE_KEY: Final = "chat_template.jinja"
 MODEL_CACHE_PATH: Final = "/var/cache/kubellm"
 MODELS_PVC_MOUNT_ROOT: Final = "/models"
+MODELS_OCI_MOUNT_PATH: Final = "/model-image"  # an oci:// source's image volume
 API_KEY_MOUNT_PATH: Final = "/var/run/secrets/kubellm"
 DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
 
@@ -66,6 +68,11 @@ DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
 PEERING_API_VERSION: Final = "kopf.dev/v1"
 PEERING_KIND: Final = "KopfPeering"
 CLUSTER_PEERING_KIND: Final = "ClusterKopfPeering"
+
+# The pods the operator reads (a loader's log) and restarts (a multi-node group's).
+POD_API_VERSION: Final = "v1"
+POD_KIND: Final = "Pod"
+LABEL_JOB_NAME: Final = "batch.kubernetes.io/job-name"  # the Job controller's label on a Job's pods
 
 # Events the operator posts (core/v1, what `kubectl describe` shows).
 EVENT_API_VERSION: Final = "v1"

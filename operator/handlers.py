@@ -2,6 +2,7 @@
 
     create / update / resume  ->  reconcile.reconcile (parse -> render -> server-side apply) -> status
     Deployment / StatefulSet  ->  status (readiness shows at once, not at the loop's next tick)
+    loader Job event          ->  reconcile (a filled model cache lets the replicas start) -> status
     owned object event        ->  drift: deleted, or written by another manager -> re-apply it
     startup                   ->  loop.FleetLoop, one task over the indices: status, autoscaling, periodic resync
 
@@ -28,8 +29,9 @@ from kubellm.operator import constants as c
 from kubellm.operator.apply import Kube, make_api_client
 from kubellm.operator.drift import controller_owner, foreign_writes, write_key
 from kubellm.operator.groups import StatefulSetState, workload_state
-from kubellm.operator.loop import FleetLoop, one
+from kubellm.operator.loop import FleetLoop, observe_model, one
 from kubellm.operator.metrics import Scraper
+from kubellm.operator.model_cache import JobState
 from kubellm.operator.peering import Leadership
 from kubellm.operator.reconcile import Existing, parse_or_error, reapply_one, reconcile
 from kubellm.operator.resources import Owner
@@ -38,6 +40,8 @@ from kubellm.operator.status import DeploymentState, PodSummary, summarize_pod
 from kubellm.operator.status_writes import seen, write_outcome, write_refresh
 
 _MANAGED = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
+_RUNTIME_PODS = {**_MANAGED, c.LABEL_COMPONENT: c.COMPONENT_RUNTIME}
+_LOADERS = {**_MANAGED, c.LABEL_COMPONENT: c.COMPONENT_MODEL_LOADER}
 _RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
 # What resources.render produces: watched for drift.
 _OWNED = (
@@ -46,6 +50,8 @@ _OWNED = (
     ("apps", "v1", "statefulsets"),
     ("", "v1", "services"),
     ("policy", "v1", "poddisruptionbudgets"),
+    ("batch", "v1", "jobs"),
+    ("", "v1", "persistentvolumeclaims"),
 )
 
 
@@ -111,10 +117,12 @@ async def start_loop(
     deployments_by_owner: kopf.Index[Any, DeploymentState] | None = None,
     pdbs_by_owner: kopf.Index[Any, bool] | None = None,
     statefulsets_by_owner: kopf.Index[Any, StatefulSetState] | None = None,
+    jobs_by_owner: kopf.Index[Any, JobState] | None = None,
     **_: Any,
 ) -> None:
     assert llmds_by_key is not None and pods_by_owner is not None
     assert deployments_by_owner is not None and pdbs_by_owner is not None and statefulsets_by_owner is not None
+    assert jobs_by_owner is not None
     loop = FleetLoop(
         settings=memo.settings,
         kube=memo.kube,
@@ -125,6 +133,7 @@ async def start_loop(
         deployments=deployments_by_owner,
         pdbs=pdbs_by_owner,
         statefulsets=statefulsets_by_owner,
+        jobs=jobs_by_owner,
     )
     memo.loop_task = asyncio.create_task(loop.run(), name="kubellm fleet loop")
 
@@ -157,6 +166,11 @@ def statefulsets_by_owner(
 ) -> dict[Any, StatefulSetState]:
     # A multi-node replica group's StatefulSet, by owner: one LLMDeployment has one per group.
     return {(namespace, labels.get(c.LABEL_INSTANCE, "")): StatefulSetState.from_object(body)}
+
+
+def jobs_by_owner(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, JobState]:
+    # The loader Jobs of storage.modelCache, by owner.
+    return {(namespace, labels.get(c.LABEL_INSTANCE, "")): JobState.from_object(body)}
 
 
 def pods_by_owner(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, PodSummary]:
@@ -251,6 +265,42 @@ async def owned_changed(
         logger.info("re-applied %s %s after writes by %s", kind, name, sorted({w.manager for w, _ in writes}))
 
 
+async def job_changed(
+    type: str | None,
+    namespace: str | None,
+    labels: kopf.Labels,
+    memo: kopf.Memo,
+    llmds_by_key: kopf.Index[Any, LLMDeploymentRef] | None = None,
+    pods_by_owner: kopf.Index[Any, PodSummary] | None = None,
+    pdbs_by_owner: kopf.Index[Any, bool] | None = None,
+    deployments_by_owner: kopf.Index[Any, DeploymentState] | None = None,
+    statefulsets_by_owner: kopf.Index[Any, StatefulSetState] | None = None,
+    jobs_by_owner: kopf.Index[Any, JobState] | None = None,
+    **_: Any,
+) -> None:
+    """A loader Job moved: once it completes, a reconcile brings the replicas up from 0 at once (not at the next
+    resync); its status shows the model cache's state."""
+    assert llmds_by_key is not None and pods_by_owner is not None and pdbs_by_owner is not None
+    assert deployments_by_owner is not None and statefulsets_by_owner is not None and jobs_by_owner is not None
+    key = (namespace, labels.get(c.LABEL_INSTANCE, ""))
+    ref: LLMDeploymentRef | None = one(llmds_by_key.get(key))
+    if type == "DELETED" or namespace is None or ref is None or ref.deleting or not memo.leadership.active():
+        return
+    spec, _error = parse_or_error(ref.spec)
+    if spec is None or spec.storage.model_cache is None:
+        return
+    owner = Owner(name=key[1], namespace=namespace, uid=ref.uid)
+    existing = Existing.from_indices(key, pdbs_by_owner, deployments_by_owner, statefulsets_by_owner, jobs_by_owner)
+    pods = list(pods_by_owner.get(key, ()))
+
+    def work() -> None:
+        outcome = reconcile(memo.kube, owner, ref.spec, ref.generation, memo.settings, existing)
+        model = observe_model(memo.kube, owner, spec, existing.jobs)
+        write_outcome(memo.kube, owner, outcome, pods, seen(ref.resource_version, ref.status), model=model)
+
+    await asyncio.wait_for(asyncio.to_thread(work), memo.settings.handler_timeout_seconds)
+
+
 def reconcile_handler(
     name: str,
     namespace: str | None,
@@ -263,13 +313,15 @@ def reconcile_handler(
     pdbs_by_owner: kopf.Index[Any, bool] | None = None,
     deployments_by_owner: kopf.Index[Any, DeploymentState] | None = None,
     statefulsets_by_owner: kopf.Index[Any, StatefulSetState] | None = None,
+    jobs_by_owner: kopf.Index[Any, JobState] | None = None,
     **_: Any,
 ) -> None:
-    assert pods_by_owner is not None and pdbs_by_owner is not None
+    assert pods_by_owner is not None and pdbs_by_owner is not None and jobs_by_owner is not None
     assert deployments_by_owner is not None and statefulsets_by_owner is not None
     assert namespace is not None  # the CRD is namespaced
     owner = Owner(name=name, namespace=namespace, uid=uid)
-    existing = Existing.from_indices((namespace, name), pdbs_by_owner, deployments_by_owner, statefulsets_by_owner)
+    indices = (pdbs_by_owner, deployments_by_owner, statefulsets_by_owner, jobs_by_owner)
+    existing = Existing.from_indices((namespace, name), *indices)
     outcome = reconcile(memo.kube, owner, spec, int(meta.get("generation", 0)), memo.settings, existing)
     pods = list(pods_by_owner.get((namespace, name), ()))
     write_outcome(memo.kube, owner, outcome, pods, seen(meta.get("resourceVersion"), status))
@@ -296,7 +348,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     on.cleanup(id="close", retries=1, backoff=1.0, timeout=10.0, registry=registry)(close)
 
     kopf.index("apps", "v1", "deployments", id="deployments_by_owner", labels=_MANAGED, **quick)(deployments_by_owner)
-    kopf.index("", "v1", "pods", id="pods_by_owner", labels=_MANAGED, **quick)(pods_by_owner)
+    kopf.index("", "v1", "pods", id="pods_by_owner", labels=_RUNTIME_PODS, **quick)(pods_by_owner)
+    kopf.index("batch", "v1", "jobs", id="jobs_by_owner", labels=_LOADERS, **quick)(jobs_by_owner)
     kopf.index("policy", "v1", "poddisruptionbudgets", id="pdbs_by_owner", labels=_MANAGED, **quick)(pdbs_by_owner)
     kopf.index("apps", "v1", "statefulsets", id="statefulsets_by_owner", labels=_MANAGED, **quick)(
         statefulsets_by_owner
@@ -306,6 +359,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     # kopf's event handlers have no retry policy: a status refresh lost here is redone by the loop's next tick.
     for plural in ("deployments", "statefulsets"):
         on.event("apps", "v1", plural, id=f"{plural}_changed", labels=_MANAGED, registry=registry)(workload_changed)
+    on.event("batch", "v1", "jobs", id="job_changed", labels=_LOADERS, registry=registry)(job_changed)
     for group, version, plural in _OWNED:
         on.event(group, version, plural, id=f"drift_{plural}", labels=_MANAGED, registry=registry)(owned_changed)
     for decorator in (on.resume, on.create, on.update):

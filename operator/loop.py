@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -25,11 +26,13 @@ from kubellm.operator.apply import Kube
 from kubellm.operator.group_restart import group_actions
 from kubellm.operator.groups import workload_state
 from kubellm.operator.metrics import Scraper
+from kubellm.operator.model_cache import JobState, find_job, model_status, parse_progress, termination_message
 from kubellm.operator.peering import Leadership
 from kubellm.operator.reconcile import Existing, parse_or_error, reconcile
 from kubellm.operator.resources import Owner
 from kubellm.operator.scaling import AutoscaleMemory, PostEvent, autoscale
 from kubellm.operator.settings import Settings
+from kubellm.operator.spec import LLMDeploymentSpec, ModelStatus
 from kubellm.operator.status import PodSummary, ScalingReport, metrics_due, parse_status, serving_pods
 from kubellm.operator.status_writes import now_iso, seen, write_outcome, write_refresh
 
@@ -52,6 +55,24 @@ def one(store: Iterable[Any] | None) -> Any | None:
     return None
 
 
+def observe_model(kube: Kube, owner: Owner, spec: LLMDeploymentSpec, jobs: Iterable[JobState]) -> ModelStatus:
+    """The model cache now: the loader Job's state, with the progress its running pod last logged, or the cause
+    its failed pod left in its termination message (blocking calls: run it in a thread)."""
+    job = find_job(list(jobs), owner, spec)
+    progress, cause = None, None
+    if job is not None and not job.complete:
+        pods = kube.list("v1", "Pod", owner.namespace, f"{c.LABEL_JOB_NAME}={job.name}")
+        if job.failed:
+            cause = termination_message(pods)
+        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+        if running:
+            try:
+                progress = parse_progress(kube.pod_log_tail(owner.namespace, running[0]["metadata"]["name"]))
+            except Exception as exc:  # no log yet, or no kubelet to ask: the phase alone then
+                log.debug("reading the loader's log of %s failed: %s", owner.name, exc)
+    return model_status(spec, job, progress, cause)
+
+
 @dataclass
 class FleetLoop:
     settings: Settings
@@ -64,6 +85,7 @@ class FleetLoop:
     deployments: Mapping[Any, Any]
     pdbs: Mapping[Any, Any]
     statefulsets: Mapping[Any, Any]
+    jobs: Mapping[Any, Any]
     memory: dict[str, ObjectMemory] = field(default_factory=dict)
 
     async def run(self) -> None:
@@ -153,7 +175,7 @@ class FleetLoop:
         clock = time.monotonic()
         if clock - memory.last_resync >= self.settings.resync_seconds:
             memory.last_resync = clock
-            existing = Existing.from_indices(key, self.pdbs, self.deployments, self.statefulsets)
+            existing = Existing.from_indices(key, self.pdbs, self.deployments, self.statefulsets, self.jobs)
             args = (self.kube, owner, ref.spec, ref.generation, self.settings, existing)
             outcome = await asyncio.to_thread(reconcile, *args)
             await asyncio.to_thread(write_outcome, self.kube, owner, outcome, pods, last_seen)
@@ -196,9 +218,12 @@ class FleetLoop:
         elif pending is not None:
             report = pending
         deployment = workload_state(spec, key, self.deployments, self.statefulsets)
+        model = None
+        if spec.storage.model_cache is not None:
+            model = await asyncio.to_thread(observe_model, self.kube, owner, spec, self.jobs.get(key, ()))
         args2 = (self.kube, owner, ref.generation, spec, deployment, pods, last_seen, report)
         try:
-            await asyncio.to_thread(write_refresh, *args2)
+            await asyncio.to_thread(functools.partial(write_refresh, *args2, model=model))
         except Exception:
             if report is not None and report.decision is not None:
                 memory.pending = report

@@ -17,8 +17,9 @@ from kubernetes.client.exceptions import ApiException
 
 from kubellm import contract
 from kubellm.operator.apply import Kube
+from kubellm.operator.model_cache import JobState, find_job
 from kubellm.operator.render import render
-from kubellm.operator.resources import Owner, engine_section
+from kubellm.operator.resources import Owner, engine_section, model_cache_claim
 from kubellm.operator.settings import Settings
 from kubellm.operator.spec import LLMDeploymentSpec, parse_spec
 from kubellm.operator.status import DeploymentState
@@ -46,16 +47,23 @@ class Existing:
     pdb: bool = False
     deployment: bool = False
     groups: frozenset[str] = frozenset()  # replica groups' StatefulSets (each with a namesake headless Service)
+    jobs: tuple[JobState, ...] = ()  # loader Jobs of storage.modelCache
 
     @classmethod
     def from_indices(
-        cls, key: Any, pdbs: Mapping[Any, Any], deployments: Mapping[Any, Any], statefulsets: Mapping[Any, Any]
+        cls,
+        key: Any,
+        pdbs: Mapping[Any, Any],
+        deployments: Mapping[Any, Any],
+        statefulsets: Mapping[Any, Any],
+        jobs: Mapping[Any, Any],
     ) -> Existing:
         """From the kopf indices (key: (namespace, LLMDeployment name))."""
         return cls(
             pdb=key in pdbs,
             deployment=key in deployments,
             groups=frozenset(s.name for s in statefulsets.get(key, ())),
+            jobs=tuple(jobs.get(key, ())),
         )
 
 
@@ -97,7 +105,8 @@ def reconcile(
     if engine_error is not None:
         # The runtime's own EngineConfig refuses it: the same check the pod would make, before any pod starts.
         return ReconcileOutcome(generation=generation, spec=None, applied=False, error=f"spec.engine: {engine_error}")
-    desired = render(owner, spec, settings)
+    job = find_job(existing.jobs, owner, spec) if spec.storage.model_cache is not None else None
+    desired = render(owner, spec, settings, model_ready=job is not None and job.complete)
     deployment = None
     what = ""
     try:
@@ -112,6 +121,13 @@ def reconcile(
         if desired.deployment is None and existing.deployment:
             what = f"pruning Deployment {owner.name}"
             kube.delete_owned("apps/v1", "Deployment", owner.namespace, owner.name, owner.uid)
+        wanted_jobs = {obj["metadata"]["name"] for obj in desired.model_cache if obj["kind"] == "Job"}
+        for stale in sorted(j.name for j in existing.jobs if j.name not in wanted_jobs):
+            what = f"pruning loader Job {stale}"
+            kube.delete_owned("batch/v1", "Job", owner.namespace, stale, owner.uid)
+        if existing.jobs and not desired.model_cache:
+            what = f"pruning the model cache claim {model_cache_claim(owner.name)}"
+            kube.delete_owned("v1", "PersistentVolumeClaim", owner.namespace, model_cache_claim(owner.name), owner.uid)
         for group in sorted(existing.groups - desired.group_names()):
             what = f"pruning replica group {group}"
             kube.delete_owned("apps/v1", "StatefulSet", owner.namespace, group, owner.uid)

@@ -65,6 +65,11 @@ def config_map_name(name: str) -> str:
     return f"{name}-engine"
 
 
+def model_cache_claim(name: str) -> str:
+    """The PersistentVolumeClaim of storage.modelCache."""
+    return f"{name}-model"
+
+
 def served_model_name(name: str, spec: LLMDeploymentSpec) -> str:
     return spec.model.served_model_name or name
 
@@ -87,13 +92,27 @@ def object_metadata(
     return meta
 
 
+def model_cache_key(owner: Owner, spec: LLMDeploymentSpec) -> str:
+    """Names one download (storage.modelCache): of this LLMDeployment, this source and revision. A new source
+    is a new loader Job (a Job's pod template cannot change) filling a new folder of the same claim."""
+    blob = f"{owner.name}\n{spec.model.source}\n{spec.model.revision or ''}".encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def model_cache_dir(owner: Owner, spec: LLMDeploymentSpec) -> str:
+    """Where the loader Job puts the model, and where the replicas load it from (the claim is mounted at
+    MODEL_CACHE_PATH)."""
+    return f"{c.MODEL_CACHE_PATH}/models/{model_cache_key(owner, spec)}"
+
+
 def engine_section(owner: Owner, spec: LLMDeploymentSpec) -> JSON:
     """The engine's settings, by EngineConfig field name (runtime/config.py; contract.check_engine_section
     validates them with that dataclass). Unset optional fields are left out: the runtime's defaults apply."""
     engine = spec.engine
+    cached = spec.storage.model_cache is not None  # the replicas load the loader Job's folder, downloading nothing
     section: JSON = {
-        "model": model_argument(spec.model.source),
-        "revision": spec.model.revision,
+        "model": model_cache_dir(owner, spec) if cached else model_argument(spec.model.source),
+        "revision": None if cached else spec.model.revision,
         "served_model_name": served_model_name(owner.name, spec),
         "dtype": spec.model.dtype,
         "max_model_len": spec.model.max_model_len,
@@ -150,7 +169,9 @@ def config_hash(config_map: JSON) -> str:
 
 
 def model_argument(source: str) -> str:
-    """The `--model` value inside the pod: pvc:// and file:// become local paths, the rest pass through."""
+    """The `--model` value inside the pod: pvc://, oci:// and file:// become local paths, the rest pass through."""
+    if source.startswith("oci://"):
+        return c.MODELS_OCI_MOUNT_PATH
     if source.startswith("pvc://"):
         claim, _, path = source.removeprefix("pvc://").partition("/")
         return f"{c.MODELS_PVC_MOUNT_ROOT}/{claim}/{path}"
@@ -173,10 +194,12 @@ def runtime_args(spec: LLMDeploymentSpec) -> list[str]:
 
 def _env(spec: LLMDeploymentSpec) -> list[JSON]:
     # HOME and the Hugging Face cache must be writable: the root filesystem is read-only.
-    env: list[JSON] = [
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "HF_HOME", "value": f"{c.MODEL_CACHE_PATH}/huggingface"},
-    ]
+    env: list[JSON] = [{"name": "HOME", "value": "/tmp"}]
+    if spec.storage.model_cache is not None:
+        # The model is on the read-only claim the loader Job filled: nothing may reach for the Hub.
+        env += [{"name": "HF_HOME", "value": "/tmp/huggingface"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    else:
+        env.append({"name": "HF_HOME", "value": f"{c.MODEL_CACHE_PATH}/huggingface"})
     token = spec.model.token_secret_ref
     if token is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
@@ -191,13 +214,17 @@ def _volumes(owner: Owner, spec: LLMDeploymentSpec) -> tuple[list[JSON], list[JS
         {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
         {"name": "tmp", "emptyDir": {}},
     ]
+    storage = spec.storage
+    cache_mount: JSON = {"name": "model-cache", "mountPath": c.MODEL_CACHE_PATH}
     mounts: list[JSON] = [
         {"name": "config", "mountPath": c.CONFIG_MOUNT_PATH, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
-        {"name": "model-cache", "mountPath": c.MODEL_CACHE_PATH},
+        {**cache_mount, "readOnly": True} if storage.model_cache is not None else cache_mount,
     ]
-    storage = spec.storage
-    if storage.persistent_volume_claim is not None:
+    if storage.model_cache is not None:
+        claim = {"claimName": model_cache_claim(owner.name), "readOnly": True}
+        volumes.append({"name": "model-cache", "persistentVolumeClaim": claim})
+    elif storage.persistent_volume_claim is not None:
         volumes.append(
             {"name": "model-cache", "persistentVolumeClaim": {"claimName": storage.persistent_volume_claim.claim_name}}
         )
@@ -208,6 +235,12 @@ def _volumes(owner: Owner, spec: LLMDeploymentSpec) -> tuple[list[JSON], list[JS
         claim = spec.model.source.removeprefix("pvc://").partition("/")[0]
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": f"{c.MODELS_PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+    if spec.model.source.startswith("oci://"):
+        # An image volume (GA in Kubernetes 1.35): the kubelet pulls the image once per node and mounts its
+        # files read-only; nothing is downloaded by the pod.
+        image = {"reference": spec.model.source.removeprefix("oci://"), "pullPolicy": spec.image.pull_policy}
+        volumes.append({"name": "model", "image": image})
+        mounts.append({"name": "model", "mountPath": c.MODELS_OCI_MOUNT_PATH, "readOnly": True})
     if spec.auth is not None:
         ref = spec.auth.api_key_secret_ref
         volumes.append(

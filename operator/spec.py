@@ -23,9 +23,13 @@ SOURCE_PATTERN = (
     r"^(builtin:[a-z0-9][a-z0-9._-]*"
     r"|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
     r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[!-~]+"
+    r"|oci://[a-z0-9][-a-z0-9.:]*(/[a-z0-9][-a-z0-9._]*)+(:[A-Za-z0-9_][-A-Za-z0-9_.]*)?(@sha256:[a-f0-9]{64})?"
     r"|file:///[!-~]*)$"
 )
-SOURCE_HELP = "builtin:NAME, hf://ORG/NAME, pvc://CLAIM/PATH or file:///PATH"
+SOURCE_HELP = (
+    "builtin:NAME, hf://ORG/NAME, pvc://CLAIM/PATH, oci://REGISTRY/REPOSITORY[:TAG][@DIGEST] (an image holding the "
+    "model's files, mounted as an image volume) or file:///PATH"
+)
 # A Kubernetes resource quantity (the pattern the apimachinery Quantity type publishes).
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -326,15 +330,41 @@ class PVCCache(_Spec):
     claim_name: str = Field(min_length=1, max_length=253)
 
 
+AccessMode = Literal["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany"]
+
+
+def _read_write_many() -> list[AccessMode]:
+    return ["ReadWriteMany"]
+
+
+class ModelCacheSpec(_Spec):
+    """A PersistentVolumeClaim the operator creates for this LLMDeployment and fills once with a loader Job
+    (`kubellm download`): every replica mounts it read-only and downloads nothing."""
+
+    size: Quantity = Field(description="The claim's storage request: the model's files, with room to spare.")
+    storage_class_name: str | None = Field(
+        default=None, min_length=1, max_length=253, description="The claim's StorageClass (default: the cluster's)."
+    )
+    access_modes: list[AccessMode] = Field(
+        default_factory=_read_write_many,
+        min_length=1,
+        max_length=4,
+        description="ReadWriteMany (the default) lets replicas on any node mount it; ReadWriteOnce keeps them on "
+        "the node the loader ran on.",
+    )
+
+
 class StorageSpec(_Spec):
-    """The model cache volume: an emptyDir (the default) or a PersistentVolumeClaim."""
+    """The model cache volume: an emptyDir per pod (the default), a PersistentVolumeClaim of the user's, or a
+    model cache the operator creates and fills once (modelCache)."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "!(has(self.emptyDir) && has(self.persistentVolumeClaim))",
-                    "set at most one of emptyDir and persistentVolumeClaim",
+                    "[has(self.emptyDir), has(self.persistentVolumeClaim), has(self.modelCache)]"
+                    ".filter(x, x).size() <= 1",
+                    "set at most one of emptyDir, persistentVolumeClaim and modelCache",
                     ".persistentVolumeClaim",
                 )
             ]
@@ -343,11 +373,13 @@ class StorageSpec(_Spec):
 
     empty_dir: EmptyDirCache | None = Field(default=None)
     persistent_volume_claim: PVCCache | None = Field(default=None)
+    model_cache: ModelCacheSpec | None = Field(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> StorageSpec:
-        if self.empty_dir is not None and self.persistent_volume_claim is not None:
-            raise ValueError("set at most one of emptyDir and persistentVolumeClaim")
+        chosen = [x for x in (self.empty_dir, self.persistent_volume_claim, self.model_cache) if x is not None]
+        if len(chosen) > 1:
+            raise ValueError("set at most one of emptyDir, persistentVolumeClaim and modelCache")
         return self
 
 
@@ -472,6 +504,12 @@ class LLMDeploymentSpec(_Spec):
                     ".parallelism",
                 ),
                 cel_when(
+                    ("storage", "storage.modelCache"),
+                    "self.model.source.startsWith('hf://')",
+                    "storage.modelCache is filled from an hf:// model.source (other sources are on a volume already)",
+                    ".storage.modelCache",
+                ),
+                cel_when(
                     ("parallelism", "parallelism.tensor", "parallelism.pipeline", "parallelism.nodes"),
                     f"({_P}.tensor * {_P}.pipeline) % {_P}.nodes == 0",
                     "parallelism.nodes must divide parallelism.tensor x parallelism.pipeline (each node holds "
@@ -504,6 +542,8 @@ class LLMDeploymentSpec(_Spec):
 
     @model_validator(mode="after")
     def _check(self) -> LLMDeploymentSpec:
+        if self.storage.model_cache is not None and not self.model.source.startswith("hf://"):
+            raise ValueError(f"storage.modelCache is filled from an hf:// model.source, not {self.model.source!r}")
         par, gpus = self.parallelism, self.resources.gpus
         if par is None:
             return self
@@ -571,6 +611,18 @@ class RecommendationSegment(_Spec):
     replicas: int = Field(ge=0)
 
 
+class ModelStatus(_Spec):
+    """The model cache (storage.modelCache): the loader Job's progress, from its pod's last progress line."""
+
+    phase: Literal["Pending", "Downloading", "Ready", "Failed"]
+    message: str = Field(default="", max_length=4096)
+    source: str | None = None
+    bytes_done: int | None = Field(default=None, ge=0)
+    bytes_total: int | None = Field(default=None, ge=0)
+    files_done: int | None = Field(default=None, ge=0)
+    files_total: int | None = Field(default=None, ge=0)
+
+
 class LLMDeploymentStatus(_Spec):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(
@@ -586,6 +638,7 @@ class LLMDeploymentStatus(_Spec):
     selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
     endpoint: str | None = Field(default=None, description="The in-cluster URL of the Service.")
     metrics: MetricsSnapshot | None = None
+    model: ModelStatus | None = Field(default=None, description="The model cache's download (storage.modelCache).")
     last_scale_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     scaling_decisions: list[ScalingDecisionRecord] = Field(default_factory=list, max_length=10)
     recommendations: list[RecommendationSegment] = Field(

@@ -22,6 +22,7 @@ from kubellm.operator.spec import (
     LLMDeploymentSpec,
     LLMDeploymentStatus,
     MetricsSnapshot,
+    ModelStatus,
     RecommendationSegment,
     ScalingDecisionRecord,
 )
@@ -230,8 +231,11 @@ def merge_conditions(
     return out
 
 
-def ready_condition(spec: LLMDeploymentSpec, observed: Observed) -> Condition:
+def ready_condition(spec: LLMDeploymentSpec, observed: Observed, model: ModelStatus | None = None) -> Condition:
     desired, ready, unschedulable = spec.replicas, observed.ready, observed.unschedulable
+    if model is not None and model.phase != "Ready" and desired > 0:
+        reason = "ModelDownloadFailed" if model.phase == "Failed" else "ModelDownloading"
+        return condition(c.CONDITION_READY, False, reason, model.message)
     if desired == 0:
         return condition(c.CONDITION_READY, False, "ScaledToZero", "spec.replicas is 0")
     if ready >= desired:
@@ -258,10 +262,14 @@ def progressing_condition(spec: LLMDeploymentSpec, observed: Observed) -> Condit
     return condition(c.CONDITION_PROGRESSING, True, "RollingOut", message)
 
 
-def degraded_condition(spec: LLMDeploymentSpec, observed: Observed, error: Condition | None) -> Condition:
+def degraded_condition(
+    spec: LLMDeploymentSpec, observed: Observed, error: Condition | None, model: ModelStatus | None = None
+) -> Condition:
     """`error`: the reconcile's verdict (a refused apply, an invalid spec), which outranks what the pods show."""
     if error is not None:
         return condition(c.CONDITION_DEGRADED, True, error.reason, error.message)
+    if model is not None and model.phase == "Failed":
+        return condition(c.CONDITION_DEGRADED, True, "DownloadFailed", model.message)
     dep = observed.deployment or DeploymentState()
     deadline = dep.conditions.get("Progressing", {})
     replica_failure = dep.conditions.get("ReplicaFailure", {})
@@ -325,14 +333,21 @@ def compute_status(
     error: Condition | None = None,
     scaling: ScalingReport | None = None,
     applied_generation: int | None = None,
+    model: ModelStatus | None = None,
 ) -> LLMDeploymentStatus:
     """The whole status (the operator owns all of it). `generation`: the spec generation the conditions were
     computed from; `applied_generation`: the last generation applied in full (status.observedGeneration, which
-    never advances for a generation that was not applied)."""
+    never advances for a generation that was not applied). `model`: the model cache's state now (None: as the
+    previous status has it; without storage.modelCache there is none)."""
+    if spec.storage.model_cache is None:
+        model = None
+    elif model is None or model.source != spec.model.source:
+        same = previous.model is not None and previous.model.source == spec.model.source
+        model = previous.model if same else ModelStatus(phase="Pending", source=spec.model.source)
     new_conditions = [
-        ready_condition(spec, observed),
+        ready_condition(spec, observed, model),
         progressing_condition(spec, observed),
-        degraded_condition(spec, observed, error),
+        degraded_condition(spec, observed, error, model),
         scaling_active_condition(spec, previous, scaling),
         scaling_limited_condition(spec, observed, previous, scaling),
     ]
@@ -359,6 +374,7 @@ def compute_status(
         selector=selector_string(owner.name, spec),
         endpoint=endpoint(owner, spec),
         metrics=metrics,
+        model=model,
         last_scale_time=last_scale,
         scaling_decisions=decisions,
         recommendations=history,
@@ -381,6 +397,7 @@ def build_status(
     error: str | None = None,
     scaling: ScalingReport | None = None,
     applied: bool = False,
+    model: ModelStatus | None = None,
 ) -> JSON:
     """`compute_status` from and to the JSON the API server stores (what the handlers read and write).
 
@@ -402,6 +419,7 @@ def build_status(
             error=failure,
             scaling=scaling,
             applied_generation=generation if applied else before.observed_generation,
+            model=model,
         )
     )
 

@@ -2,7 +2,7 @@
 
 after a reconcile        write_outcome   observedGeneration and the reconcile's verdict (Degraded)
 a Deployment event       write_refresh   readiness at once (scaling keys left to the loop)
-the fleet loop's tick    write_refresh   readiness, and the autoscaler's report when it evaluated
+the fleet loop's tick    write_refresh   readiness, the autoscaler's report when it evaluated, the model cache
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from kubellm.operator.apply import Kube
 from kubellm.operator.reconcile import ReconcileOutcome
 from kubellm.operator.resources import Owner
-from kubellm.operator.spec import LLMDeploymentSpec
+from kubellm.operator.spec import LLMDeploymentSpec, ModelStatus
 from kubellm.operator.status import (
     DeploymentState,
     PodSummary,
@@ -43,7 +43,12 @@ def without_scaling(status: Mapping[str, Any]) -> JSON:
 
 
 def write_outcome(
-    kube: Kube, owner: Owner, outcome: ReconcileOutcome, pods: Sequence[PodSummary], last_seen: JSON
+    kube: Kube,
+    owner: Owner,
+    outcome: ReconcileOutcome,
+    pods: Sequence[PodSummary],
+    last_seen: JSON,
+    model: ModelStatus | None = None,
 ) -> bool:
     """The status after a reconcile: observedGeneration advances only if the generation was applied; a failure
     shows in Degraded with the API server's message until a reconcile succeeds."""
@@ -64,6 +69,7 @@ def write_outcome(
             now=now,
             error=outcome.error,
             applied=outcome.applied,
+            model=model,
         )
         return status_patch(without_scaling(current), without_scaling(new))
 
@@ -80,6 +86,7 @@ def write_refresh(
     last_seen: JSON,
     scaling: ScalingReport | None = None,
     with_scaling_keys: bool = True,
+    model: ModelStatus | None = None,
 ) -> bool:
     """The status from what the watches show now (the last reconcile's verdict carried over); nothing is written
     when nothing changed."""
@@ -95,6 +102,7 @@ def write_refresh(
             previous=current,
             now=now,
             scaling=scaling,
+            model=model,
         )
         if with_scaling_keys:
             return status_patch(current, new)

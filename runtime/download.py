@@ -29,6 +29,9 @@ from typing import IO, Any
 # The files the runtime reads of a Hugging Face repository (models/loader.py fetches the same on its own).
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt")
 COMPLETE_MARKER = ".kubellm-complete.json"
+# The exit status of a failure retrying cannot fix (no such repository or revision, no access, no model files):
+# the loader Job's pod failure policy fails the Job at once on it instead of retrying (operator/model_cache.py).
+PERMANENT_EXIT_CODE = 2
 TERMINATION_LOG = Path("/dev/termination-log")
 
 
@@ -174,10 +177,22 @@ def _report_failure(message: str) -> None:
         TERMINATION_LOG.write_text(message[:4096])
 
 
+def permanent(exc: Exception) -> bool:
+    """A failure the same download would meet again: a bad source, no such repository/revision/file, no access."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, ValueError | errors.RepositoryNotFoundError | errors.RevisionNotFoundError):
+        return True
+    if isinstance(exc, errors.EntryNotFoundError | errors.GatedRepoError):
+        return True
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status in (401, 403, 404)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         download(args.source, args.dest, args.revision, interval=args.progress_interval)
     except Exception as exc:  # the cause, named, is the whole point of the failure path
         _report_failure(f"{type(exc).__name__}: {exc}")
-        return 1
+        return PERMANENT_EXIT_CODE if permanent(exc) else 1
     return 0

@@ -41,13 +41,16 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 # Only what the tests and the operator need: Deployments/ReplicaSets/garbage collection for the operator's objects,
 # service accounts so that pods are admitted, namespaces that can be deleted, endpoint slices behind Services,
-# PodDisruptionBudgets. No node lifecycle (kwok nodes never go NotReady), no cloud provider.
+# PodDisruptionBudgets, StatefulSets (multi-node replica groups), Jobs and volume binding (a model cache's loader
+# Job and claim, bound to a PersistentVolume the test creates). No node lifecycle (kwok nodes never go NotReady),
+# no cloud provider.
 CONTROLLERS = (
     "garbage-collector-controller",
     "replicaset-controller",
     "deployment-controller",
     "statefulset-controller",
     "job-controller",
+    "persistentvolume-binder-controller",
     "serviceaccount-controller",
     "serviceaccount-token-controller",
     "namespace-controller",

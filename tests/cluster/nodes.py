@@ -264,6 +264,51 @@ spec:
 """
 
 
+# The operator's model loader pods (a Job's) finish as soon as they run: a download of the source hf://kwok/fails
+# fails the way `kubellm download` fails for a repository that does not exist (exit 2, the cause in the
+# termination message); any other succeeds. (What a download does is tested on its own, tests/runtime.)
+_LOADER_FAILS = "hf://kwok/fails"
+_LOADER_FINISH = """\
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: loader-{outcome}
+spec:
+  resourceRef: {{apiGroup: v1, kind: Pod}}
+  selector:
+    matchExpressions:
+    - {{key: .metadata.deletionTimestamp, operator: DoesNotExist}}
+    - {{key: .status.phase, operator: In, values: [Running]}}
+    - {{key: '.metadata.labels["app.kubernetes.io/component"]', operator: In, values: [model-loader]}}
+    - {{key: '.spec.containers.[0].args.[1]', operator: {operator}, values: [{fails}]}}
+  next:
+    statusTemplate: |
+      {{{{ $now := Now }}}}
+      conditions:
+      - {{type: Ready, status: "False", reason: PodCompleted, lastTransitionTime: {{{{ $now | Quote }}}}}}
+      - {{type: ContainersReady, status: "False", reason: PodCompleted, lastTransitionTime: {{{{ $now | Quote }}}}}}
+      containerStatuses:
+      {{{{ range .spec.containers }}}}
+      - image: {{{{ .image | Quote }}}}
+        name: {{{{ .name | Quote }}}}
+        ready: false
+        restartCount: 0
+        started: false
+        state:
+          terminated: {{exitCode: {code}, reason: {reason}, message: {message}, finishedAt: {{{{ $now | Quote }}}}}}
+      {{{{ end }}}}
+      phase: {phase}
+"""
+_LOADER_SUCCEED = _LOADER_FINISH.format(
+    outcome="succeed", operator="NotIn", fails=_LOADER_FAILS, code=0, reason="Completed", message='""',
+    phase="Succeeded",
+)  # fmt: skip
+_LOADER_FAIL = _LOADER_FINISH.format(
+    outcome="fail", operator="In", fails=_LOADER_FAILS, code=2, reason="Error",
+    message=f'"RepositoryNotFoundError: {_LOADER_FAILS} does not exist"', phase="Failed",
+)  # fmt: skip
+
+
 def kwok_config() -> str:
     """The multi-document YAML passed to kwok with --config."""
-    return "---\n".join((_NODE_INITIALIZE, _POD_CREATE, _POD_READY, _POD_DELETE))
+    return "---\n".join((_NODE_INITIALIZE, _POD_CREATE, _POD_READY, _POD_DELETE, _LOADER_SUCCEED, _LOADER_FAIL))

@@ -80,10 +80,12 @@ def test_examples_cover_the_documented_scenarios() -> None:
     assert any(
         s["resources"].get("gpus", 1) == 1
         and s["model"]["source"].startswith("hf://")
-        and "persistentVolumeClaim" in s.get("storage", {})
+        and "modelCache" in s.get("storage", {})
         for s in specs
-    ), "one GPU, a model from Hugging Face, a PVC cache"
+    ), "one GPU, a model from Hugging Face, downloaded once into a model cache"
+    assert any("persistentVolumeClaim" in s.get("storage", {}) for s in specs), "a cache claim of one's own"
     assert any(s["resources"].get("gpus", 1) > 1 for s in specs), "several GPUs per replica"
+    assert any(s.get("parallelism", {}).get("nodes", 1) > 1 for s in specs), "a replica spanning nodes"
     assert any(
         s.get("autoscaling", {}).get("mode", "builtin") == "builtin" and s["autoscaling"]["enabled"]
         for s in specs

@@ -274,6 +274,12 @@ def test_operator_as_the_chart_service_account_reconciles_every_example(
         )
         _apply(k8s_cluster, docs, "-n", watched)
 
+        def workload(name: str) -> dict[str, Any] | None:
+            """The Deployment, or for replicas spanning nodes the first group's StatefulSet."""
+            return _get(k8s_cluster, "deployment", name, watched) or _get(
+                k8s_cluster, "statefulset", f"{name}-g0", watched
+            )
+
         def reconciled(name: str) -> bool:
             llmd = _get(k8s_cluster, "llmdeployment", name, watched) or {}
             generation = llmd.get("metadata", {}).get("generation")
@@ -284,7 +290,7 @@ def test_operator_as_the_chart_service_account_reconciles_every_example(
             degraded = conditions.get("Degraded", {})
             assert degraded.get("reason") not in ("ApplyFailed", "InvalidSpec"), (name, degraded.get("message"))
             return (
-                _get(k8s_cluster, "deployment", name, watched) is not None
+                workload(name) is not None
                 and _get(k8s_cluster, "service", name, watched) is not None
                 and status.get("observedGeneration") == generation
                 and "Degraded" in conditions
@@ -293,7 +299,7 @@ def test_operator_as_the_chart_service_account_reconciles_every_example(
         for llmd in llmds:
             name = llmd["metadata"]["name"]
             until(functools.partial(reconciled, name), timeout=60, what=f"llmdeployment/{name} reconciled")
-            pod_spec = _get(k8s_cluster, "deployment", name, watched)["spec"]["template"]["spec"]  # type: ignore[index]
+            pod_spec = workload(name)["spec"]["template"]["spec"]  # type: ignore[index]
             gpus = llmd["spec"].get("resources", {}).get("gpus", 1)
             limits = pod_spec["containers"][0]["resources"].get("limits", {})
             assert int(limits.get("nvidia.com/gpu", 0)) == gpus, (name, limits)

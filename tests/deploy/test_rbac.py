@@ -25,11 +25,15 @@ from deploy.helmchart import ROOT, VALUES_DIR, Helm, by_kind
 Permission = tuple[str, str, str]  # (apiGroup, resource, verb)
 
 # Specs that make render.render produce every kind it can (a PDB needs two replicas; StatefulSets and headless
-# Services replicas spanning several nodes).
+# Services replicas spanning several nodes; a claim and a Job a model cache).
 FULL_SPEC: dict[str, Any] = {
     "model": {"source": "builtin:smollm2-135m-instruct", "chatTemplate": "{{ messages }}"},
     "replicas": 2,
     "auth": {"apiKeySecretRef": {"name": "key"}},
+}
+CACHED_SPEC: dict[str, Any] = {
+    "model": {"source": "hf://org/model"},
+    "storage": {"modelCache": {"size": "10Gi"}},
 }
 GROUPED_SPEC: dict[str, Any] = {
     **FULL_SPEC,
@@ -175,7 +179,7 @@ def used_permissions(*, cluster_wide: bool, peering: bool) -> tuple[set[Permissi
     owner = resources.Owner(name="x", namespace="ns", uid="u")
     rendered = [
         obj
-        for spec in (FULL_SPEC, GROUPED_SPEC)
+        for spec in (FULL_SPEC, GROUPED_SPEC, CACHED_SPEC)
         for obj in render.render(owner, parse_spec(spec), Settings()).to_apply()
     ]
     uses = _kube_uses()

@@ -190,6 +190,16 @@ def test_model_sources_auth_storage_env_and_overrides() -> None:
     assert model_argument("pvc://models/llama/8b") == "/models/models/llama/8b"
     assert model_argument("file:///data/model.gguf") == "/data/model.gguf"
     assert model_argument("hf://org/name") == "hf://org/name"
+    assert model_argument("oci://ghcr.io/org/llama-8b:v1") == "/model-image"
+
+
+def test_an_oci_model_is_an_image_volume() -> None:
+    spec = LLMDeploymentSpec.model_validate({"model": {"source": "oci://ghcr.io/org/llama-8b:v1"}})
+    pod = render(OWNER, spec, Settings()).deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "model"]
+    assert volume["image"] == {"reference": "ghcr.io/org/llama-8b:v1", "pullPolicy": "IfNotPresent"}
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model"]
+    assert mount == {"name": "model", "mountPath": "/model-image", "readOnly": True}
     objs = _render(
         model={"source": "pvc://weights/smol", "chatTemplate": "{{ x }}"},
         auth={"apiKeySecretRef": {"name": "keys"}},

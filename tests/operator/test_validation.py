@@ -23,6 +23,7 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
     ("missing-source", "m", {"model": {}}, "spec.model.source"),
     ("source-scheme", "m", {"model": {"source": "s3://bucket/model"}}, "spec.model.source"),
     ("source-pvc-no-path", "m", {"model": {"source": "pvc://claim"}}, "spec.model.source"),
+    ("source-oci-no-repository", "m", {"model": {"source": "oci://ghcr.io"}}, "spec.model.source"),
     ("dtype", "m", {"model": {"source": SOURCE, "dtype": "int3"}}, "spec.model.dtype"),
     ("revision-not-hf", "m", {"model": {"source": SOURCE, "revision": "main"}}, "spec.model.revision"),
     ("max-model-len", "m", {"model": {"source": SOURCE, "maxModelLen": 8}}, "spec.model.maxModelLen"),
@@ -76,6 +77,17 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
         "spec.parallelism",
     ),
     ("name-not-dns1035", "1-model", _spec(), "metadata.name"),
+    ("cache-needs-hf", "m", _spec(storage={"modelCache": {"size": "1Gi"}}), "spec.storage.modelCache"),
+    (
+        "cache-and-claim",
+        "m",
+        {
+            "model": {"source": "hf://org/model"},
+            "storage": {"modelCache": {"size": "1Gi"}, "persistentVolumeClaim": {"claimName": "mine"}},
+        },
+        "spec.storage.persistentVolumeClaim",
+    ),
+    ("cache-size", "m", {"model": {"source": "hf://org/m"}, "storage": {"modelCache": {"size": "lots"}}}, "size"),
     (
         "grouped-name-too-long",  # 48 characters: its groups' pods would carry a revision label over 63
         "m" * 48,

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants as hub_constants
 
+from kubellm.runtime import download
 from kubellm.runtime.download import COMPLETE_MARKER, partial_bytes
 
 REPO = "org/tiny"
@@ -183,5 +184,5 @@ def test_an_interrupted_download_resumes_and_a_finished_one_is_not_repeated(hub:
 def test_a_failed_download_names_its_cause(hub: FakeHub, tmp_path: Path) -> None:
     proc = _download(hub, tmp_path / "cache", source="hf://org/missing")
     _out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == download.PERMANENT_EXIT_CODE, "a missing repository is not worth retrying"
     assert "download failed" in err and "org/missing" in err, err

@@ -54,6 +54,14 @@
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+# model_cache.py: storage.modelCache's claim and its loader Job (pruned when the source changes or the cache goes);
+# handlers.py indexes the Jobs and reconciles when one completes.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # apply.py Kube.apply; Kube.delete_owned when replicas drop to one (it reads the owner first); handlers.py indexes
 # the PDBs by watch to know when there is one to prune.
 - apiGroups: ["policy"]
@@ -61,9 +69,13 @@
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # handlers.py: the pods index (readiness, Pending for GPUs, the IPs to scrape). loop.py restart_groups: a
 # multi-node replica group's pods are annotated with the rank 0 they joined, and deleted to restart the group.
+# loop.py observe_model: a loader pod's last log line is its download's progress.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
 # kopf.event (scaling decisions) and kopf's own warnings.
 - apiGroups: [""]
   resources: ["events"]
