@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -242,6 +243,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="sample the operator with py-spy during the creates into this file (collapsed stacks); the run's "
+        "figures are then not written (sampling costs the operator time)",
+    )
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
     binaries = ensure_binaries()
@@ -253,6 +261,8 @@ def main() -> int:
         port = free_port()
         with log.open("wb") as out:
             cmd = [sys.executable, "-m", "kubellm.operator", "--liveness", f"http://127.0.0.1:{port}/healthz"]
+            if args.profile is not None:
+                cmd.append("--verbose")  # its log then names every API request (kept beside the profile)
             op = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
         try:
             api = cp.api_client()
@@ -260,7 +270,17 @@ def main() -> int:
             cp.kubectl("wait", "--for=create", "serviceaccount/default", "-n", "bench", "--timeout=30s", timeout=40)
             # The operator's start-up (imports, login, first listings) is not what is measured.
             wait_until(lambda: cp_get(f"http://127.0.0.1:{port}/healthz"), timeout=60, what="the operator")
+            spy = None
+            if args.profile is not None:
+                record = ["py-spy", "record", "--pid", str(op.pid), "--format", "raw", "-o", str(args.profile)]
+                spy = subprocess.Popen([*record, "--rate", "50", "--subprocesses"])
             created = bench_create(api, "bench", args.count, op.pid)
+            if spy is not None:
+                spy.send_signal(2)  # SIGINT: py-spy writes what it sampled
+                spy.wait(timeout=60)
+                shutil.copy(log, args.profile.with_suffix(".log"))
+                print(json.dumps(created, indent=2))
+                return 0
             cp.kubectl("create", "namespace", "steps")
             cp.kubectl("wait", "--for=create", "serviceaccount/default", "-n", "steps", "--timeout=30s", timeout=40)
             steps = bench_load_step(api, "steps", args.steps)

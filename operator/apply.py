@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client, config
@@ -38,6 +38,19 @@ _COLLECTIONS: dict[tuple[str, str], str] = {
     (c.PEERING_API_VERSION, c.PEERING_KIND): "/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings",
     (c.PEERING_API_VERSION, c.CLUSTER_PEERING_KIND): "/apis/kopf.dev/v1/clusterkopfpeerings",
 }
+
+
+def newer(a: JSON, b: JSON | None) -> JSON:
+    """The later of two copies of one object by resourceVersion. Clients may not order versions in general (they
+    are opaque); etcd's are increasing integers, and a wrong guess here costs one 409 and a read, never a lost
+    write: the write stays conditional on the version it was computed from."""
+    if b is None:
+        return a
+    try:
+        va, vb = (int((x.get("metadata") or {}).get("resourceVersion") or 0) for x in (a, b))
+    except ValueError:
+        return a
+    return b if vb > va else a
 
 
 def make_api_client(pool_size: int = 16) -> client.ApiClient:
@@ -67,6 +80,10 @@ class Kube:
     api: client.ApiClient
     field_manager: str = c.FIELD_MANAGER
     request_timeout: float = 30.0
+    # The newest copy of each LLMDeployment this client wrote the status of or read (the API server's answer), by
+    # (namespace, name): update_status starts from it when it is newer than the watch's copy it is handed, so a
+    # burst of status writes does not pay a conflict and a read for each (the watch lags behind our own writes).
+    _latest: dict[tuple[str, str], JSON] = field(default_factory=dict, repr=False)
 
     def _call(
         self,
@@ -136,19 +153,10 @@ class Kube:
     def delete(self, api_version: str, kind: str, namespace: str, name: str, uid: str) -> bool:
         """Delete exactly the object with this uid (a precondition: never a namesake created since). True if
         deleted; False if it is gone or is another object now."""
-        try:
-            self._call(
-                "DELETE",
-                object_path(api_version, kind, namespace, name),
-                # Background: dependents go too (a Job's pods; the API's default for Jobs is to orphan them).
-                body={"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
-                content_type="application/json",
-            )
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                return False
-            raise
-        return True
+        # Background: dependents go too (a Job's pods; the API's default for Jobs is to orphan them).
+        body = {"preconditions": {"uid": uid}, "propagationPolicy": "Background"}
+        path = object_path(api_version, kind, namespace, name)
+        return self._unless_gone(lambda: self._call("DELETE", path, body=body, content_type="application/json"))
 
     def pod_log_tail(self, namespace: str, name: str, lines: int = 5) -> str:
         """The last lines a pod's container wrote (a loader's progress)."""
@@ -165,13 +173,17 @@ class Kube:
     ) -> bool:
         """Add annotations to exactly the object with this uid (the patch's uid is a precondition). True if
         written; False if it is gone or is another object now."""
+        body = {"metadata": {"uid": uid, "annotations": annotations}}
+        path = object_path(api_version, kind, namespace, name)
+        return self._unless_gone(
+            lambda: self._call("PATCH", path, body=body, content_type="application/merge-patch+json")
+        )
+
+    @staticmethod
+    def _unless_gone(write: Callable[[], JSON]) -> bool:
+        """One write conditional on the object's uid: False if the object is gone (404) or another one (409)."""
         try:
-            self._call(
-                "PATCH",
-                object_path(api_version, kind, namespace, name),
-                body={"metadata": {"uid": uid, "annotations": annotations}},
-                content_type="application/merge-patch+json",
-            )
+            write()
         except ApiException as exc:
             if exc.status in (404, 409):
                 return False
@@ -211,6 +223,11 @@ class Kube:
             content_type="application/merge-patch+json",
         )
 
+    def forget_except(self, keys: set[tuple[str, str]]) -> None:
+        """Drop the copies of LLMDeployments that are gone (not in `keys`)."""
+        for key in set(self._latest) - keys:
+            self._latest.pop(key, None)
+
     def update_status(
         self, namespace: str, name: str, seen: JSON, compute: Callable[[JSON], JSON], attempts: int = 8
     ) -> bool:
@@ -219,7 +236,7 @@ class Kube:
         object is read again and the patch recomputed from what is there now, so no writer overwrites a status it
         has not seen (kopf's own annotation patches bump the version too, hence the generous bound, with a short
         growing pause). An empty patch writes nothing. True if a write happened."""
-        current: JSON | None = seen
+        current: JSON | None = newer(seen, self._latest.get((namespace, name)))
         for attempt in range(attempts):
             if current is None:
                 return False  # deleted meanwhile
@@ -228,13 +245,15 @@ class Kube:
                 return False
             version = (current.get("metadata") or {}).get("resourceVersion")
             try:
-                self.patch_status(namespace, name, patch, resource_version=version)
+                self._latest[(namespace, name)] = self.patch_status(namespace, name, patch, resource_version=version)
                 return True
             except ApiException as exc:
                 if exc.status != 409 or attempt == attempts - 1:
                     raise
             time.sleep(0.05 * attempt)  # a burst of writers (a rollout, a scale) passes in a few round trips
             current = self.get_llmd(namespace, name)
+            if current is not None:
+                self._latest[(namespace, name)] = current
         return False
 
     def post_event(self, involved: JSON, type_: str, reason: str, message: str, now: str) -> JSON:

@@ -130,41 +130,28 @@ def render_groups(owner: Owner, spec: LLMDeploymentSpec, settings: Settings, con
 
 @dataclass(frozen=True)
 class StatefulSetState:
-    """The observed part of one group's StatefulSet (kept in a kopf index)."""
+    """One group's StatefulSet as observed (kept in a kopf index): its status reads as a Deployment's does."""
 
     name: str
-    generation: int = 0
-    observed_generation: int = 0
-    replicas: int = 0
-    ready_replicas: int = 0
-    updated_replicas: int = 0
-    available_replicas: int = 0
+    state: DeploymentState
 
     @classmethod
     def from_object(cls, obj: JSON) -> StatefulSetState:
-        status = obj.get("status") or {}
-        return cls(
-            name=str((obj.get("metadata") or {}).get("name", "")),
-            generation=int((obj.get("metadata") or {}).get("generation", 0)),
-            observed_generation=int(status.get("observedGeneration", 0)),
-            replicas=int(status.get("replicas", 0)),
-            ready_replicas=int(status.get("readyReplicas", 0)),
-            updated_replicas=int(status.get("updatedReplicas", 0)),
-            available_replicas=int(status.get("availableReplicas", 0)),
-        )
+        return cls(name=str((obj.get("metadata") or {}).get("name", "")), state=DeploymentState.from_object(obj))
 
 
 def groups_state(statefulsets: Sequence[StatefulSetState], nodes: int) -> DeploymentState:
     """The groups' StatefulSets as one Deployment-like state counted in groups: a group is ready, updated or
     available only when all its `nodes` pods are."""
     whole = max(1, nodes)
+    states = [s.state for s in statefulsets]
     return DeploymentState(
         generation=1,
-        observed_generation=int(all(s.observed_generation >= s.generation for s in statefulsets)),
-        replicas=len(statefulsets),
-        ready_replicas=sum(s.ready_replicas >= whole for s in statefulsets),
-        updated_replicas=sum(s.updated_replicas >= whole for s in statefulsets),
-        available_replicas=sum(s.available_replicas >= whole for s in statefulsets),
+        observed_generation=int(all(s.observed_generation >= s.generation for s in states)),
+        replicas=len(states),
+        ready_replicas=sum(s.ready_replicas >= whole for s in states),
+        updated_replicas=sum(s.updated_replicas >= whole for s in states),
+        available_replicas=sum(s.available_replicas >= whole for s in states),
     )
 
 

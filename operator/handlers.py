@@ -40,6 +40,7 @@ from kubellm.operator.status import DeploymentState, PodSummary, summarize_pod
 from kubellm.operator.status_writes import seen, write_outcome, write_refresh
 
 _MANAGED = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
+STATUS_COALESCE_SECONDS = 0.5  # workload_changed: one status write per burst of Deployment/StatefulSet events
 _RUNTIME_PODS = {**_MANAGED, c.LABEL_COMPONENT: c.COMPONENT_RUNTIME}
 _LOADERS = {**_MANAGED, c.LABEL_COMPONENT: c.COMPONENT_MODEL_LOADER}
 _RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
@@ -96,6 +97,11 @@ def configure(
     # Only warnings become Events by kopf itself; scaling decisions are posted explicitly.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = operator_settings.max_workers
+    # After its own patch (progress, diff base), kopf waits this long for that version to come back through the
+    # watch before it reads older events as the object's state. Under load (hundreds of objects created at once on
+    # a busy API server) the watch lags by more than kopf's 5 s default, and an object would look "created" again
+    # and be reconciled again and again: wait long enough to see the operator's own writes.
+    settings.persistence.consistency_timeout = 30.0
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     memo.settings = operator_settings
@@ -200,14 +206,23 @@ async def workload_changed(
     statefulsets_by_owner: kopf.Index[Any, StatefulSetState] | None = None,
     **_: Any,
 ) -> None:
-    """A Deployment's or a group StatefulSet's status moved (pods became Ready, a rollout progressed): show it at
-    once in the owner's status rather than at the loop's next tick (kopf updates the indices before it calls
-    handlers, so they include this event)."""
+    """A Deployment's or a group StatefulSet's status moved (pods became Ready, a rollout progressed): show it in
+    the owner's status within STATUS_COALESCE_SECONDS rather than at the loop's next tick. A rollout is a burst of
+    events: the first schedules one write, which reads the indices as they are by then; the others, meanwhile,
+    only find it scheduled (at scale this halves the status writes and their conflicts with each other)."""
     assert llmds_by_key is not None and pods_by_owner is not None
     assert deployments_by_owner is not None and statefulsets_by_owner is not None
     key = (namespace, labels.get(c.LABEL_INSTANCE, ""))
+    scheduled: set[Any] = memo.setdefault("status_scheduled", set())
+    if type == "DELETED" or key in scheduled:
+        return
+    scheduled.add(key)
+    try:
+        await asyncio.sleep(STATUS_COALESCE_SECONDS)
+    finally:
+        scheduled.discard(key)  # events from here on schedule a write of their own
     ref: LLMDeploymentRef | None = one(llmds_by_key.get(key))
-    if type == "DELETED" or namespace is None or ref is None or not memo.leadership.active():
+    if namespace is None or ref is None or not memo.leadership.active():
         return
     spec, _error = parse_or_error(ref.spec)
     if spec is None:

@@ -117,6 +117,7 @@ class FleetLoop:
         refs = [(key, ref) for key, store in list(self.llmds.items()) if (ref := one(store)) is not None]
         for uid in set(self.memory) - {ref.uid for _, ref in refs}:
             del self.memory[uid]  # deleted: its loop state goes with it
+        self.kube.forget_except({key for key, _ in refs})
         results = await asyncio.gather(*(self.refresh(key, ref) for key, ref in refs), return_exceptions=True)
         for (key, _), result in zip(refs, results, strict=True):
             if isinstance(result, Exception):

@@ -122,6 +122,16 @@ def kubellm_operator(k8s_cluster: Any, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture
+def api(k8s_cluster: Any) -> Iterator[Any]:
+    """A kubernetes ApiClient on the test control plane, closed after the test."""
+    api_client = k8s_cluster.api_client()
+    try:
+        yield api_client
+    finally:
+        api_client.close()
+
+
+@pytest.fixture
 def op_namespace(k8s_cluster: Any) -> Iterator[str]:
     with k8s_cluster.namespace(NAMESPACE_PREFIX) as name:
         yield name

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -82,13 +81,6 @@ class MetricsFleet:
     def _run(self) -> None:
         self.loop.run_until_complete(self._main())
         self.loop.close()
-
-
-@pytest.fixture
-def api(k8s_cluster: Any) -> Iterator[Any]:
-    api_client = k8s_cluster.api_client()
-    yield api_client
-    api_client.close()
 
 
 def test_queue_depth_scales_up_then_down(kubellm_operator: Any, op_namespace: str, api: Any) -> None:

@@ -144,12 +144,13 @@ def test_status_counts_groups() -> None:
         PodSummary(name="big-g1-0", ip=None, ready=False, terminating=False, uid="c", group="1", rank=0),
         _pod("big-g1-1", 1, "d", group="1"),
     ]
-    sets = [
-        StatefulSetState("big-g0", generation=1, observed_generation=1, replicas=2, ready_replicas=2,
-                         updated_replicas=2, available_replicas=2),
-        StatefulSetState("big-g1", generation=1, observed_generation=1, replicas=2, ready_replicas=1,
-                         updated_replicas=2, available_replicas=1),
-    ]  # fmt: skip
+
+    def sts(name: str, ready: int) -> StatefulSetState:
+        status = {"observedGeneration": 1, "replicas": 2, "readyReplicas": ready, "updatedReplicas": 2,
+                  "availableReplicas": ready}  # fmt: skip
+        return StatefulSetState.from_object({"metadata": {"name": name, "generation": 1}, "status": status})
+
+    sets = [sts("big-g0", 2), sts("big-g1", 1)]
     state = groups_state(sets, 2)
     assert (state.replicas, state.ready_replicas, state.updated_replicas, state.available_replicas) == (2, 1, 2, 1)
     status = build_status(

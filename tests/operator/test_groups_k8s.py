@@ -5,7 +5,6 @@ prunes the groups."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,15 +21,6 @@ SPEC = {
     "resources": {"gpus": 2},
     "parallelism": {"tensor": 2, "pipeline": 2, "nodes": 2},
 }
-
-
-@pytest.fixture
-def api(k8s_cluster: Any) -> Iterator[client.ApiClient]:
-    api_client = k8s_cluster.api_client()
-    try:
-        yield api_client
-    finally:
-        api_client.close()
 
 
 def _custom(api: client.ApiClient) -> Any:

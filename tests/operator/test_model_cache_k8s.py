@@ -20,15 +20,6 @@ pytestmark = pytest.mark.k8s
 
 
 @pytest.fixture
-def api(k8s_cluster: Any) -> Iterator[client.ApiClient]:
-    api_client = k8s_cluster.api_client()
-    try:
-        yield api_client
-    finally:
-        api_client.close()
-
-
-@pytest.fixture
 def storage_class(api: client.ApiClient) -> Iterator[str]:
     """A PersistentVolume of a class of its own for the claim to bind to (the test cluster has no provisioner)."""
     name = f"cache-{uuid.uuid4().hex[:8]}"

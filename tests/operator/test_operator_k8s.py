@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,15 +16,6 @@ from kubellm.operator import constants as c
 pytestmark = pytest.mark.k8s
 
 SOURCE = "builtin:smollm2-135m-instruct"
-
-
-@pytest.fixture
-def api(k8s_cluster: Any) -> Iterator[client.ApiClient]:
-    api_client = k8s_cluster.api_client()
-    try:
-        yield api_client
-    finally:
-        api_client.close()
 
 
 def create_llmd(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
