@@ -18,6 +18,20 @@ __all__ = ["write_kv_cache"]
 
 
 @triton.jit
+def _round_to_e4m3(x):
+    """x (float32, |x| <= 448) rounded to the nearest float8 e4m3 value (ties to even), still float32. Triton's
+    interpreter converts float32 to float8 wrongly when rounding carries into the next power of two (7.99 -> 4,
+    not 8); converting an already representable value is exact there."""
+    bits = x.to(tl.uint32, bitcast=True)
+    # normal range (|x| >= 2^-6): keep 3 of the 23 mantissa bits, ties to even
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    normal = bits.to(tl.float32, bitcast=True)
+    # subnormals: multiples of 2^-9; float32 addition at 1.5 * 2^14 rounds to exactly that spacing, ties to even
+    subnormal = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) >= 0.015625, normal, subnormal)
+
+
+@triton.jit
 def _write_kv_cache_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim]
     value_ptr,  # [num_tokens, num_kv_heads, head_dim]
@@ -37,6 +51,7 @@ def _write_kv_cache_kernel(
     ROW: tl.constexpr,  # num_kv_heads * head_dim
     BLOCK: tl.constexpr,
     QUANT: tl.constexpr,  # 0: cast to the cache's dtype; 1: int8 codes; 2: float8 e4m3 codes (kv_quant.py)
+    ROUND_E4M3: tl.constexpr,  # the interpreter: round to e4m3 in float32 before converting (_round_to_e4m3)
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -59,6 +74,9 @@ def _write_kv_cache_kernel(
         if QUANT == 1:
             k = tl.floor(k + 0.5)
             v = tl.floor(v + 0.5)
+        elif ROUND_E4M3:
+            k = _round_to_e4m3(k)
+            v = _round_to_e4m3(v)
     tl.store(cache_ptr + dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(cache_ptr + stride_c_kv + dst, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -116,4 +134,5 @@ def write_kv_cache(
         ROW=row,
         BLOCK=block,
         QUANT=quant,
+        ROUND_E4M3=key.device.type == "cpu",
     )

@@ -107,8 +107,8 @@ def _decode_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(cache_ptr + stride_c_kv + kv_off[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
-        if QUANT:
-            v = v.to(q_ptr.dtype.element_ty)  # codes widened as they are: v_scale is applied to the output
+        if QUANT:  # codes widened as they are: v_scale is applied to the output
+            v = v.to(tl.float32) if DOT_F32 else v.to(q_ptr.dtype.element_ty)
         if DOT_F32:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
