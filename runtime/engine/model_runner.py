@@ -226,7 +226,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _calibrate_kv_scales(self, num_kv_heads: int, head_dim: int, vocab_size: int) -> list[torch.Tensor | None]:
-        """A quantized cache's per-layer scales from one calibration prefill (on every rank: its collectives pair)."""
+        """A quantized cache's per-layer scales from one calibration prefill (on every rank: its collectives pair).
+        Under tensor parallelism each rank sees only its KV heads: the ranks take the largest scale of each layer,
+        so the scales are the layer's whatever the sharding (and TP N reads the same codes as TP 1)."""
 
         def run_step(step: StepInput, caches: list[torch.Tensor]) -> None:
             self.kv_caches = caches
@@ -242,7 +244,8 @@ class ModelRunner:
             cache_dtype=self.kv_cache_dtype,
             device=self.device,
         )
-        return list(scales)
+        stacked = self.model.tp.all_reduce_max(torch.stack(scales))  # [num_layers, 2]
+        return list(stacked.unbind(0))
 
     def _kv_cache_budget(self) -> int:
         config = self.config

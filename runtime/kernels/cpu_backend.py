@@ -29,7 +29,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         kv_cache: torch.Tensor,
         md: TorchAttentionMetadata,
         scale: float,
-        kv_scale: torch.Tensor | None,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_seqs = query.shape[0]
         if kv_scale is not None:  # int8 / float8 codes, read in place with the layer's scales

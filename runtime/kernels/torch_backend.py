@@ -72,7 +72,7 @@ class TorchAttentionBackend(AttentionBackend):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         md: TorchAttentionMetadata,
-        kv_scale: torch.Tensor | None,
+        kv_scale: torch.Tensor | None = None,
     ) -> None:
         if not md.all_slots_valid:
             reference.write_kv_cache(key, value, kv_cache, md.slot_mapping, kv_scale)  # the reference skips slot -1
@@ -95,7 +95,7 @@ class TorchAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         md: TorchAttentionMetadata,
         scale: float,
-        kv_scale: torch.Tensor | None,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # query: [B, Hq, D], one new token per sequence
         if kv_scale is not None:
@@ -138,7 +138,7 @@ class TorchAttentionBackend(AttentionBackend):
         block_table: torch.Tensor,
         seq_len: int,
         scale: float,
-        kv_scale: torch.Tensor | None,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # query: [q_len, Hq, D], the last q_len positions of a seq_len context
         if kv_scale is not None:  # as in _decode: the scales fold into the query and the output

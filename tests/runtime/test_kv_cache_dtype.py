@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from runtime.test_engine import run_all
+from runtime.test_tensor_parallel import draw_prompts, greedy_tokens, save_tiny
 
 from kubellm.runtime import config
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.kv_cache_dtype import resolve_kv_cache_dtype
 from kubellm.runtime.engine.llm_engine import LLMEngine
+from kubellm.runtime.llm import LLM
 from kubellm.runtime.models.loader import LoadedModel
 from kubellm.runtime.sampling_params import SamplingParams
 
@@ -109,6 +111,26 @@ def test_the_calibrated_scales_cover_each_layers_k_and_v(tiny_model_dir: Callabl
     # a value the calibration saw maps inside the code range: the calibration's own K/V read back from the cache
     run_all(engine, [engine.tokenize("hello world, hello world")], SamplingParams(temperature=0, max_tokens=3))
     assert all(int(c.abs().amax()) <= 127 for c in engine.runner.kv_caches)
+
+
+def test_tensor_parallel_ranks_share_each_layers_scales(tmp_path: Path) -> None:
+    """Two gloo ranks, one KV head each: each calibrates on its own heads, then the ranks agree on the layer's
+    largest scale, so rank 0 holds TP 1's scales, TP 2 reads the codes TP 1 writes, and greedy tokens with an int8
+    cache equal TP 1's."""
+    model = str(save_tiny("llama", tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2))
+    prompts = draw_prompts(300)
+    fields = {"device": "cpu", "dtype": "float32", "max_model_len": 128, "block_size": 8,
+              "kv_cache_memory_bytes": 1 << 22, "kv_cache_dtype": "int8"}  # fmt: skip
+    scales = {}
+    for tp in (1, 2):
+        llm = LLM(model, **fields, tensor_parallel_size=tp)
+        try:
+            scales[tp] = [layer.self_attn.kv_scale for layer in llm.engine.model.layers]
+        finally:
+            llm.engine.runner.shutdown()
+    assert all(torch.equal(a, b) for a, b in zip(scales[1], scales[2], strict=True))
+    expected = greedy_tokens(model, 1, prompts, kv_cache_dtype="int8")
+    assert greedy_tokens(model, 2, prompts, kv_cache_dtype="int8") == expected
 
 
 def _top1(engine: LLMEngine, sequences: list[list[int]]) -> list[list[tuple[int, float]]]:
