@@ -60,7 +60,9 @@ def test_fp8_on_a_gpu_without_float8_conversions_is_a_start_up_error() -> None:
     assert resolve_kv_cache_dtype("auto", torch.bfloat16, torch.device("cpu")) == torch.bfloat16
 
 
-def test_fp8_where_torch_cannot_convert_is_a_start_up_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp8_where_torch_cannot_convert_is_a_start_up_error(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Callable[..., Path]
+) -> None:
     real_to = torch.Tensor.to
 
     def no_float8(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -71,6 +73,8 @@ def test_fp8_where_torch_cannot_convert_is_a_start_up_error(monkeypatch: pytest.
     monkeypatch.setattr(torch.Tensor, "to", no_float8)
     with pytest.raises(ValueError, match=r"kv_cache_dtype fp8: torch .* cannot hold float8 e4m3 on cpu"):
         resolve_kv_cache_dtype("fp8", torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"kv_cache_dtype fp8: torch .* cannot hold float8 e4m3 on cpu"):
+        _engine(tiny_model_dir("llama"), dtype="float32", kv_cache_dtype="fp8")  # the engine refuses to start
 
 
 BUDGET = 3 << 20  # bytes; the tiny model's blocks (2 layers, 2 KV heads of 16) are 8 KiB in float32
