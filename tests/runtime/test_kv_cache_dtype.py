@@ -137,6 +137,15 @@ def test_tensor_parallel_ranks_share_each_layers_scales(tmp_path: Path) -> None:
     assert greedy_tokens(model, 2, prompts, kv_cache_dtype="int8") == expected
 
 
+def test_pipeline_stages_calibrate_their_own_layers(tmp_path: Path) -> None:
+    """Two stages of one layer each: every stage's calibration prefill runs through the pipeline (the later stage
+    on the earlier one's hidden states), so greedy tokens with an int8 cache equal one process's."""
+    model = str(save_tiny("llama", tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2))
+    prompts = draw_prompts(300)
+    expected = greedy_tokens(model, 1, prompts, kv_cache_dtype="int8")
+    assert greedy_tokens(model, 1, prompts, kv_cache_dtype="int8", pipeline_parallel_size=2) == expected
+
+
 def _top1(engine: LLMEngine, sequences: list[list[int]]) -> list[list[tuple[int, float]]]:
     """Teacher-forced: per sequence, the most likely token and its log-probability at each position after the
     first (prompt_logprobs=1 over the whole sequence, which goes through the cache's prefill path)."""
