@@ -77,6 +77,7 @@ class EngineStats:
     kv_cache_usage: float  # used blocks / total blocks, in [0, 1]
     num_gpu_blocks: int  # total KV blocks (named as vLLM names it, whatever the device)
     block_size: int
+    cache_dtype: str = "auto"  # the --kv-cache-dtype setting (vLLM's cache_config_info label)
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found

@@ -310,6 +310,7 @@ class LLMEngine:
             kv_cache_usage=bm.usage,
             num_gpu_blocks=bm.num_blocks,
             block_size=bm.block_size,
+            cache_dtype=self.cache_config.cache_dtype,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,

@@ -22,10 +22,11 @@ from ..config import CacheConfig, EngineConfig
 from ..distributed.parallel import PipelineStage, TensorParallel, check_devices, check_tensor_parallel
 from ..distributed.pipeline import StageClock, run_pipelined
 from ..distributed.workers import ParallelGroup, WorkerGroup, init_method_for
-from ..kernels import cpu
+from ..kernels import cpu, kv_quant
 from ..kernels.dispatch import get_attention_backend
 from ..models.build import build_model
 from . import cuda_graphs
+from .kv_cache_dtype import calibrate_kv_scales, resolve_kv_cache_dtype
 from .scheduler import ScheduledSeq, SchedulerOutput
 from .step_input import StepInput, plan_step, prompt_logprob_positions, step_tensors
 
@@ -198,16 +199,23 @@ class ModelRunner:
 
         # this rank's KV heads only; every rank holds the same number of blocks (the fewest any can afford)
         num_kv_heads = self.model.num_kv_heads
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)
         bytes_per_block = kv_cache_bytes_per_block(
-            self.stage.num_layers, config.block_size, num_kv_heads, mc.head_dim, dtype
+            self.stage.num_layers, config.block_size, num_kv_heads, mc.head_dim, self.kv_cache_dtype
         )
         num_blocks = config.num_gpu_blocks or max(1, self._kv_cache_budget() // bytes_per_block)
         if self.group is not None:
             num_blocks = self.group.min_over_ranks(num_blocks)
-        self.cache_config = CacheConfig(config.block_size, num_blocks, config.enable_prefix_caching)
+        self.cache_config = CacheConfig(
+            config.block_size, num_blocks, config.enable_prefix_caching, cache_dtype=config.kv_cache_dtype
+        )
+        if kv_quant.is_quantized(self.kv_cache_dtype):
+            self.model.set_kv_scales(self._calibrate_kv_scales(num_kv_heads, mc.head_dim, mc.vocab_size))
         # one kv_cache per layer of this stage: [2, num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_caches = [
-            torch.zeros(2, num_blocks, config.block_size, num_kv_heads, mc.head_dim, dtype=dtype, device=device)
+            torch.zeros(
+                2, num_blocks, config.block_size, num_kv_heads, mc.head_dim, dtype=self.kv_cache_dtype, device=device
+            )
             for _ in range(self.stage.num_layers)
         ]
         # decode graphs replay one whole model: not with pipeline stages (eager there)
@@ -215,6 +223,29 @@ class ModelRunner:
             self._capture_graphs()  # on every rank: each replays its own graph, collectives included
             if self.group is not None and not self.group.min_over_ranks(int(self.graphs is not None)):
                 self.graphs = None  # every rank takes the same path, or their collectives would not pair up
+
+    @torch.inference_mode()
+    def _calibrate_kv_scales(self, num_kv_heads: int, head_dim: int, vocab_size: int) -> list[torch.Tensor | None]:
+        """A quantized cache's per-layer scales from one calibration prefill (on every rank: its collectives pair).
+        Under tensor parallelism each rank sees only its KV heads: the ranks take the largest scale of each layer,
+        so the scales are the layer's whatever the sharding (and TP N reads the same codes as TP 1)."""
+
+        def run_step(step: StepInput, caches: list[torch.Tensor]) -> None:
+            self.kv_caches = caches
+            self.execute_step(step)
+
+        scales = calibrate_kv_scales(
+            run_step,
+            (self.config.block_size, num_kv_heads, head_dim),
+            self.stage.num_layers,
+            num_tokens=min(kv_quant.CALIBRATION_TOKENS, self.max_model_len),
+            vocab_size=vocab_size,
+            model_dtype=self.dtype,
+            cache_dtype=self.kv_cache_dtype,
+            device=self.device,
+        )
+        stacked = self.model.tp.all_reduce_max(torch.stack(scales))  # [num_layers, 2]
+        return list(stacked.unbind(0))
 
     def _kv_cache_budget(self) -> int:
         config = self.config

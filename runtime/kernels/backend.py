@@ -51,11 +51,12 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query: [T, Hq, D]; key, value: [T, Hkv, D]; kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]."""
         md = attn_metadata
         assert isinstance(md, TritonAttentionMetadata), "call build_metadata() once per step first"
-        write_kv_cache(key, value, kv_cache, md.slot_mapping)
+        write_kv_cache(key, value, kv_cache, md.slot_mapping, kv_scale)
         out = torch.empty_like(query)
         num_decodes = md.num_decode_tokens
         if num_decodes:
@@ -68,6 +69,7 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
                 out=out[:num_decodes],
                 num_splits=num_splits,
+                kv_scale=kv_scale,
             )
         query_start_loc = md.prefill_query_start_loc
         if query_start_loc is not None:
@@ -80,6 +82,7 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
                 out=out[num_decodes:],
                 max_query_len=md.max_query_len,
+                kv_scale=kv_scale,
             )
         return out
 

@@ -2,7 +2,7 @@
 
 Chosen only when the kernels are built (``kernels/dispatch.py``); the kernels module is handed in at construction,
 so a process decides once. The C++ kernels: RMSNorm with the residual add, rotary (query and key heads in one pass),
-paged decode attention reading K and V in place (no gather copy).
+paged decode attention reading K and V in place (no gather copy), also as int8 / float8 codes of a quantized cache.
 """
 
 from __future__ import annotations
@@ -24,11 +24,21 @@ class CpuAttentionBackend(TorchAttentionBackend):
         self.kernels = kernels
 
     def _decode(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, md: TorchAttentionMetadata, scale: float
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: TorchAttentionMetadata,
+        scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if kv_cache.dtype != query.dtype:
-            return super()._decode(query, kv_cache, md, scale)
         num_seqs = query.shape[0]
+        if kv_scale is not None:  # int8 / float8 codes, read in place with the layer's scales
+            k_scale, v_scale = kv_scale.tolist()
+            return self.kernels.paged_decode_attention(
+                query, kv_cache, md.block_tables[:num_seqs], md.seq_lens[:num_seqs], scale, k_scale, v_scale
+            )
+        if kv_cache.dtype != query.dtype:
+            return super()._decode(query, kv_cache, md, scale, kv_scale)
         return self.kernels.paged_decode_attention(
             query, kv_cache, md.block_tables[:num_seqs], md.seq_lens[:num_seqs], scale
         )

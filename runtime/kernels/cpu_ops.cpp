@@ -1,5 +1,5 @@
 // CPU kernels for the decode hot path: RMSNorm (with the residual add), rotary embedding, paged decode
-// attention and an int8 head (32-column groups), each one call. (SiLU-and-mul stays with torch: its vectorized exp beat a scalar loop here.)
+// attention (a cache in the query's dtype, or int8 / float8 codes) and an int8 head (32-column groups), each one call. (SiLU-and-mul stays with torch: its vectorized exp beat a scalar loop here.)
 //
 // On a CPU a decode step of a small model is hundreds of tiny torch ops, and each op's fixed cost (dispatch,
 // allocation, a microsecond or more) outweighs its arithmetic. These kernels do the same float32 arithmetic as
@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -41,6 +42,22 @@ inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
   uint32_t* out = reinterpret_cast<uint32_t*>(dst);
   for (int64_t i = 0; i < d; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+}
+
+// float8 e4m3fn codes (a quantized KV cache) to float32 through a 256-entry table: one load per value.
+struct Fp8Table {
+  float value[256];
+  Fp8Table() {
+    for (int i = 0; i < 256; ++i) value[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i),
+                                                                                     c10::Float8_e4m3fn::from_bits()));
+  }
+};
+
+template <>
+inline void load_row<c10::Float8_e4m3fn>(const c10::Float8_e4m3fn* src, float* dst, int64_t d) {
+  static const Fp8Table table;
+  const uint8_t* bits = reinterpret_cast<const uint8_t*>(src);
+  for (int64_t i = 0; i < d; ++i) dst[i] = table.value[bits[i]];
 }
 
 void check_cpu(const torch::Tensor& t, const char* name) {
@@ -242,14 +259,16 @@ void accumulate_values<c10::BFloat16>(const float* weights, const c10::BFloat16*
 // cache), kv_cache [2, num_blocks, block_size, Hkv, D], block_tables [B, W] int32, seq_lens [B] int32
 // (including the new token) -> out [B, Hq, D]. One task per (sequence, KV head): the GROUP query heads that
 // share a KV head read each K and V row once. Scores and the softmax in float32.
-template <typename T>
-void decode_impl(const T* q, const T* cache, const int32_t* tables, const int32_t* lens, T* out, int64_t b,
+// The cache holds T (the query's dtype) or, quantized, C = int8 / float8 codes with the layer's k_scale and
+// v_scale (kernels/kv_quant.py): k_scale folds into the query's scale, v_scale into the output's normalizer.
+template <typename T, typename C>
+void decode_impl(const T* q, const C* cache, const int32_t* tables, const int32_t* lens, T* out, int64_t b,
                  int64_t hq, int64_t hkv, int64_t d, int64_t num_blocks, int64_t block_size, int64_t width,
-                 int64_t q_s0, int64_t q_s1, float scale) {
+                 int64_t q_s0, int64_t q_s1, float scale, float v_scale) {
   const int64_t group = hq / hkv;
   const int64_t slot_stride = hkv * d, block_stride = block_size * slot_stride;
-  const T* k_cache = cache;
-  const T* v_cache = cache + num_blocks * block_stride;
+  const C* k_cache = cache;
+  const C* v_cache = cache + num_blocks * block_stride;
   // one task per (sequence, KV head); tasks run inline below about 2048 positions x query heads of work, where
   // waking a second thread costs more than it saves (a single short sequence)
   int64_t max_len = 1;
@@ -278,7 +297,7 @@ void decode_impl(const T* q, const T* cache, const int32_t* tables, const int32_
           sg[p] = std::exp(sg[p] - m);
           sum += sg[p];
         }
-        inv_sum[g] = sum > 0.f ? 1.f / sum : 0.f;
+        inv_sum[g] = sum > 0.f ? v_scale / sum : 0.f;
       }
       accumulate_values(scores.data(), v_cache, table, len, group, d, block_size, block_stride, slot_stride, kvh,
                         acc.data());
@@ -291,12 +310,15 @@ void decode_impl(const T* q, const T* cache, const int32_t* tables, const int32_
 }
 
 torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor block_tables,
-                                     torch::Tensor seq_lens, double scale) {
+                                     torch::Tensor seq_lens, double scale, double k_scale, double v_scale) {
   check_cpu(query, "query");
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [seqs, heads, head_dim], head_dim contiguous");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
               "kv_cache must be a contiguous [2, num_blocks, block_size, num_kv_heads, head_dim]");
-  TORCH_CHECK(kv_cache.scalar_type() == query.scalar_type(), "kv_cache must have query's dtype");
+  const auto cache_type = kv_cache.scalar_type();
+  const bool quantized = cache_type == at::kChar || cache_type == at::kFloat8_e4m3fn;
+  TORCH_CHECK(cache_type == query.scalar_type() || quantized, "kv_cache must have query's dtype, int8 or float8");
+  TORCH_CHECK(quantized || (k_scale == 1.0 && v_scale == 1.0), "k_scale / v_scale are for a quantized cache");
   const int64_t b = query.size(0), hq = query.size(1), d = query.size(2);
   const int64_t num_blocks = kv_cache.size(1), block_size = kv_cache.size(2), hkv = kv_cache.size(3);
   TORCH_CHECK(kv_cache.size(4) == d && hq % hkv == 0, "head_dim must match and num_heads divide by num_kv_heads");
@@ -312,10 +334,21 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor kv_cache
       TORCH_CHECK(tp[s * width + j] >= 0 && tp[s * width + j] < num_blocks, "block id out of range");
   }
   auto out = torch::empty({b, hq, d}, query.options());
+  const float q_scale = static_cast<float>(scale * k_scale), vs = static_cast<float>(v_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
-    decode_impl<scalar_t>(query.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(), tp, lp,
-                          out.data_ptr<scalar_t>(), b, hq, hkv, d, num_blocks, block_size, width, query.stride(0),
-                          query.stride(1), static_cast<float>(scale));
+    const scalar_t* qp = query.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t s0 = query.stride(0), s1 = query.stride(1);
+    if (cache_type == at::kChar) {
+      decode_impl<scalar_t, int8_t>(qp, kv_cache.data_ptr<int8_t>(), tp, lp, op, b, hq, hkv, d, num_blocks,
+                                    block_size, width, s0, s1, q_scale, vs);
+    } else if (cache_type == at::kFloat8_e4m3fn) {
+      decode_impl<scalar_t, c10::Float8_e4m3fn>(qp, kv_cache.data_ptr<c10::Float8_e4m3fn>(), tp, lp, op, b, hq, hkv,
+                                                d, num_blocks, block_size, width, s0, s1, q_scale, vs);
+    } else {
+      decode_impl<scalar_t, scalar_t>(qp, kv_cache.data_ptr<scalar_t>(), tp, lp, op, b, hq, hkv, d, num_blocks,
+                                      block_size, width, s0, s1, q_scale, vs);
+    }
   });
   return out;
 }
@@ -373,6 +406,9 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "(out, new_residual) = rms_norm(x + residual) * weight");
   m.def("rotary", &rotary, "neox rotary embedding of [T, H, D] by positions");
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention over the paged KV cache (int8 / float8 codes with k_scale, v_scale)", py::arg("query"),
+        py::arg("kv_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"), py::arg("k_scale") = 1.0,
+        py::arg("v_scale") = 1.0);
   m.def("int8_matmul", &int8_matmul, "x @ (codes * scales per 32 columns).T");
 }

@@ -95,10 +95,13 @@ class AttentionBackend(abc.ABC):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query: [T, Hq, D]; key, value: [T, Hkv, D]; kv_cache: [2, num_blocks, block_size, Hkv, D].
 
-        Writes key/value at ``slot_mapping``, then returns each new token's attention output [T, Hq, D]."""
+        Writes key/value at ``slot_mapping``, then returns each new token's attention output [T, Hq, D].
+        kv_scale: float32 [2] (k_scale, v_scale) on kv_cache's device when the cache holds int8 / float8 codes
+        (kernels/kv_quant.py), else None."""
 
     @abc.abstractmethod
     def rms_norm(

@@ -1,7 +1,8 @@
 """KV-cache write: scatter the new tokens' keys and values into their paged-cache slots.
 
 Spec: kubellm.runtime.kernels.reference.write_kv_cache. One program per (token, tile of the
-num_kv_heads * head_dim row); a token whose slot is -1 writes nothing.
+num_kv_heads * head_dim row); a token whose slot is -1 writes nothing. A quantized cache (int8 / float8 e4m3)
+is written as codes of the layer's kv_scale (kernels/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -11,8 +12,23 @@ import triton
 import triton.language as tl
 
 from .device import check_launchable, next_power_of_2
+from .kv_quant import quant_mode
 
 __all__ = ["write_kv_cache"]
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """x (float32, |x| <= 448) rounded to the nearest float8 e4m3 value (ties to even), still float32. Triton's
+    interpreter converts float32 to float8 wrongly when rounding carries into the next power of two (7.99 -> 4,
+    not 8); converting an already representable value is exact there."""
+    bits = x.to(tl.uint32, bitcast=True)
+    # normal range (|x| >= 2^-6): keep 3 of the 23 mantissa bits, ties to even
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    normal = bits.to(tl.float32, bitcast=True)
+    # subnormals: multiples of 2^-9; float32 addition at 1.5 * 2^14 rounds to exactly that spacing, ties to even
+    subnormal = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) >= 0.015625, normal, subnormal)
 
 
 @triton.jit
@@ -21,6 +37,7 @@ def _write_kv_cache_kernel(
     value_ptr,  # [num_tokens, num_kv_heads, head_dim]
     cache_ptr,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping_ptr,  # [num_tokens] int64
+    kv_scale_ptr,  # [2] float32 (k_scale, v_scale) when QUANT, else unused
     stride_kt,
     stride_kh,
     stride_vt,
@@ -33,6 +50,8 @@ def _write_kv_cache_kernel(
     HEAD_DIM: tl.constexpr,
     ROW: tl.constexpr,  # num_kv_heads * head_dim
     BLOCK: tl.constexpr,
+    QUANT: tl.constexpr,  # 0: cast to the cache's dtype; 1: int8 codes; 2: float8 e4m3 codes (kv_quant.py)
+    ROUND_E4M3: tl.constexpr,  # the interpreter: round to e4m3 in float32 before converting (_round_to_e4m3)
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -47,6 +66,17 @@ def _write_kv_cache_kernel(
     v = tl.load(value_ptr + token64 * stride_vt + head * stride_vh + dim, mask=mask)
     block = slot // block_size
     dst = block * stride_c_block + (slot % block_size) * stride_c_slot + head * stride_c_head + dim
+    if QUANT:
+        # x * (1 / scale) in float32, clamped to the code range; int8 rounds half up (kv_quant.quantize)
+        qmax = 127.0 if QUANT == 1 else 448.0
+        k = tl.minimum(tl.maximum(k.to(tl.float32) * (1.0 / tl.load(kv_scale_ptr)), -qmax), qmax)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) * (1.0 / tl.load(kv_scale_ptr + 1)), -qmax), qmax)
+        if QUANT == 1:
+            k = tl.floor(k + 0.5)
+            v = tl.floor(v + 0.5)
+        elif ROUND_E4M3:
+            k = _round_to_e4m3(k)
+            v = _round_to_e4m3(v)
     tl.store(cache_ptr + dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(cache_ptr + stride_c_kv + dst, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -56,6 +86,7 @@ def write_kv_cache(
     value: torch.Tensor,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
 ) -> None:
     """Triton version of reference.write_kv_cache (same arguments, same effect).
 
@@ -76,9 +107,11 @@ def write_kv_cache(
         raise ValueError(f"slot_mapping must have shape [{num_tokens}], got {tuple(slot_mapping.shape)}")
     if key.stride(2) != 1 or value.stride(2) != 1 or kv_cache.stride(4) != 1 or kv_cache.stride(3) != head_dim:
         raise ValueError("head_dim must be contiguous in key, value and kv_cache (and heads packed in kv_cache)")
+    quant = quant_mode(kv_cache, kv_scale)
     if num_tokens == 0:
         return
-    check_launchable(_write_kv_cache_kernel, key, value, kv_cache, slot_mapping)
+    scales = kv_scale if kv_scale is not None else slot_mapping  # the kernel reads it only when QUANT
+    check_launchable(_write_kv_cache_kernel, key, value, kv_cache, slot_mapping, scales)
     row = num_kv_heads * head_dim
     block = min(next_power_of_2(row), 1024)
     grid = (num_tokens, triton.cdiv(row, block))
@@ -87,6 +120,7 @@ def write_kv_cache(
         value,
         kv_cache,
         slot_mapping,
+        scales,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -99,4 +133,6 @@ def write_kv_cache(
         HEAD_DIM=head_dim,
         ROW=row,
         BLOCK=block,
+        QUANT=quant,
+        ROUND_E4M3=key.device.type == "cpu",
     )

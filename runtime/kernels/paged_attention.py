@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .device import check_launchable, dot_in_float32, dot_precision, next_power_of_2, num_sms
+from .kv_quant import quant_mode
 
 __all__ = ["choose_num_splits", "paged_decode_attention", "splits_for"]
 
@@ -37,6 +38,7 @@ _MAX_SPLITS = 32
 def _decode_attention_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     cache_ptr,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    kv_scale_ptr,  # [2] float32 (k_scale, v_scale) when QUANT, else unused
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
     out_ptr,  # [num_seqs, num_heads, head_dim], written when NUM_SPLITS == 1
@@ -62,6 +64,7 @@ def _decode_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_F32: tl.constexpr,  # the interpreter's tl.dot multiplies bfloat16's raw bits: upcast there
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 operands (exact, not tf32), else "tf32" (unused)
+    QUANT: tl.constexpr,  # the cache holds int8 / float8 codes: k_scale folds into the scores, v_scale the output
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -81,6 +84,8 @@ def _decode_attention_kernel(
     mask_gd = (offs_g[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
     # q: [GROUP_PAD, HEAD_DIM_PAD]
     q = tl.load(q_ptr + seq64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_gd, other=0.0)
+    if QUANT:
+        scale_log2 = scale_log2 * tl.load(kv_scale_ptr)  # q . (s_k k) = s_k (q . k)
     if DOT_F32:
         q = q.to(tl.float32)
 
@@ -102,6 +107,8 @@ def _decode_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(cache_ptr + stride_c_kv + kv_off[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
+        if QUANT:  # codes widened as they are: v_scale is applied to the output
+            v = v.to(tl.float32) if DOT_F32 else v.to(q_ptr.dtype.element_ty)
         if DOT_F32:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -109,6 +116,8 @@ def _decode_attention_kernel(
 
     # an empty split (or an empty sequence) has l_i == 0: its output is 0 and its lse -inf (weight 0 in the merge)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if QUANT:
+        out = out * tl.load(kv_scale_ptr + 1)  # sum p (s_v v) = s_v sum p v
     if NUM_SPLITS == 1:
         tl.store(
             out_ptr + seq64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -183,6 +192,7 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: query [num_seqs, num_heads, head_dim], one new token per sequence, whose key and value
     are already in the cache; seq_lens counts that token. Returns out [num_seqs, num_heads, head_dim].
@@ -209,13 +219,15 @@ def paged_decode_attention(
         )
     if query.stride(2) != 1 or kv_cache.stride(4) != 1 or block_tables.stride(1) != 1:
         raise ValueError("head_dim must be contiguous in query and kv_cache, and block_tables rows contiguous")
+    quant = quant_mode(kv_cache, kv_scale)
+    scales = kv_scale if kv_scale is not None else seq_lens  # read by the kernel only when QUANT
     if out is None:
         out = torch.empty_like(query)
     elif out.shape != query.shape or out.stride(2) != 1:
         raise ValueError(f"out must have query's shape {tuple(query.shape)} with head_dim contiguous")
     if num_seqs == 0:
         return out
-    check_launchable(_decode_attention_kernel, query, kv_cache, block_tables, seq_lens, out)
+    check_launchable(_decode_attention_kernel, query, kv_cache, scales, block_tables, seq_lens, out)
     on_cuda = query.device.type == "cuda"
     if num_splits is None:
         if max_seq_len is None:
@@ -235,6 +247,7 @@ def paged_decode_attention(
     _decode_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
         kv_cache,
+        scales,
         block_tables,
         seq_lens,
         out,
@@ -260,6 +273,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         DOT_F32=dot_in_float32(query.device, query.dtype, kv_cache.dtype),
         DOT_PRECISION=dot_precision(query.dtype, kv_cache.dtype),
+        QUANT=quant,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .device import check_launchable, dot_in_float32, dot_precision, next_power_of_2
+from .kv_quant import quant_mode
 
 __all__ = ["paged_prefill_attention"]
 
@@ -30,6 +31,7 @@ _LOG2E = 1.4426950408889634
 def _prefill_attention_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     cache_ptr,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    kv_scale_ptr,  # [2] float32 (k_scale, v_scale) when QUANT, else unused
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
@@ -53,6 +55,7 @@ def _prefill_attention_kernel(
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,  # the interpreter's tl.dot multiplies bfloat16's raw bits: upcast there
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 operands (exact, not tf32), else "tf32" (unused)
+    QUANT: tl.constexpr,  # the cache holds int8 / float8 codes: k_scale folds into the scores, v_scale the output
 ):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
@@ -75,6 +78,8 @@ def _prefill_attention_kernel(
     mask_md = row_valid[:, None] & mask_d[None, :]
     q_rows = (q_start + token).to(tl.int64) * stride_qt + heads * stride_qh  # [BLOCK_M]
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=mask_md, other=0.0)  # [BLOCK_M, HEAD_DIM_PAD]
+    if QUANT:
+        scale_log2 = scale_log2 * tl.load(kv_scale_ptr)  # q . (s_k k) = s_k (q . k)
     if DOT_F32:
         q = q.to(tl.float32)
 
@@ -103,12 +108,16 @@ def _prefill_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(cache_ptr + stride_c_kv + kv_off[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
+        if QUANT:  # codes widened as they are: v_scale is applied to the output
+            v = v.to(tl.float32) if DOT_F32 else v.to(q_ptr.dtype.element_ty)
         if DOT_F32:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if QUANT:
+        out = out * tl.load(kv_scale_ptr + 1)  # sum p (s_v v) = s_v sum p v
     out_rows = (q_start + token).to(tl.int64) * stride_ot + heads * stride_oh
     tl.store(out_ptr + out_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_md)
 
@@ -125,6 +134,7 @@ def paged_prefill_attention(
     max_query_len: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of reference.paged_attention (same arguments, same result), for any mix of q_len.
 
@@ -154,13 +164,15 @@ def paged_prefill_attention(
         )
     if query.stride(2) != 1 or kv_cache.stride(4) != 1 or block_tables.stride(1) != 1:
         raise ValueError("head_dim must be contiguous in query and kv_cache, and block_tables rows contiguous")
+    quant = quant_mode(kv_cache, kv_scale)
+    scales = kv_scale if kv_scale is not None else seq_lens  # read by the kernel only when QUANT
     if out is None:
         out = torch.empty_like(query)
     elif out.shape != query.shape or out.stride(2) != 1:
         raise ValueError(f"out must have query's shape {tuple(query.shape)} with head_dim contiguous")
     if num_seqs == 0 or num_tokens == 0:
         return out
-    check_launchable(_prefill_attention_kernel, query, kv_cache, block_tables, seq_lens, query_start_loc, out)
+    check_launchable(_prefill_attention_kernel, query, kv_cache, scales, block_tables, seq_lens, query_start_loc, out)
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_query_len == 0:
@@ -181,6 +193,7 @@ def paged_prefill_attention(
     _prefill_attention_kernel[grid](
         query,
         kv_cache,
+        scales,
         block_tables,
         seq_lens,
         query_start_loc,
@@ -204,6 +217,7 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         DOT_F32=dot_in_float32(query.device, query.dtype, kv_cache.dtype),
         DOT_PRECISION=dot_precision(query.dtype, kv_cache.dtype),
+        QUANT=quant,
         num_warps=8 if exact else 4,  # 4 warps spill registers on float32 FMA dots (tests/kernels/aot_compile.py)
         num_stages=2,
     )

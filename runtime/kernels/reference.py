@@ -18,12 +18,17 @@ A sequence with ``q_len`` new tokens and ``seq_len`` context::
                 cached prefix (attended fully by every query)   new tokens (attend causally to each other)
 
 Grouped-query attention: query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``.
+
+A quantized cache (int8 / float8_e4m3fn codes) comes with ``kv_scale``: float32 [2] = (k_scale, v_scale) of the
+layer; writes quantize and reads dequantize as kernels/kv_quant.py specifies.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import kv_quant
 
 __all__ = [
     "paged_attention",
@@ -47,13 +52,15 @@ def write_kv_cache(
     value: torch.Tensor,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
 ) -> None:
     """Scatter each token's key and value into its cache slot, in place; tokens with slot -1 are skipped.
 
     key, value: [num_tokens, num_kv_heads, head_dim]; kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim];
-    slot_mapping: [num_tokens] int64.
+    slot_mapping: [num_tokens] int64; kv_scale: [2] float32, for a quantized cache (codes = quantize(x, scale)).
     """
     _check_kv_cache(kv_cache)
+    kv_quant.check_kv_scale(kv_cache, kv_scale)
     if key.shape != value.shape:
         raise ValueError(f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
     if key.dim() != 3 or key.shape[1:] != kv_cache.shape[3:]:
@@ -73,8 +80,22 @@ def write_kv_cache(
     slots = slot_mapping[valid].long()
     if slots.numel() and int(slots.max()) >= num_slots:
         raise ValueError(f"slot_mapping holds slot {int(slots.max())}, but the cache has only {num_slots} slots")
-    k_slots[slots] = key[valid].to(kv_cache.dtype)
-    v_slots[slots] = value[valid].to(kv_cache.dtype)
+    k_slots[slots] = _to_cache(key[valid], kv_cache.dtype, kv_scale, 0)
+    v_slots[slots] = _to_cache(value[valid], kv_cache.dtype, kv_scale, 1)
+
+
+def _to_cache(x: torch.Tensor, dtype: torch.dtype, kv_scale: torch.Tensor | None, which: int) -> torch.Tensor:
+    """x in the cache's dtype: quantized with kv_scale[which] (0: K, 1: V), or cast."""
+    if kv_scale is None:
+        return x.to(dtype)
+    return kv_quant.quantize(x, kv_scale[which], dtype)
+
+
+def _from_cache(x: torch.Tensor, kv_scale: torch.Tensor | None, which: int) -> torch.Tensor:
+    """Cache contents as float32."""
+    if kv_scale is None:
+        return x.float()
+    return kv_quant.dequantize(x, kv_scale[which])
 
 
 def paged_attention(
@@ -86,6 +107,7 @@ def paged_attention(
     scale: float,
     *,
     out: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's new tokens over its paged context (cached prefix + the new tokens themselves).
 
@@ -94,6 +116,7 @@ def paged_attention(
     Covers decode (q_len 1), prefill (q_len = seq_len) and extend/chunked prefill (0 < q_len < seq_len) alike.
     """
     _check_kv_cache(kv_cache)
+    kv_quant.check_kv_scale(kv_cache, kv_scale)
     if query.dim() != 3 or query.shape[2] != kv_cache.shape[4]:
         raise ValueError(
             f"query must have shape [num_tokens, num_heads, {kv_cache.shape[4]}], got {tuple(query.shape)}"
@@ -131,8 +154,8 @@ def paged_attention(
             )
         blocks = block_tables[i, :num_blocks].long()
         # k, v: [seq_len, num_kv_heads, head_dim] -> [num_heads, seq_len, head_dim] (each KV head repeated per group)
-        k = kv_cache[0, blocks].flatten(0, 1)[:seq_len].float()
-        v = kv_cache[1, blocks].flatten(0, 1)[:seq_len].float()
+        k = _from_cache(kv_cache[0, blocks].flatten(0, 1)[:seq_len], kv_scale, 0)
+        v = _from_cache(kv_cache[1, blocks].flatten(0, 1)[:seq_len], kv_scale, 1)
         k = k.repeat_interleave(group_size, dim=1).transpose(0, 1)
         v = v.repeat_interleave(group_size, dim=1).transpose(0, 1)
         # q: [num_heads, q_len, head_dim]

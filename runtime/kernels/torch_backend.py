@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import kv_quant, reference
 from .interface import AttentionBackend, AttentionMetadata, RopeTables, extend_metadata
 
 __all__ = ["TorchAttentionBackend", "TorchAttentionMetadata"]
@@ -47,39 +47,62 @@ class TorchAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         md = attn_metadata
         assert isinstance(md, TorchAttentionMetadata), "call build_metadata() once per step first"
-        self._write_kv_cache(key, value, kv_cache, md)
+        self._write_kv_cache(key, value, kv_cache, md, kv_scale)
         num_decodes = md.num_decode_tokens
         if num_decodes == md.num_seqs:  # a pure decode step: no output buffer to assemble
-            return self._decode(query, kv_cache, md, scale)
+            return self._decode(query, kv_cache, md, scale, kv_scale)
         out = torch.empty_like(query)
         if num_decodes:
-            out[:num_decodes] = self._decode(query[:num_decodes], kv_cache, md, scale)
+            out[:num_decodes] = self._decode(query[:num_decodes], kv_cache, md, scale, kv_scale)
         starts, lens = md.query_start_loc_cpu, md.seq_lens_cpu
         for i in range(num_decodes, md.num_seqs):
             q_start, q_end = starts[i], starts[i + 1]
-            out[q_start:q_end] = self._prefill(query[q_start:q_end], kv_cache, md.block_tables[i], lens[i], scale)
+            out[q_start:q_end] = self._prefill(
+                query[q_start:q_end], kv_cache, md.block_tables[i], lens[i], scale, kv_scale
+            )
         return out
 
     @staticmethod
     def _write_kv_cache(
-        key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, md: TorchAttentionMetadata
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: TorchAttentionMetadata,
+        kv_scale: torch.Tensor | None = None,
     ) -> None:
         if not md.all_slots_valid:
-            reference.write_kv_cache(key, value, kv_cache, md.slot_mapping)  # the reference skips slot -1
+            reference.write_kv_cache(key, value, kv_cache, md.slot_mapping, kv_scale)  # the reference skips slot -1
             return
         # every token has a slot: one index_copy_ per tensor, ~1000x cheaper than masking
         _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+        if kv_scale is None:
+            k, v = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
+        else:  # one-byte codes, copied as bytes (index_copy_ has no float8 kernel on the CPU)
+            k = kv_quant.quantize(key, kv_scale[0], kv_cache.dtype).view(torch.uint8)
+            v = kv_quant.quantize(value, kv_scale[1], kv_cache.dtype).view(torch.uint8)
+            kv_cache = kv_cache.view(torch.uint8)
         slots = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-        slots[0].index_copy_(0, md.slot_mapping, key.to(kv_cache.dtype))
-        slots[1].index_copy_(0, md.slot_mapping, value.to(kv_cache.dtype))
+        slots[0].index_copy_(0, md.slot_mapping, k)
+        slots[1].index_copy_(0, md.slot_mapping, v)
 
     def _decode(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, md: TorchAttentionMetadata, scale: float
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: TorchAttentionMetadata,
+        scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # query: [B, Hq, D], one new token per sequence
+        if kv_scale is not None:
+            # quantized codes are widened as they are: k_scale folds into the query (q . s_k k = s_k (q . k)),
+            # v_scale into the output (sum p s_v v = s_v sum p v)
+            out = self._decode(query * kv_scale[0].to(query.dtype), kv_cache, md, scale, None)
+            return out * kv_scale[1].to(out.dtype)
         num_seqs = query.shape[0]
         _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
         if md.decode_rows is None:
@@ -110,14 +133,23 @@ class TorchAttentionBackend(AttentionBackend):
 
     @staticmethod
     def _prefill(
-        query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: float
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_len: int,
+        scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # query: [q_len, Hq, D], the last q_len positions of a seq_len context
+        if kv_scale is not None:  # as in _decode: the scales fold into the query and the output
+            query = query * kv_scale[0].to(query.dtype)
         q_len = query.shape[0]
         block_size = kv_cache.shape[2]
         blocks = block_table[: -(-seq_len // block_size)].long()
         k = kv_cache[0][blocks].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, seq_len, D]
         v = kv_cache[1][blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
+        if kv_scale is not None:
+            k, v = k.to(query.dtype), v.to(query.dtype)
         q = query.transpose(0, 1)  # [Hq, q_len, D]
         gqa = q.shape[0] != k.shape[0]
         if q_len == seq_len:
@@ -127,7 +159,8 @@ class TorchAttentionBackend(AttentionBackend):
             q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
             mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        return out.transpose(0, 1)
+        out = out.transpose(0, 1)
+        return out if kv_scale is None else out * kv_scale[1].to(out.dtype)
 
     # ---- elementwise ops --------------------------------------------------------------------------------
     def rms_norm(

@@ -56,6 +56,7 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
         self.rotary = rotary
         self.backend = backend
+        self.kv_scale: torch.Tensor | None = None  # float32 [2] (k_scale, v_scale) of a quantized KV cache
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata
@@ -76,7 +77,7 @@ class LlamaAttention(nn.Module):
                 q = self.q_norm(q)[0]
                 k = self.k_norm(k)[0]
             q, k = self.rotary(positions, q, k)  # new tensors
-        out = self.backend.forward(q, k, v, kv_cache, md, self.scale)  # [T, Hq, D]
+        out = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.kv_scale)  # [T, Hq, D]
         return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
@@ -169,6 +170,14 @@ class LlamaForCausalLM(nn.Module):
     def num_kv_heads(self) -> int:
         """The KV heads this rank's cache holds (all of them with one rank)."""
         return self.tp.heads(self.config.num_attention_heads, self.config.num_key_value_heads).num_kv_heads
+
+    def set_kv_scales(self, kv_scales: list[torch.Tensor | None]) -> None:
+        """Per layer of this stage: the float32 [2] (k_scale, v_scale) its quantized KV cache is read and written
+        with (kernels/kv_quant.py), or None for a cache in the model's dtype."""
+        stage = self.stage
+        for layer, kv_scale in zip(self.layers[stage.layer_start : stage.layer_end], kv_scales, strict=True):
+            assert isinstance(layer, LlamaDecoderLayer)
+            layer.self_attn.kv_scale = kv_scale
 
     def forward(
         self,

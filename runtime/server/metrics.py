@@ -121,9 +121,11 @@ class _EngineStatsCollector(Collector):
             "vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (1 = full).", stats.kv_cache_usage
         )
         info = GaugeMetricFamily(
-            "vllm:cache_config_info", "KV-cache configuration.", labels=["model_name", "block_size", "num_gpu_blocks"]
+            "vllm:cache_config_info",
+            "KV-cache configuration.",
+            labels=["model_name", "block_size", "num_gpu_blocks", "cache_dtype"],
         )
-        info.add_metric([self._model_name, str(stats.block_size), str(stats.num_gpu_blocks)], 1.0)
+        info.add_metric([self._model_name, str(stats.block_size), str(stats.num_gpu_blocks), stats.cache_dtype], 1.0)
         yield info
         yield counter("vllm:num_preemptions", "Preemptions since start.", stats.num_preemptions)
         yield counter(

@@ -46,11 +46,15 @@ def _cases() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]]:
 
     cases: list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]] = []
 
-    def attention_pointers(dt: str) -> dict[str, str]:
+    def attention_pointers(dt: str, cache: str | None = None) -> dict[str, str]:
         return {
-            "q_ptr": dt, "cache_ptr": dt, "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-            "query_start_loc_ptr": "*i32", "out_ptr": dt, "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+            "q_ptr": dt, "cache_ptr": cache or dt, "kv_scale_ptr": "*fp32", "block_tables_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "out_ptr": dt, "part_out_ptr": "*fp32",
+            "part_lse_ptr": "*fp32",
         }  # fmt: skip
+
+    # a quantized KV cache (kernels/kv_quant.py): QUANT 1 = int8 codes, 2 = float8 e4m3 codes
+    quantized = ((1, "*i8"), (2, "*fp8e4nv"))
 
     # decode: Llama-3 (group 4, d 128), MHA (group 1), group 8 / d 64, SmolLM2 (group 3, d 64)
     for group, head_dim, dt, splits in (
@@ -66,7 +70,15 @@ def _cases() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]]:
             "DOT_PRECISION": "ieee" if dt == "*fp32" else "tf32",
         }  # fmt: skip
         label = f"decode g{group} d{head_dim} {dt[1:]} splits{splits}"
-        cases.append((label, paged_attention._decode_attention_kernel, attention_pointers(dt), constexprs, 4, 2))
+        cases.append(
+            (label, paged_attention._decode_attention_kernel, attention_pointers(dt), {**constexprs, "QUANT": 0}, 4, 2)
+        )
+        if dt == "*bf16":
+            for quant, cache in quantized:
+                cases.append(
+                    (f"{label} cache {cache[1:]}", paged_attention._decode_attention_kernel,
+                     attention_pointers(dt, cache), {**constexprs, "QUANT": quant}, 4, 2)
+                )  # fmt: skip
     for head_dim, splits in ((128, 2), (64, 16)):
         constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim, "NUM_SPLITS": splits, "SPLITS_PAD": splits}
         cases.append(
@@ -81,15 +93,19 @@ def _cases() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]]:
             "TOKENS_PER_TILE": tile // group, "BLOCK_N": tile, "DOT_F32": False,
             "DOT_PRECISION": "ieee" if dt == "*fp32" else "tf32",
         }  # fmt: skip
+        for quant, cache in ((0, dt), *(quantized if dt == "*bf16" else ())):
+            label = f"prefill g{group} d{head_dim} {dt[1:]} cache {cache[1:]}"
+            cases.append(
+                (label, prefill_attention._prefill_attention_kernel, attention_pointers(dt, cache),
+                 {**constexprs, "QUANT": quant}, 8 if dt == "*fp32" else 4, 2)
+            )  # fmt: skip
+    for quant, cache in ((0, "*bf16"), *quantized):
         cases.append(
-            (f"prefill g{group} d{head_dim} {dt[1:]}", prefill_attention._prefill_attention_kernel,
-             attention_pointers(dt), constexprs, 8 if dt == "*fp32" else 4, 2)
+            (f"kv_cache write 8x128 bf16 to {cache[1:]}", kv_cache._write_kv_cache_kernel,
+             {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": cache, "slot_mapping_ptr": "*i64",
+              "kv_scale_ptr": "*fp32"},
+             {"HEAD_DIM": 128, "ROW": 1024, "BLOCK": 1024, "QUANT": quant, "ROUND_E4M3": False}, 4, 1)
         )  # fmt: skip
-    cases.append(
-        ("kv_cache write 8x128 bf16", kv_cache._write_kv_cache_kernel,
-         {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
-         {"HEAD_DIM": 128, "ROW": 1024, "BLOCK": 1024}, 4, 1)
-    )  # fmt: skip
     norm_pointers = {k: "*bf16" for k in ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "new_residual_ptr")}
     for residual in (False, True):
         cases.append(

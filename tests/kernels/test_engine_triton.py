@@ -26,10 +26,11 @@ TINY_LLAMA = {
 }  # fmt: skip
 
 
-def _run(config_path: Path) -> tuple[str, list[Any]]:
+def _run(config_path: Path, kv_cache_dtype: str) -> tuple[str, list[Any]]:
     llm = LLM(
         model=str(config_path), load_format="dummy", device="cpu", dtype="float32", block_size=8,
         max_num_batched_tokens=24, enable_prefix_caching=True, kv_cache_memory_bytes=1 << 20,
+        kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
     shared = [(7 * i + 3) % 250 + 3 for i in range(29)]  # 29 tokens: three full blocks of 8 and a partial one
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)
@@ -40,14 +41,19 @@ def _run(config_path: Path) -> tuple[str, list[Any]]:
 
 
 @pytest.mark.slow
-def test_engine_tokens_match_the_cpu_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
+def test_engine_tokens_match_the_cpu_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kv_cache_dtype: str
+) -> None:
+    """Also with a quantized cache (int8 / fp8 codes, kernels/kv_quant.py): the Triton write, decode and prefill
+    kernels against the C++ decode kernel and the torch prefill, on the scales each engine calibrated."""
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(TINY_LLAMA))
-    backend, expected = _run(config_path)
+    backend, expected = _run(config_path, kv_cache_dtype)
     assert backend in ("cpu", "torch")  # the C++ kernels' backend where they are built, else the torch one
 
     monkeypatch.setattr(model_runner, "get_attention_backend", lambda device: TritonAttentionBackend())
-    backend, actual = _run(config_path)
+    backend, actual = _run(config_path, kv_cache_dtype)
     assert backend == "triton"
 
     for want, got in zip(expected, actual, strict=True):

@@ -58,6 +58,7 @@ async def test_fifty_concurrent_streams_complete_and_metrics_are_sane(server: An
     assert 0.0 <= under_load["vllm:kv_cache_usage_perc"][0][1] <= 1.0
     ((labels, value),) = under_load["vllm:cache_config_info"]
     assert int(labels["block_size"]) == 16 and int(labels["num_gpu_blocks"]) > 0 and value == 1.0
+    assert labels["cache_dtype"] == "auto"  # vLLM's label: the --kv-cache-dtype setting
     after = server.metrics()
 
     def total(samples: dict[str, Any], name: str, **labels: str) -> float:
