@@ -25,6 +25,7 @@ from ..distributed.workers import ParallelGroup, WorkerGroup, init_method_for
 from ..kernels import cpu
 from ..kernels.dispatch import get_attention_backend
 from ..models.build import build_model
+from ..quantization.registry import checkpoint_quant_method, quant_config_for
 from . import cuda_graphs
 from .scheduler import ScheduledSeq, SchedulerOutput
 from .step_input import StepInput, plan_step, prompt_logprob_positions, step_tensors
@@ -89,10 +90,17 @@ def cpu_int4_is_fast() -> bool:
 
 
 def resolve_quantization(
-    quantization: str, device: torch.device, weight_formats: frozenset[str], int4_fast: bool | None = None
+    quantization: str,
+    device: torch.device,
+    weight_formats: frozenset[str],
+    int4_fast: bool | None = None,
+    checkpoint_method: str | None = None,
 ) -> str:
-    """ "auto" -> "int4" on the CPU for a checkpoint whose layers are 4-bit already (nothing is lost), where the
-    int4 kernel is fast (``int4_fast``, default: the CPU's vector ISA); else "none"."""
+    """ "auto" -> the checkpoint's own format (``checkpoint_method``: its quantization_config's quant_method);
+    else "int4" on the CPU for a checkpoint whose layers are 4-bit already (nothing is lost), where the int4 kernel
+    is fast (``int4_fast``, default: the CPU's vector ISA); else "none"."""
+    if quantization == "auto" and checkpoint_method is not None:
+        return checkpoint_method
     if quantization == "int4" and device.type != "cpu":
         raise ValueError(f"quantization int4 is a CPU path (torch's CPU int4 kernel); the device is {device.type}")
     if quantization == "auto":
@@ -186,13 +194,19 @@ class ModelRunner:
     def _build(self, loaded: LoadedModel, tp: TensorParallel) -> None:
         config, device, dtype, mc = self.config, self.device, self.dtype, loaded.config
         self.backend = get_attention_backend(device)
+        self.quantization = resolve_quantization(
+            config.quantization,
+            device,
+            loaded.weight_formats,
+            checkpoint_method=checkpoint_quant_method(loaded.hf_config),
+        )
+        quant = quant_config_for(self.quantization, loaded.hf_config)
+        if quant is not None:
+            quant.check_device(device)
         self.model = build_model(
             mc, loaded.weights, backend=self.backend, device=device, dtype=dtype, seed=config.seed, tp=tp,
-            stage=self.stage,
+            stage=self.stage, quant=quant,
         )  # fmt: skip
-        self.quantization = resolve_quantization(config.quantization, device, loaded.weight_formats)
-        if self.quantization == "int4":
-            self.model.quantize_int4()
         if device.type == "cpu":
             self.model.pack_for_cpu()
 
