@@ -10,12 +10,15 @@ from .base import QuantConfig
 from .cpu_int4 import Int4CpuConfig
 
 # formats a checkpoint arrives in (its quantization_config says so); formats quantized at load from float weights
-CHECKPOINT_FORMATS: tuple[str, ...] = ()
+CHECKPOINT_FORMATS = ("awq", "gptq")
 ONLINE_FORMATS = ("int4",)
 
 
 def _config_classes() -> dict[str, type[QuantConfig]]:
-    return {"int4": Int4CpuConfig}
+    from .awq import AWQConfig
+    from .gptq import GPTQConfig
+
+    return {"int4": Int4CpuConfig, "awq": AWQConfig, "gptq": GPTQConfig}
 
 
 def checkpoint_quant_method(hf: dict[str, Any]) -> str | None:

@@ -126,8 +126,10 @@ def test_resolve_quantization() -> None:
     assert resolve_quantization("none", CPU, frozenset({"Q4_1"})) == "none"
     with pytest.raises(ValueError, match="CPU path"):
         resolve_quantization("int4", torch.device("cuda"), frozenset())
-    with pytest.raises(ValueError, match=r"^quantization must be one of auto, none, int4, got 'int8'"):
-        EngineConfig(quantization="int8")
+    with pytest.raises(
+        ValueError, match=r"^quantization must be one of auto, none, int4, awq, gptq, got 'q3'"
+    ):
+        EngineConfig(quantization="q3")
 
 
 def test_the_bundled_model_computes_the_same_through_int4(smollm2: LoadedModel) -> None:
