@@ -11,14 +11,15 @@ from .cpu_int4 import Int4CpuConfig
 
 # formats a checkpoint arrives in (its quantization_config says so); formats quantized at load from float weights
 CHECKPOINT_FORMATS = ("awq", "gptq")
-ONLINE_FORMATS = ("int4",)
+ONLINE_FORMATS = ("int4", "int8", "fp8")
 
 
 def _config_classes() -> dict[str, type[QuantConfig]]:
     from .awq import AWQConfig
     from .gptq import GPTQConfig
+    from .online import Fp8Config, Int8Config
 
-    return {"int4": Int4CpuConfig, "awq": AWQConfig, "gptq": GPTQConfig}
+    return {"int4": Int4CpuConfig, "awq": AWQConfig, "gptq": GPTQConfig, "int8": Int8Config, "fp8": Fp8Config}
 
 
 def checkpoint_quant_method(hf: dict[str, Any]) -> str | None:

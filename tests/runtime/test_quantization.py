@@ -127,7 +127,7 @@ def test_resolve_quantization() -> None:
     with pytest.raises(ValueError, match="CPU path"):
         resolve_quantization("int4", torch.device("cuda"), frozenset())
     with pytest.raises(
-        ValueError, match=r"^quantization must be one of auto, none, int4, awq, gptq, got 'q3'"
+        ValueError, match=r"^quantization must be one of auto, none, int4, awq, gptq, int8, fp8, got 'q3'"
     ):
         EngineConfig(quantization="q3")
 
