@@ -25,6 +25,7 @@ from ..distributed.workers import ParallelGroup, WorkerGroup, init_method_for
 from ..kernels import cpu
 from ..kernels.dispatch import get_attention_backend
 from ..models.build import build_model
+from ..quantization.cpu_int4 import cpu_int4_is_fast
 from ..quantization.registry import checkpoint_quant_method, quant_config_for
 from . import cuda_graphs
 from .scheduler import ScheduledSeq, SchedulerOutput
@@ -80,13 +81,6 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str) -> to
         # emulated. (An earlier measurement that found bf16 no faster was taken with the cores oversubscribed.)
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     return {"float16": torch.float16, "float32": torch.bfloat16}.get(checkpoint_dtype, torch.bfloat16)
-
-
-def cpu_int4_is_fast() -> bool:
-    """torch's CPU int4 matmul is vectorized for AVX-512 only: on an AVX2-only CPU it is ~20x slower than the float32
-    matmul it replaces (bench/results/cpu_int4-amd-epyc-2c.json: 576x1536 at batch 1, 2.6 ms vs 0.11 ms; SmolLM2
-    3.0 vs 16.0 tok/s)."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def resolve_quantization(

@@ -10,7 +10,7 @@ bytes. Measured on a 2-core EPYC (AVX-512 build), all 30 SmolLM2 layers streamed
 
 The layer holds the int4 copy only (the issue's "weights held once"): wider batches (prefill chunks) run the
 same kernel, which costs them up to ~1.6x the dense time at 32 rows; an AVX2-only CPU is ~20x slower than
-float32 at batch 1 (``cpu_int4_is_fast`` in engine/model_runner.py keeps ``auto`` off there).
+float32 at batch 1 (``cpu_int4_is_fast`` below keeps ``auto`` off there).
 
 The format is groupwise asymmetric, the layout of GGUF's Q4_1 (and Q4_0): per group of 32 input columns,
 ``w = scale * q + minimum`` with ``q`` in 0..15. Quantizing the dequantized weights of a Q4_0/Q4_1 checkpoint
@@ -74,6 +74,18 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[to
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round(groups / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return codes.reshape(n, k).contiguous(), scale.contiguous()
+
+
+def cpu_int4_is_fast() -> bool:
+    """torch's CPU int4 matmul is vectorized for AVX-512 only: on an AVX2-only CPU it is ~20x slower than the float32
+    matmul it replaces (bench/results/cpu_int4-amd-epyc-2c.json: 576x1536 at batch 1, 2.6 ms vs 0.11 ms; SmolLM2
+    3.0 vs 16.0 tok/s)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def int4pack_fits(n: int, k: int, group_size: int) -> bool:
+    """Whether torch's CPU int4 kernel takes an [N, K] weight in groups of ``group_size`` columns."""
+    return n % 16 == 0 and group_size in (32, 64, 128, 256) and k % group_size == 0
 
 
 class Int4CpuMethod(DenseMethod):

@@ -95,7 +95,9 @@ def rtn_quantize(
             zero = torch.full((n,), 8)
         else:
             lo, hi = block.amin(0).clamp(max=0), block.amax(0).clamp(min=0)
-            scale = ((hi - lo) / 14).clamp_min(1e-6).half()
+            # 13 steps over the range: the zero's +1 (GPTQ v1 storage) and the float16 rounding of the scale
+            # cannot push the largest value past code 15
+            scale = ((hi - lo) / 13).clamp_min(1e-6).half()
             zero = torch.clamp(torch.round(-lo / scale.float()) + 1, 1, 15).long()
         q = torch.clamp(torch.round(block / scale.float()) + zero, 0, 15).long()
         codes[rows.numpy()] = q.numpy()

@@ -13,6 +13,7 @@ from quantization.quant_testing import IntWeight, awq_tensors, gptq_tensors, rtn
 
 from kubellm.runtime.engine.model_runner import resolve_quantization
 from kubellm.runtime.layers.linear import Linear, MergedLinear
+from kubellm.runtime.quantization import w4
 from kubellm.runtime.quantization.awq import AWQConfig
 from kubellm.runtime.quantization.base import QuantConfig
 from kubellm.runtime.quantization.gptq import GPTQConfig
@@ -20,6 +21,12 @@ from kubellm.runtime.quantization.registry import quant_config_for
 from kubellm.runtime.quantization.w4 import W4Method
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The W4 layout stays in place (an AVX-512 CPU would repack it for torch's int4 kernel: tested below)."""
+    monkeypatch.setattr(w4, "cpu_int4_is_fast", lambda: False)
 
 
 @pytest.fixture
@@ -178,3 +185,25 @@ def test_the_format_follows_the_checkpoint_and_a_mismatch_is_refused() -> None:
     with pytest.raises(ValueError, match=r"quantization 'awq' needs a checkpoint quantized so"):
         quant_config_for("awq", {})
     assert quant_config_for("none", {}) is None
+
+
+@pytest.mark.parametrize(
+    "config",
+    [pytest.param(AWQConfig(32), id="awq"), pytest.param(GPTQConfig(64, sym=False), id="gptq-asym")],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_int4_kernel_path_computes_the_same(
+    monkeypatch: pytest.MonkeyPatch, seed: int, config: QuantConfig, dtype: torch.dtype
+) -> None:
+    """Where torch's CPU int4 kernel is fast (AVX-512), the W4 weights are repacked into its layout once more
+    (zero' = (8 - zero) * scale); it runs (slowly) on any CPU, so forced here."""
+    monkeypatch.setattr(w4, "cpu_int4_is_fast", lambda: True)
+    iw = known_weight(128, 48, 32 if isinstance(config, AWQConfig) else 64, seed, sym=False)
+    pack = awq_tensors if isinstance(config, AWQConfig) else gptq_tensors
+    layer = Linear(128, 48, quant=config).to(dtype)
+    layer = load(layer, pack(iw))
+    assert isinstance(layer.method, W4Method) and layer.method.int4pack is not None and layer.method.w4 is None
+    assert "cpu-int4pack" in repr(layer)
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(layer(x).float(), x.float() @ iw.dense().t(), rtol=tol, atol=tol)
