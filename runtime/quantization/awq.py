@@ -19,7 +19,7 @@ import torch
 
 from ..kernels.quant_reference import pack_int4_rows, unpack_int4_cols
 from .base import LinearMethod, ParamLayout, QuantConfig
-from .w4 import W4Method, W4Weights, check_bits, read_group_size
+from .w4 import W4Method, W4Weights, check_bits, check_unconverted, read_group_size
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -36,6 +36,7 @@ class AWQConfig(QuantConfig):
     @classmethod
     def from_config(cls, qc: dict[str, Any]) -> AWQConfig:
         check_bits(qc, "awq")
+        check_unconverted(qc, "awq")
         if not qc.get("zero_point", True):
             raise ValueError(
                 "config field 'quantization_config.zero_point' is false: awq is supported with zero points"

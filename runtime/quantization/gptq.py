@@ -22,7 +22,7 @@ import torch
 
 from ..kernels.quant_reference import unpack_int4_cols
 from .base import LinearMethod, ParamLayout, QuantConfig
-from .w4 import W4Method, W4Weights, check_bits, read_group_size
+from .w4 import W4Method, W4Weights, check_bits, check_unconverted, read_group_size
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -42,6 +42,7 @@ class GPTQConfig(QuantConfig):
     @classmethod
     def from_config(cls, qc: dict[str, Any]) -> GPTQConfig:
         check_bits(qc, "gptq")
+        check_unconverted(qc, "gptq")
         fmt = qc.get("checkpoint_format", "gptq")
         if fmt not in CHECKPOINT_FORMATS:
             raise ValueError(

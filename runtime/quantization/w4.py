@@ -75,6 +75,21 @@ def check_bits(qc: dict[str, Any], method: str) -> None:
         raise ValueError(f"config field 'quantization_config.bits' is {bits!r}: {method} is supported with 4 bits only")
 
 
+def check_unconverted(qc: dict[str, Any], method: str) -> None:
+    """Refuse settings that leave decoder linears unquantized or quantize the head: every decoder linear here is
+    in the checkpoint's format, the embedding and head in float."""
+    skipped = qc.get("modules_to_not_convert") or []
+    if not isinstance(skipped, list) or any(name not in ("lm_head", "embed_tokens") for name in skipped):
+        raise ValueError(
+            f"config field 'quantization_config.modules_to_not_convert' is {skipped!r}: {method} is supported with "
+            "every decoder linear quantized (only lm_head / embed_tokens may be left out)"
+        )
+    if qc.get("lm_head"):
+        raise ValueError(
+            f"config field 'quantization_config.lm_head' is true: a {method}-quantized head is not supported"
+        )
+
+
 def read_group_size(qc: dict[str, Any], *keys: str, allow_whole: bool = False) -> int:
     """The group size from the first of ``keys`` present; -1 (one group over all of K) where allowed."""
     key = next((k for k in keys if k in qc), keys[0])

@@ -19,6 +19,7 @@ from kubellm.runtime.engine.llm_engine import LLMEngine
 from kubellm.runtime.kernels.interface import AttentionMetadata
 from kubellm.runtime.layers.linear import Linear
 from kubellm.runtime.llm import LLM
+from kubellm.runtime.models.loader import load_model
 from kubellm.runtime.quantization.w4 import W4Method
 from kubellm.runtime.sampling_params import SamplingParams
 
@@ -146,3 +147,13 @@ def test_a_quantization_flag_that_contradicts_the_checkpoint_fails_at_start(tmp_
     path, _ = write_quantized("awq", tmp_path / "awq")
     with pytest.raises(ValueError, match=r"quantization 'gptq' does not match .*quant_method' is 'awq'"):
         LLMEngine(EngineConfig(model=str(path), device="cpu", quantization="gptq", kv_cache_memory_bytes=1 << 22))
+
+
+def test_the_loader_casts_floats_only(tmp_path: Path) -> None:
+    """A dtype given to the loader casts scales, norms and embeddings, never packed codes or zero points."""
+    path, _ = write_quantized("gptq-asym-act-order", tmp_path / "gptq")
+    dtypes = {name: t.dtype for name, t in load_model(str(path), dtype=torch.bfloat16).weights or ()}
+    assert dtypes["model.layers.0.self_attn.q_proj.qweight"] == torch.int32
+    assert dtypes["model.layers.0.self_attn.q_proj.g_idx"] == torch.int32
+    assert dtypes["model.layers.0.self_attn.q_proj.scales"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == torch.bfloat16

@@ -166,6 +166,8 @@ def test_rtn_quantizer_round_trips_within_half_a_step(seed: int) -> None:
         ({"quant_method": "gptq", "checkpoint_format": "marlin"}, r"'quantization_config\.checkpoint_format'"),
         ({"quant_method": "gptq", "desc_act": "yes"}, r"'quantization_config\.desc_act' must be true or false"),
         ({"quant_method": "bitsandbytes"}, r"'quantization_config\.quant_method' is 'bitsandbytes'"),
+        ({"quant_method": "awq", "modules_to_not_convert": ["mlp.down_proj"]}, r"'quantization_config\.modules_to_not"),
+        ({"quant_method": "gptq", "lm_head": True}, r"'quantization_config\.lm_head' is true"),
     ],
 )
 def test_unsupported_settings_are_errors_naming_the_field(qc: dict[str, object], message: str) -> None:
@@ -185,6 +187,8 @@ def test_the_format_follows_the_checkpoint_and_a_mismatch_is_refused() -> None:
     with pytest.raises(ValueError, match=r"quantization 'awq' needs a checkpoint quantized so"):
         quant_config_for("awq", {})
     assert quant_config_for("none", {}) is None
+    quiet = {"quant_method": "awq", "modules_to_not_convert": None, "lm_head": False}
+    assert isinstance(quant_config_for("awq", {"quantization_config": quiet}), AWQConfig)
 
 
 @pytest.mark.parametrize(
