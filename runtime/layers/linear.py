@@ -111,8 +111,8 @@ class Linear(nn.Module):
             if self.method.ignores(self, param, tensor):
                 return
             if param == "bias":
-                raise ValueError("checkpoint has a bias but the model was configured without one (attention_bias)")
-            raise ValueError(f"checkpoint tensor {param!r} is not part of this layer's format ({sorted(self.layouts)})")
+                raise ValueError("bias: the checkpoint has a bias but the model was configured without one")
+            raise ValueError(f"{param}: not a tensor of this layer's format, which has {sorted(self.layouts)}")
         target = getattr(self, param)
         offset, size = self.shard_offsets[shard]
         start, full_rows = self.shard_rows[shard]
@@ -189,4 +189,4 @@ class MergedLinear(Linear):
         try:
             self._load(shard, param, tensor)
         except ValueError as e:
-            raise ValueError(f"{shard}_proj.{e}") from None
+            raise ValueError(f"{shard}_proj.{e}") from None  # "q_proj.qweight: ..."

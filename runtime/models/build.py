@@ -33,6 +33,8 @@ def build_model(
 ) -> LlamaForCausalLM:
     """The model (this rank's shard of it under ``tp``) with its weights loaded (``weights`` None: random ones from
     ``seed``, the same on every rank) in ``quant``'s format (None: plain), in eval mode."""
+    if weights is None and quant is not None and quant.from_checkpoint:
+        raise ValueError(f"load_format 'dummy' draws float weights; quantization {quant.name!r} needs its checkpoint's")
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend, dtype=dtype, device=device, tp=tp, stage=stage, quant=quant)
     model = model.to(dtype).to_empty(device=device)

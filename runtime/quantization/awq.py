@@ -29,6 +29,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's pack order: nibble i holds col
 
 class AWQConfig(QuantConfig):
     name = "awq"
+    from_checkpoint = True
 
     def __init__(self, group_size: int = 128) -> None:
         self.group_size = group_size

@@ -68,6 +68,7 @@ class QuantConfig(ABC):
 
     name: ClassVar[str]
     int8_head: ClassVar[bool] = False  # whether the head also gets an int8 copy for small CPU batches (int4)
+    from_checkpoint: ClassVar[bool] = False  # the checkpoint holds the quantized tensors (else: quantized at load)
 
     @abstractmethod
     def linear_method(self) -> LinearMethod:

@@ -32,6 +32,7 @@ CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}  # -> the offset added to the sto
 
 class GPTQConfig(QuantConfig):
     name = "gptq"
+    from_checkpoint = True
 
     def __init__(self, group_size: int = 128, desc_act: bool = False, sym: bool = True, zero_offset: int = 1) -> None:
         self.group_size = group_size

@@ -157,3 +157,20 @@ def test_the_loader_casts_floats_only(tmp_path: Path) -> None:
     assert dtypes["model.layers.0.self_attn.q_proj.g_idx"] == torch.int32
     assert dtypes["model.layers.0.self_attn.q_proj.scales"] == torch.bfloat16
     assert dtypes["model.embed_tokens.weight"] == torch.bfloat16
+
+
+def test_a_quantized_checkpoint_cannot_load_dummy_or_float_weights(tmp_path: Path) -> None:
+    path, _ = write_quantized("awq", tmp_path / "awq")
+    with pytest.raises(ValueError, match="load_format 'dummy' draws float weights; quantization 'awq'"):
+        LLMEngine(EngineConfig(model=str(path), device="cpu", load_format="dummy", kv_cache_memory_bytes=1 << 22))
+    # a float tensor where the format has packed ones: the error names the tensor and the format's tensors
+    config = json.loads((path / "config.json").read_text())
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path / "model.safetensors"))
+    del state["model.layers.1.mlp.down_proj.qweight"]
+    state["model.layers.1.mlp.down_proj.weight"] = torch.zeros(64, 128)
+    save_file(state, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"down_proj.weight: weight: not a tensor of this layer's format, which has"):
+        LLMEngine(EngineConfig(model=str(path), device="cpu", kv_cache_memory_bytes=1 << 22))
