@@ -106,6 +106,7 @@ class Linear(nn.Module):
         self._load("", param, tensor)
 
     def _load(self, shard: str, param: str, tensor: torch.Tensor) -> None:
+        self.method.prepare_load(self, param)
         layout = self.layouts.get(param)
         if layout is None:
             if self.method.ignores(self, param, tensor):
@@ -136,6 +137,7 @@ class Linear(nn.Module):
             raise ValueError(f"{param}: differs between the shards merged into one layer ({list(self.shard_rows)})")
         dst.copy_(tensor)
         self.loaded.add((shard, param))
+        self.method.after_load(self)
 
     def missing(self) -> list[str]:
         """The checkpoint tensors not loaded yet, as "shard.param" ("param" for an unmerged layer)."""

@@ -51,6 +51,12 @@ class LinearMethod(ABC):
         carry a bias per linear and a g_idx even when unused)."""
         return False
 
+    def prepare_load(self, layer: Linear, param: str) -> None:  # noqa: B027 (optional hook)
+        """Called before a checkpoint tensor is copied into ``param`` (online formats allocate it here, lazily)."""
+
+    def after_load(self, layer: Linear) -> None:  # noqa: B027 (optional hook)
+        """Called after each checkpoint tensor is copied in (online formats quantize as soon as all are in)."""
+
     def process_weights_after_loading(self, layer: Linear) -> None:  # noqa: B027 (optional hook)
         """Turn the loaded tensors into the representation :meth:`apply` uses (repack, quantize, drop copies)."""
 

@@ -35,14 +35,25 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
 
 def quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (codes [N, K] in ``dtype`` (int8 or float8_e4m3fn), scale [N] float32), symmetric per row."""
-    w = weight.float()
+    """[N, K] float -> (codes [N, K] in ``dtype`` (int8 or float8_e4m3fn), scale [N] float32), symmetric per row.
+
+    Done in blocks of rows (about a megabyte of float32 each): a load quantizes layer after layer, and whole-layer
+    float32 temporaries (several per step) would add tens of MiB to its peak, more than the layer itself."""
+    n, k = weight.shape
     top = 127.0 if dtype == torch.int8 else FP8_MAX
-    scale = w.abs().amax(dim=1) / top
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: codes 0
-    q = w / scale[:, None]
-    codes = torch.round(q).clamp_(-127, 127).to(torch.int8) if dtype == torch.int8 else q.clamp_(-top, top).to(dtype)
-    return codes.contiguous(), scale.contiguous()
+    codes = torch.empty((n, k), dtype=dtype, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    rows = max(1, (1 << 18) // max(k, 1))
+    for start in range(0, n, rows):
+        w = weight[start : start + rows].to(torch.float32, copy=True)  # divided in place below
+        s = w.abs().amax(dim=1) / top
+        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: codes 0
+        q = w.div_(s[:, None])
+        if dtype == torch.int8:
+            q = q.round_().clamp_(-127, 127)
+        codes[start : start + rows] = q.clamp_(-top, top).to(dtype)
+        scale[start : start + rows] = s
+    return codes, scale
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
@@ -60,7 +71,11 @@ def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
 
 
 class _PerChannelMethod(LinearMethod):
-    """Loads the dense float weight; after loading holds (codes, scale) only."""
+    """Loads the dense float weight, quantizes it as soon as all its shards are in, then holds (codes, scale) only.
+
+    The float weight is allocated on its first shard, not with the model: the model is built with an empty
+    placeholder (which carries the device and dtype), so a load's peak is the 8-bit model plus one float layer
+    in flight, not the float model."""
 
     code_dtype: torch.dtype
 
@@ -69,11 +84,25 @@ class _PerChannelMethod(LinearMethod):
         self.scale: torch.Tensor | None = None  # [N] float32
 
     def create_weights(self, layer: Linear) -> None:
-        layer.add_weight("weight", torch.empty(layer.out_features, layer.in_features), DENSE)
+        layer.add_weight("weight", torch.empty(0), DENSE)  # a placeholder: see prepare_load
+
+    def prepare_load(self, layer: Linear, param: str) -> None:
+        weight = layer.weight
+        if param == "weight" and weight is not None and weight.numel() == 0:
+            full = torch.empty(layer.out_features, layer.in_features, dtype=weight.dtype, device=weight.device)
+            layer.weight = torch.nn.Parameter(full, requires_grad=False)
+        if param == "weight" and self.codes is not None:
+            raise ValueError("weight: loaded twice (the layer is quantized already)")
+
+    def after_load(self, layer: Linear) -> None:
+        if self.codes is None and not [m for m in layer.missing() if m.endswith("weight")]:
+            self.process_weights_after_loading(layer)
 
     def process_weights_after_loading(self, layer: Linear) -> None:
+        if self.codes is not None:
+            return  # quantized when its last shard came in
         weight = layer.weight
-        assert weight is not None
+        assert weight is not None and weight.numel() > 0, "every shard of the weight is loaded before quantizing"
         self.codes, self.scale = quantize_per_channel(weight.data, self.code_dtype)
         layer.weight = None  # held once
 
@@ -92,7 +121,8 @@ class Int8Method(_PerChannelMethod):
     def process_weights_after_loading(self, layer: Linear) -> None:
         super().process_weights_after_loading(layer)
         assert self.codes is not None and self.scale is not None
-        if self.codes.device.type == "cpu" and layer.in_features % 32 == 0 and cpu.load() is not None:
+        fits = self.codes.device.type == "cpu" and layer.in_features % 32 == 0
+        if self.group_scales is None and fits and cpu.load() is not None:
             self.group_scales = self.scale[:, None].expand(-1, layer.in_features // 32).contiguous()
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
