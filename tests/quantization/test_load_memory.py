@@ -17,7 +17,7 @@ import torch
 
 # the float32 linear being filled (the merged gate/up: 8 MiB), up to two checkpoint tensors in flight (the loop
 # holds the last one until the next arrives: 8 MiB) and the pages of their memory-mapped 4 MB shard files,
-# allocator slack. Measured on the loaded 2-core EPYC: the load peaks 26-31 MiB above the int8 model (33 MiB);
+# allocator slack. Measured on the loaded 2-core EPYC: the load peaks 18-31 MiB above the int8 model (33 MiB);
 # the eager way 70-74 MiB above it.
 CONSTANT_BYTES = 40 << 20
 
