@@ -20,7 +20,7 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
-QUANTIZATIONS = ("auto", "none", "int4")
+QUANTIZATIONS = ("auto", "none", "int4", "awq", "gptq", "int8", "fp8")  # runtime/quantization/registry.py
 KV_CACHE_DTYPES = ("auto", "int8", "fp8", "fp8_e4m3")  # kernels/kv_quant.py (fp8 = fp8_e4m3, as in vLLM)
 
 
@@ -82,12 +82,14 @@ class EngineConfig:
     enable_prefix_caching: bool = setting(True, "turn the prefix cache off")
     enforce_eager: bool = setting(False, "no CUDA graphs / compilation")
     load_format: str = setting("auto", "dummy: random weights of the model's shapes", choices=LOAD_FORMATS, cli=False)
-    # int4: an int4 weight-only copy of the decoder's linears and an int8 copy of the head (32-column groups) for
-    # small batches (CPU; see layers/linear.py and LlamaForCausalLM.quantize_int4).
+    # the decoder linears' weight format (runtime/quantization/): int4 (CPU, quantized at load, and an int8 copy of
+    # the head for small batches), awq / gptq (the checkpoint's, from its quantization_config), int8 / fp8 (per
+    # output channel, quantized at load)
     quantization: str = setting(
         "auto",
-        "int4: int4 weight-only linears and an int8 head for small batches (CPU); auto: int4 for a Q4_0/Q4_1 "
-        "GGUF on an AVX-512 CPU",
+        "auto: the checkpoint's quantization_config (awq, gptq), else int4 for a Q4_0/Q4_1 GGUF on an AVX-512 CPU; "
+        "int4: int4 weight-only linears and an int8 head (CPU); int8 / fp8: per-channel 8-bit weights quantized "
+        "at load",
         choices=QUANTIZATIONS,
     )
     seed: int = setting(0, "the engine's seed for unseeded requests", minimum=None)

@@ -25,6 +25,8 @@ from ..distributed.workers import ParallelGroup, WorkerGroup, init_method_for
 from ..kernels import cpu, kv_quant
 from ..kernels.dispatch import get_attention_backend
 from ..models.build import build_model
+from ..quantization.cpu_int4 import cpu_int4_is_fast
+from ..quantization.registry import checkpoint_quant_method, quant_config_for
 from . import cuda_graphs
 from .kv_cache_dtype import calibrate_kv_scales, resolve_kv_cache_dtype
 from .scheduler import ScheduledSeq, SchedulerOutput
@@ -82,18 +84,18 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str) -> to
     return {"float16": torch.float16, "float32": torch.bfloat16}.get(checkpoint_dtype, torch.bfloat16)
 
 
-def cpu_int4_is_fast() -> bool:
-    """torch's CPU int4 matmul is vectorized for AVX-512 only: on an AVX2-only CPU it is ~20x slower than the float32
-    matmul it replaces (bench/results/cpu_int4-amd-epyc-2c.json: 576x1536 at batch 1, 2.6 ms vs 0.11 ms; SmolLM2
-    3.0 vs 16.0 tok/s)."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
 def resolve_quantization(
-    quantization: str, device: torch.device, weight_formats: frozenset[str], int4_fast: bool | None = None
+    quantization: str,
+    device: torch.device,
+    weight_formats: frozenset[str],
+    int4_fast: bool | None = None,
+    checkpoint_method: str | None = None,
 ) -> str:
-    """ "auto" -> "int4" on the CPU for a checkpoint whose layers are 4-bit already (nothing is lost), where the
-    int4 kernel is fast (``int4_fast``, default: the CPU's vector ISA); else "none"."""
+    """ "auto" -> the checkpoint's own format (``checkpoint_method``: its quantization_config's quant_method);
+    else "int4" on the CPU for a checkpoint whose layers are 4-bit already (nothing is lost), where the int4 kernel
+    is fast (``int4_fast``, default: the CPU's vector ISA); else "none"."""
+    if quantization == "auto" and checkpoint_method is not None:
+        return checkpoint_method
     if quantization == "int4" and device.type != "cpu":
         raise ValueError(f"quantization int4 is a CPU path (torch's CPU int4 kernel); the device is {device.type}")
     if quantization == "auto":
@@ -187,13 +189,19 @@ class ModelRunner:
     def _build(self, loaded: LoadedModel, tp: TensorParallel) -> None:
         config, device, dtype, mc = self.config, self.device, self.dtype, loaded.config
         self.backend = get_attention_backend(device)
+        self.quantization = resolve_quantization(
+            config.quantization,
+            device,
+            loaded.weight_formats,
+            checkpoint_method=checkpoint_quant_method(loaded.hf_config),
+        )
+        quant = quant_config_for(self.quantization, loaded.hf_config)
+        if quant is not None:
+            quant.check_device(device)
         self.model = build_model(
             mc, loaded.weights, backend=self.backend, device=device, dtype=dtype, seed=config.seed, tp=tp,
-            stage=self.stage,
+            stage=self.stage, quant=quant,
         )  # fmt: skip
-        self.quantization = resolve_quantization(config.quantization, device, loaded.weight_formats)
-        if self.quantization == "int4":
-            self.model.quantize_int4()
         if device.type == "cpu":
             self.model.pack_for_cpu()
 

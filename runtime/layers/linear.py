@@ -1,157 +1,164 @@
-"""Linear layers, with CPU fast paths: a oneDNN-packed weight, and an int4 weight-only copy for small batches.
+"""Linear layers whose weight representation is a quantization format's :class:`LinearMethod`
+(quantization/base.py): plain, oneDNN-packed, int4, AWQ/GPTQ int4 groups, int8, fp8. The layer holds its weight
+once, in the method's representation.
 
 ``MergedLinear``'s weight is several Hugging Face matrices stacked along the output dimension: q/k/v and
 gate/up are fused so that one matmul serves them; ``load_shard`` copies one checkpoint matrix into its rows.
 
-Why int4 on the CPU: a decode step at batch 1 reads every weight once, so its time is the weight bytes over
-the memory bandwidth. torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) reads a quarter of bf16's
-bytes. Measured on a 2-core EPYC, all 30 SmolLM2 layers streamed from memory (not from cache):
-
-    rows (tokens)       1      4      8     16     32
-    bf16 (ms)          17.0   28.8   30.3   47.7   56.8
-    int4 (ms)           6.9   11.4   18.2   40.4   92.7
-
-The dense bf16/float32 matmul goes through oneDNN, which reorders a plain weight into its blocked layout on
-every call; ``pack`` does that once (``torch.ops.mkldnn._reorder_linear_weight``, the layout torch.compile's CPU
-backend prepacks to). Packed, the 30 layers take 12.2 / 23.5 / 42.3 ms at 8 / 32 / 64 rows instead of
-19.7 / 35.6 / 59.7 (same machine, streamed), and int4 stays ahead only up to ``INT4_MAX_ROWS`` rows, where it
-reads a quarter of the bytes. The plain weight stays too (loading, the fallback path): the CPU path holds each
-weight twice, plus the int4 copy.
-
-The format is groupwise asymmetric, the layout of GGUF's Q4_1 (and Q4_0): per group of 32 input columns,
-``w = scale * q + minimum`` with ``q`` in 0..15. Quantizing the dequantized weights of a Q4_0/Q4_1 checkpoint
-finds its own codes again, so for such checkpoints the int4 path computes with the file's weights, up to the
-rounding of ``scale`` and ``minimum`` to the activation dtype that the kernel requires.
+Tensor parallelism, for every format alike: a column-parallel shard holds rows [start, start + size) of its
+checkpoint matrix (``shard_rows``), a row-parallel layer columns [start, start + in_features) (``input_slice``).
+Each weight tensor's :class:`ParamLayout` says which of its dimensions follow the rows and the columns, and how
+many logical rows/columns one element covers (8 for int4 packed in int32, the group size for group scales), so
+the same slicing serves a plain matrix, packed codes and their scales and zeros.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-INT4_GROUP_SIZE = 32
-INT4_MAX_ROWS = 4  # int4 up to here; the packed dense weight above (measured crossover: 4-6 rows)
-PACK_BATCH_HINT = 32  # the row count oneDNN tunes the packed layout for (decode batches)
+from ..quantization.base import LinearMethod, ParamLayout, QuantConfig
+from ..quantization.cpu_int4 import (
+    INT4_GROUP_SIZE,
+    INT4_MAX_ROWS,
+    dequantize_int4,
+    quantize_int4,
+    quantize_int8_groups,
+)
+from ..quantization.dense import DenseMethod, pack_weight, packed_linear
+
+__all__ = [
+    "INT4_GROUP_SIZE",
+    "INT4_MAX_ROWS",
+    "Linear",
+    "MergedLinear",
+    "dequantize_int4",
+    "pack_weight",
+    "packed_linear",
+    "quantize_int4",
+    "quantize_int8_groups",
+]
+
+BIAS = ParamLayout(out_dim=0, in_dim=None)
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float weight -> (codes [N, K] int32 in 0..15, scales_and_zeros [K / group_size, N, 2] float32).
-
-    Round-to-nearest per group of ``group_size`` columns between the group's minimum and maximum. The
-    scales_and_zeros layout is torch's int4 kernels': ``w = (q - 8) * scale + zero``, so ``zero = min + 8 * scale``.
-    """
-    n, k = weight.shape
-    if k % group_size:
-        raise ValueError(f"in_features ({k}) must be a multiple of the group size ({group_size})")
-    groups = weight.float().reshape(n, k // group_size, group_size)
-    minimum = groups.amin(-1)
-    scale = (groups.amax(-1) - minimum) / 15
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0 everywhere
-    codes = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32)
-    zero = minimum + 8 * scale
-    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
-    return codes.reshape(n, k), scales_and_zeros
-
-
-def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] weight -> (codes [N, K] int8, scales [N, K / group_size] float32), ``w = q * scale`` per group: the
-    layout of GGUF's Q8_0, whose own codes come back from its dequantized weights (the largest value of a Q8_0
-    block is stored as +-127). For the C++ kernel ``int8_matmul`` (kernels/cpu_ops.cpp)."""
-    n, k = weight.shape
-    if k % group_size:
-        raise ValueError(f"in_features ({k}) must be a multiple of the group size ({group_size})")
-    groups = weight.float().reshape(n, k // group_size, group_size)
-    scale = groups.abs().amax(-1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(groups / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-    return codes.reshape(n, k).contiguous(), scale.contiguous()
-
-
-def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`quantize_int4`: [N, K] float32 weights."""
-    n, k = codes.shape
-    num_groups = scales_and_zeros.shape[0]
-    scale = scales_and_zeros[..., 0].t().float()[..., None]  # [N, groups, 1]
-    zero = scales_and_zeros[..., 1].t().float()[..., None]
-    return ((codes.reshape(n, num_groups, -1).float() - 8) * scale + zero).reshape(n, k)
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """[N, K] CPU weight -> oneDNN's packed copy for ``torch.ops.mkldnn._linear_pointwise``, or None if unsupported."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
-    except RuntimeError:
-        return None
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x @ W.T with W packed by :func:`pack_weight`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+def _narrow(tensor: torch.Tensor, dim: int, start: int, size: int, pack: int, what: str) -> torch.Tensor:
+    if start % pack or size % pack:
+        raise ValueError(
+            f"{what}: the slice [{start}, {start + size}) is not whole units of {pack} (packed values or a "
+            "quantization group): tensor parallelism must split this layer at multiples of it"
+        )
+    return tensor.narrow(dim, start // pack, size // pack)
 
 
 class Linear(nn.Module):
-    """y = x @ W.T (+ b). After :meth:`quantize_int4`, inputs of at most ``INT4_MAX_ROWS`` rows use the int4 copy.
+    """y = x @ W.T (+ b), W in the representation of ``quant``'s method (default: a plain matrix).
 
     ``input_slice`` (start, checkpoint in_features): this layer holds columns [start, start + in_features) of the
     checkpoint's matrix, a row-parallel shard (its caller all-reduces the partial outputs)."""
 
+    weight: nn.Parameter | None  # the dense methods' [N, K] (None once packed or quantized; absent for AWQ/GPTQ)
+
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = False, *, input_slice: tuple[int, int] | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        input_slice: tuple[int, int] | None = None,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.input_slice = input_slice or (0, in_features)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        # shard -> (first output row in this layer, rows); shard -> (first row in the checkpoint matrix, its rows)
+        self.shard_offsets: dict[str, tuple[int, int]] = {"": (0, out_features)}
+        self.shard_rows: dict[str, tuple[int, int]] = {"": (0, out_features)}
+        self.layouts: dict[str, ParamLayout] = {}
+        self.method: LinearMethod = quant.linear_method() if quant is not None else DenseMethod()
+        self.method.create_weights(self)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.int4_weight: torch.Tensor | None = None  # [N, K / 2] uint8, torch's packed layout
-        self.int4_scales_and_zeros: torch.Tensor | None = None  # [K / group, N, 2] in the weight's dtype
-        self.packed_weight: torch.Tensor | None = None  # oneDNN's blocked layout (an opaque mkldnn tensor)
+        if bias:
+            self.layouts["bias"] = BIAS
+        self.loaded: set[tuple[str, str]] = set()  # (shard, param) pairs copied in
+
+    def add_weight(self, name: str, tensor: torch.Tensor, layout: ParamLayout) -> None:
+        """For methods: register a checkpoint tensor of this layer (its whole merged, sharded shape)."""
+        self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        self.layouts[name] = layout
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """For methods: the loaded data of the checkpoint tensor ``name``."""
+        param = self._parameters.get(name)
+        if param is None:
+            raise ValueError(f"{name} is not loaded (or already repacked) in this layer")
+        return param.data
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4_weight is not None and x.shape[0] <= INT4_MAX_ROWS and x.dim() == 2:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x, self.int4_weight, INT4_GROUP_SIZE, self.int4_scales_and_zeros
-            )
-            return y if self.bias is None else y + self.bias
-        if self.packed_weight is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        y = self.method.apply(self, x)
+        return y if self.bias is None else y + self.bias
 
+    # ---- loading -------------------------------------------------------------------------------------------
     def load_weight(self, param: str, tensor: torch.Tensor) -> None:
-        """Copy the checkpoint's ``param`` ("weight" or "bias"), the whole matrix, into this layer's slice of it."""
-        target = self.weight if param == "weight" else self.bias
-        start, full_in = self.input_slice
-        expected = (self.out_features, full_in) if param == "weight" else (self.out_features,)
-        if target is None or tuple(tensor.shape) != expected:
-            got = tuple(tensor.shape) if target is not None else "a bias, but the layer has none"
-            raise ValueError(f"{param}: checkpoint has {got}, expected {expected}")
-        if param == "weight" and self.in_features != full_in:
-            tensor = tensor.narrow(1, start, self.in_features)
-        target.data.copy_(tensor)
+        """Copy the checkpoint's ``param`` ("weight", "bias", "qweight", "scales", ...), the whole matrix's
+        tensor, into this layer's slice of it."""
+        self._load("", param, tensor)
+
+    def _load(self, shard: str, param: str, tensor: torch.Tensor) -> None:
+        self.method.prepare_load(self, param)
+        layout = self.layouts.get(param)
+        if layout is None:
+            if self.method.ignores(self, param, tensor):
+                return
+            if param == "bias":
+                raise ValueError("bias: the checkpoint has a bias but the model was configured without one")
+            raise ValueError(f"{param}: not a tensor of this layer's format, which has {sorted(self.layouts)}")
+        target = getattr(self, param)
+        offset, size = self.shard_offsets[shard]
+        start, full_rows = self.shard_rows[shard]
+        in_start, full_in = self.input_slice
+        expected = list(target.shape)
+        if layout.out_dim is not None:
+            expected[layout.out_dim] = full_rows // layout.out_pack
+        if layout.in_dim is not None:
+            expected[layout.in_dim] = full_in // layout.in_pack
+        if list(tensor.shape) != expected:
+            raise ValueError(f"{param}: checkpoint has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
+        dst = target.data
+        if layout.out_dim is not None:
+            tensor = _narrow(tensor, layout.out_dim, start, size, layout.out_pack, param)
+            dst = _narrow(dst, layout.out_dim, offset, size, layout.out_pack, param)
+        if layout.in_dim is not None and self.in_features != full_in:
+            tensor = _narrow(tensor, layout.in_dim, in_start, self.in_features, layout.in_pack, param)
+        shared = layout.out_dim is None and any(p == param for _, p in self.loaded)
+        # one tensor for all the merged shards (GPTQ's g_idx: q/k/v share their input, so their act order)
+        if shared and not torch.equal(dst, tensor.to(dst.dtype)):
+            raise ValueError(f"{param}: differs between the shards merged into one layer ({list(self.shard_rows)})")
+        dst.copy_(tensor)
+        self.loaded.add((shard, param))
+        self.method.after_load(self)
+
+    def missing(self) -> list[str]:
+        """The checkpoint tensors not loaded yet, as "shard.param" ("param" for an unmerged layer)."""
+        return [
+            f"{shard}.{param}" if shard else param
+            for shard in self.shard_offsets
+            for param in self.layouts
+            if (shard, param) not in self.loaded
+        ]
+
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
 
     def pack(self) -> bool:
-        """Add the oneDNN-packed copy (CPU). False where oneDNN cannot take this dtype on this CPU (float16
-        without avx512_fp16, say): the plain path serves then."""
-        self.packed_weight = pack_weight(self.weight.data)
-        return self.packed_weight is not None
-
-    def quantize_int4(self) -> bool:
-        """Add the int4 copy (CPU only; the dense weight stays for large batches). False if the shape does not fit."""
-        if self.weight.device.type != "cpu" or self.in_features % INT4_GROUP_SIZE:
-            return False
-        codes, scales_and_zeros = quantize_int4(self.weight.data)
-        self.int4_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        self.int4_scales_and_zeros = scales_and_zeros.to(self.weight.dtype)
-        return True
+        """oneDNN's packed layout instead of the plain weight (CPU, dense methods); False where it does not apply."""
+        pack = getattr(self.method, "pack", None)
+        return bool(pack(self)) if pack is not None else False
 
     def extra_repr(self) -> str:
-        extra = (", packed" if self.packed_weight is not None else "") + (
-            ", int4" if self.int4_weight is not None else ""
-        )
+        extra = self.method.describe()
+        extra = f", {extra}" if extra else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
 
 
@@ -168,24 +175,20 @@ class MergedLinear(Linear):
         bias: bool = False,
         *,
         shard_rows: dict[str, tuple[int, int]] | None = None,
+        quant: QuantConfig | None = None,
     ) -> None:
         offsets: dict[str, tuple[int, int]] = {}
         total = 0
         for name, size in shard_sizes.items():
             offsets[name] = (total, size)
             total += size
-        super().__init__(in_features, total, bias)
+        super().__init__(in_features, total, bias, quant=quant)
         self.shard_offsets = offsets
         self.shard_rows = {name: (shard_rows or {}).get(name, (0, size)) for name, size in shard_sizes.items()}
 
     def load_shard(self, shard: str, param: str, tensor: torch.Tensor) -> None:
-        """Copy the checkpoint tensor for ``shard`` ("q", "gate", ...) into ``param`` ("weight" or "bias")."""
-        offset, size = self.shard_offsets[shard]
-        target = self.weight if param == "weight" else self.bias
-        if target is None:
-            raise ValueError(f"checkpoint has a {shard} bias but the model was configured without attention_bias")
-        start, rows = self.shard_rows[shard]
-        expected = (rows, self.in_features) if param == "weight" else (rows,)
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"{shard}_proj.{param} has shape {tuple(tensor.shape)}, expected {expected}")
-        target.data[offset : offset + size].copy_(tensor.narrow(0, start, size))
+        """Copy the checkpoint tensor for ``shard`` ("q", "gate", ...) into ``param`` ("weight", "qweight", ...)."""
+        try:
+            self._load(shard, param, tensor)
+        except ValueError as e:
+            raise ValueError(f"{shard}_proj.{e}") from None  # "q_proj.qweight: ..."

@@ -14,6 +14,7 @@ import torch
 
 from ..distributed.parallel import PipelineStage, TensorParallel
 from ..kernels.interface import AttentionBackend
+from ..quantization.base import QuantConfig
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
 
@@ -28,14 +29,18 @@ def build_model(
     seed: int = 0,
     tp: TensorParallel | None = None,
     stage: PipelineStage | None = None,
+    quant: QuantConfig | None = None,
 ) -> LlamaForCausalLM:
     """The model (this rank's shard of it under ``tp``) with its weights loaded (``weights`` None: random ones from
-    ``seed``, the same on every rank), in eval mode."""
+    ``seed``, the same on every rank) in ``quant``'s format (None: plain), in eval mode."""
+    if weights is None and quant is not None and quant.from_checkpoint:
+        raise ValueError(f"load_format 'dummy' draws float weights; quantization {quant.name!r} needs its checkpoint's")
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, dtype=dtype, device=device, tp=tp, stage=stage)
+        model = LlamaForCausalLM(config, backend, dtype=dtype, device=device, tp=tp, stage=stage, quant=quant)
     model = model.to(dtype).to_empty(device=device)
     if weights is None:
         model.init_dummy_weights(seed)
     else:
         model.load_weights(weights)  # every parameter is covered, or a clear error
+    model.process_weights_after_loading()  # each format's repack / online quantization
     return model.eval()

@@ -25,12 +25,18 @@ from ..layers.linear import INT4_MAX_ROWS, Linear, MergedLinear, pack_weight, pa
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..layers.vocab_parallel import VocabParallelEmbedding
+from ..quantization.base import QuantConfig
 from .config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, tp: TensorParallel
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        tp: TensorParallel,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         heads = tp.heads(config.num_attention_heads, config.num_key_value_heads)  # this rank's
@@ -46,10 +52,14 @@ class LlamaAttention(nn.Module):
             {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
             bias=config.attention_bias,
             shard_rows={"q": (heads.q_start * d, config.num_attention_heads * d), "k": kv_rows, "v": kv_rows},
+            quant=quant,
         )
         # row-parallel: this rank's heads are its columns of o_proj
         self.o_proj = Linear(
-            self.q_size, config.hidden_size, input_slice=(heads.q_start * d, config.num_attention_heads * d)
+            self.q_size,
+            config.hidden_size,
+            input_slice=(heads.q_start * d, config.num_attention_heads * d),
+            quant=quant,
         )
         self.tp = tp
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
@@ -82,15 +92,17 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel, quant: QuantConfig | None = None
+    ) -> None:
         super().__init__()
         full = config.intermediate_size
         size = full // tp.size  # this rank's slice of the intermediate size
         rows = (tp.rank * size, full)
         self.gate_up_proj = MergedLinear(
-            config.hidden_size, {"gate": size, "up": size}, shard_rows={"gate": rows, "up": rows}
+            config.hidden_size, {"gate": size, "up": size}, shard_rows={"gate": rows, "up": rows}, quant=quant
         )
-        self.down_proj = Linear(size, config.hidden_size, input_slice=rows)
+        self.down_proj = Linear(size, config.hidden_size, input_slice=rows, quant=quant)
         self.act = SiluAndMul(backend)
         self.tp = tp
 
@@ -100,11 +112,16 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, tp: TensorParallel
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        tp: TensorParallel,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, backend, tp)
-        self.mlp = LlamaMLP(config, backend, tp)
+        self.self_attn = LlamaAttention(config, rotary, backend, tp, quant)
+        self.mlp = LlamaMLP(config, backend, tp, quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
@@ -133,12 +150,15 @@ class LlamaForCausalLM(nn.Module):
         device: torch.device | None = None,
         tp: TensorParallel | None = None,
         stage: PipelineStage | None = None,
+        quant: QuantConfig | None = None,
     ) -> None:
         """``dtype`` and ``device``: the rotary table's (the parameters follow torch's defaults / device context);
         ``tp``: this rank's tensor-parallel group (default: one rank); ``stage``: its pipeline stage (default: all
-        layers), whose layers alone are built (the others are placeholders without parameters)."""
+        layers), whose layers alone are built (the others are placeholders without parameters); ``quant``: the
+        decoder linears' weight format (default: plain matrices)."""
         super().__init__()
         self.config = config
+        self.quant = quant
         self.tp = tp = tp or TensorParallel.single()
         self.stage = stage = stage or PipelineStage.single(config.num_hidden_layers)
         tied = config.tie_word_embeddings
@@ -153,7 +173,7 @@ class LlamaForCausalLM(nn.Module):
         needs_embedding = stage.is_first or (stage.is_last and tied)
         self.embed_tokens = VocabParallelEmbedding(vocab, hidden, tp) if needs_embedding else None
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, backend, tp)
+            LlamaDecoderLayer(config, self.rotary, backend, tp, quant)
             if stage.layer_start <= i < stage.layer_end
             else nn.Identity()
             for i in range(config.num_hidden_layers)
@@ -233,15 +253,20 @@ class LlamaForCausalLM(nn.Module):
         self.packed_head = None if head is None else pack_weight(head.weight.data)
         return sum(m.pack() for m in self.layers.modules() if isinstance(m, Linear)) + (self.packed_head is not None)
 
-    def quantize_int4(self) -> int:
-        """Give every decoder-layer linear an int4 copy for small batches (CPU), and the head an int8 one in 32-column
-        groups (GGUF's Q8_0 layout, where checkpoints keep their head: the file's own codes come back) when the C++
-        kernels are built. Returns how many linears took an int4 copy."""
+    def process_weights_after_loading(self) -> None:
+        """Each decoder linear's method turns its loaded tensors into what it computes with (a repack, an online
+        quantization). A format with ``int8_head`` (int4) also gives the head an int8 copy in 32-column groups for
+        small batches (GGUF's Q8_0 layout, where checkpoints keep their head: the file's own codes come back) when
+        the C++ kernels are built."""
+        for m in self.layers.modules():
+            if isinstance(m, Linear):
+                m.process_weights_after_loading()
         head = self.head
-        on_cpu = head is not None and head.weight.device.type == "cpu"
-        if head is not None and on_cpu and head.weight.shape[1] % 32 == 0 and cpu.load() is not None:
+        if self.quant is None or not self.quant.int8_head or head is None:
+            return
+        on_cpu = head.weight.device.type == "cpu"
+        if on_cpu and head.weight.shape[1] % 32 == 0 and cpu.load() is not None:
             self.int8_head = quantize_int8_groups(head.weight.data)
-        return sum(m.quantize_int4() for m in self.layers.modules() if isinstance(m, Linear))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, vocab_size] (on every rank: the ranks' vocabulary slices gathered)."""
@@ -262,8 +287,10 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- weights --------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load Hugging Face-named tensors; every parameter must be covered (else a clear error)."""
+        """Load Hugging Face-named tensors; every parameter must be covered (else a clear error). A linear takes
+        whatever tensors its format has (``weight``, or ``qweight`` / ``scales`` / ...), sliced for its rank."""
         params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
         loaded: set[str] = set()
         fused = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
                  "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}  # fmt: skip
@@ -278,35 +305,32 @@ class LlamaForCausalLM(nn.Module):
             parts = name.split(".")
             if len(parts) >= 3 and parts[-2] in fused:
                 module_name, shard = fused[parts[-2]]
-                module_path = ".".join([*parts[:-2], module_name])
-                module = self.get_submodule(module_path)
-                assert isinstance(module, MergedLinear)
-                module.load_shard(shard, parts[-1], tensor)
-                loaded.add(f"{module_path}.{parts[-1]}#{shard}")
+                merged = modules.get(".".join([*parts[:-2], module_name]))
+                assert isinstance(merged, MergedLinear)
+                merged.load_shard(shard, parts[-1], tensor)
                 continue
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter in the model")
-            module = self.get_submodule(".".join(parts[:-1]))
+            module = modules.get(".".join(parts[:-1]))
             if isinstance(module, Linear | VocabParallelEmbedding):
                 try:  # the module takes its tensor-parallel slice of the whole checkpoint matrix
                     module.load_weight(parts[-1], tensor)
                 except ValueError as e:
                     raise ValueError(f"{hf_name}: {e}") from None
-            else:
-                param = params[name]
-                if param.shape != tensor.shape:
-                    raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-                param.data.copy_(tensor)
+                loaded.add(name)
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter in the model")
+            param = params[name]
+            if param.shape != tensor.shape:
+                raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            param.data.copy_(tensor)
             loaded.add(name)
         missing = []
-        for name, module in self.named_modules():
-            if isinstance(module, MergedLinear):
-                for shard in module.shard_offsets:
-                    for p in ("weight", "bias") if module.bias is not None else ("weight",):
-                        if f"{name}.{p}#{shard}" not in loaded:
-                            missing.append(f"{name}.{shard}.{p}")
-        missing += [n for n in params if n not in loaded and not n.endswith(("qkv_proj.weight", "qkv_proj.bias",
-                                                                            "gate_up_proj.weight"))]  # fmt: skip
+        linear_params: set[str] = set()
+        for module_name, module in modules.items():
+            if isinstance(module, Linear):
+                missing += [f"{module_name}.{m}" for m in module.missing()]
+                linear_params.update(f"{module_name}.{p}" for p in module.layouts)
+        missing += [n for n in params if n not in loaded and n not in linear_params]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
 

@@ -264,7 +264,8 @@ def _iter_safetensors(
                         tensor = f.get_tensor(name)
                         if name.startswith(_BARE_DECODER_PREFIXES):
                             name = f"model.{name}"
-                        if dtype is not None and tensor.dtype != dtype:
+                        # quantized checkpoints' packed codes, zero points and g_idx are integers: kept as they are
+                        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                             tensor = tensor.to(dtype)
                         num_bytes += tensor.numel() * tensor.element_size()
                         progress.update()

@@ -1,4 +1,4 @@
-"""int4 weight-only linears (CPU): the quantizer, the Linear that switches paths by batch size, when the engine
+"""int4 weight-only linears (CPU): the quantizer, the Linear that holds only the int4 codes, when the engine
 turns it on, and that the bundled model computes the same thing through it."""
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from kubellm.runtime.layers.linear import (
     quantize_int8_groups,
 )
 from kubellm.runtime.models.loader import LoadedModel
+from kubellm.runtime.quantization.cpu_int4 import Int4CpuConfig, Int4CpuMethod
+from kubellm.runtime.quantization.dense import DenseMethod
 from kubellm.runtime.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -79,34 +81,37 @@ def test_quantization_error_of_a_dense_weight_is_within_half_a_step(gen: torch.G
 def test_quantize_refuses_columns_that_are_not_whole_groups() -> None:
     with pytest.raises(ValueError, match="multiple of the group size"):
         quantize_int4(torch.zeros(4, 40))
-    layer = Linear(40, 8)
-    assert layer.quantize_int4() is False and layer.int4_weight is None
+    layer = Linear(40, 8, quant=Int4CpuConfig())
+    assert layer.weight is not None
+    layer.weight.data.normal_()
+    layer.process_weights_after_loading()  # not whole groups: the layer stays dense
+    assert layer.weight is not None and "int4" not in repr(layer)
+    x = torch.randn(3, 40)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_linear_serves_small_batches_and_the_dense_weight_the_rest(
+def test_int4_linear_holds_only_the_int4_codes_and_serves_every_batch_size(
     gen: torch.Generator, dtype: torch.dtype
 ) -> None:
-    layer = MergedLinear(64, {"a": 48, "b": 16}, bias=True)
+    layer = MergedLinear(64, {"a": 48, "b": 16}, bias=True, quant=Int4CpuConfig())
     w = q4_1_weight(64, 64, gen)
-    layer.weight.data.copy_(w)
-    layer.bias.data.copy_(torch.randn(64, generator=gen))  # type: ignore[union-attr]
+    layer.load_shard("a", "weight", w[:48])
+    layer.load_shard("b", "weight", w[48:])
+    layer.load_shard("a", "bias", torch.randn(48, generator=gen))
+    layer.load_shard("b", "bias", torch.randn(16, generator=gen))
+    assert layer.missing() == []
     layer.to(dtype)
-    assert layer.quantize_int4() is True
+    layer.process_weights_after_loading()
     assert "int4" in repr(layer)
+    assert layer.weight is None  # the weight is held once: as int4 codes
+    assert layer.pack() is False and "packed" not in repr(layer)
     bias = layer.bias.float()  # type: ignore[union-attr]
-    for rows in (1, 3, INT4_MAX_ROWS):
+    for rows in (1, 3, INT4_MAX_ROWS, INT4_MAX_ROWS + 1, 37):
         x = torch.randn(rows, 64, generator=gen).to(dtype)
         expected = x.float() @ w.t() + bias  # the int4 copy holds w's own codes
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(layer(x).float(), expected, rtol=tol, atol=tol)
-    # wider batches take the dense weight: bit-equal to F.linear
-    x = torch.randn(INT4_MAX_ROWS + 1, 64, generator=gen).to(dtype)
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    # poisoning the dense weight shows which path ran
-    layer.weight.data.fill_(float("nan"))
-    assert torch.isfinite(layer(torch.ones(2, 64, dtype=dtype))).all()
-    assert torch.isnan(layer(torch.ones(INT4_MAX_ROWS + 1, 64, dtype=dtype))).all()
 
 
 def test_resolve_quantization() -> None:
@@ -121,8 +126,10 @@ def test_resolve_quantization() -> None:
     assert resolve_quantization("none", CPU, frozenset({"Q4_1"})) == "none"
     with pytest.raises(ValueError, match="CPU path"):
         resolve_quantization("int4", torch.device("cuda"), frozenset())
-    with pytest.raises(ValueError, match=r"^quantization must be one of auto, none, int4, got 'int8'"):
-        EngineConfig(quantization="int8")
+    with pytest.raises(
+        ValueError, match=r"^quantization must be one of auto, none, int4, awq, gptq, int8, fp8, got 'q3'"
+    ):
+        EngineConfig(quantization="q3")
 
 
 def test_the_bundled_model_computes_the_same_through_int4(smollm2: LoadedModel) -> None:
@@ -139,7 +146,8 @@ def test_the_bundled_model_computes_the_same_through_int4(smollm2: LoadedModel) 
         assert engine.quantization == quantization
         linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
         assert len(linears) == 4 * smollm2.config.num_hidden_layers
-        assert all((m.int4_weight is not None) == (quantization == "int4") for m in linears)
+        int4 = [isinstance(m.method, Int4CpuMethod) and m.method.int4_weight is not None for m in linears]
+        assert all(q == (quantization == "int4") for q in int4)
         assert (engine.model.int8_head is not None) == (quantization == "int4")  # the head in Q8_0's layout
         engine.add_request("r", "The capital of France is", SamplingParams(max_tokens=4, temperature=0, logprobs=5))
         outputs = []
@@ -167,8 +175,8 @@ def onednn_packs(dtype: torch.dtype) -> bool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linear_equals_the_plain_one(gen: torch.Generator, dtype: torch.dtype) -> None:
     layer = Linear(64, 48, bias=True)
-    layer.weight.data.copy_(torch.randn(48, 64, generator=gen))
-    layer.bias.data.copy_(torch.randn(48, generator=gen))  # type: ignore[union-attr]
+    layer.load_weight("weight", torch.randn(48, 64, generator=gen))
+    layer.load_weight("bias", torch.randn(48, generator=gen))
     layer.to(dtype)
     x = torch.randn(37, 64, generator=gen).to(dtype)
     plain = layer(x)
@@ -177,10 +185,8 @@ def test_packed_linear_equals_the_plain_one(gen: torch.Generator, dtype: torch.d
     assert layer.pack() is packs and ("packed" in repr(layer)) is packs
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(layer(x), plain, rtol=tol, atol=tol)
-    if not packs:
-        return  # the plain weight serves, unchanged
-    layer.weight.data.fill_(float("nan"))  # the packed copy serves: the plain weight is not read
-    assert torch.isfinite(layer(x)).all()
+    # packed, the plain weight is gone (held once); unpacked, it serves unchanged
+    assert (layer.weight is None) is packs
 
 
 def test_the_engine_packs_and_quantizes_on_the_cpu(smollm2: LoadedModel) -> None:
@@ -191,5 +197,17 @@ def test_the_engine_packs_and_quantizes_on_the_cpu(smollm2: LoadedModel) -> None
     model = LLMEngine(config, loaded=loaded).model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     packs = onednn_packs(torch.bfloat16)
-    assert all((m.packed_weight is not None) is packs and m.int4_weight is not None for m in linears)
+    # the int4 codes are each linear's only copy of its weight: no packed dense copy beside them
+    assert all(isinstance(m.method, Int4CpuMethod) and m.method.int4_weight is not None for m in linears)
+    assert all(m.weight is None and "packed" not in repr(m) for m in linears)
     assert (model.packed_head is not None) is packs
+
+
+def test_the_engine_packs_dense_linears_on_the_cpu_and_drops_the_plain_weight(smollm2: LoadedModel) -> None:
+    loaded = LoadedModel(smollm2.name, smollm2.config, smollm2.weights, smollm2.tokenizer)
+    config = EngineConfig(model=loaded.name, dtype="float32", device="cpu", kv_cache_memory_bytes=16 << 20)
+    model = LLMEngine(config, loaded=loaded).model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    packs = onednn_packs(torch.float32)
+    assert all(isinstance(m.method, DenseMethod) for m in linears)
+    assert all((m.weight is None) is packs and ("packed" in repr(m)) is packs for m in linears)

@@ -1,0 +1,131 @@
+"""``--quantization int4``: int4 weight-only linears on the CPU through torch's int4 kernel, quantized at load.
+
+Why int4 on the CPU: a decode step at batch 1 reads every weight once, so its time is the weight bytes over
+the memory bandwidth. torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) reads a quarter of bf16's
+bytes. Measured on a 2-core EPYC (AVX-512 build), all 30 SmolLM2 layers streamed from memory (not from cache):
+
+    rows (tokens)       1      4      8     16     32
+    bf16 (ms)          17.0   28.8   30.3   47.7   56.8
+    int4 (ms)           6.9   11.4   18.2   40.4   92.7
+
+The layer holds the int4 copy only (the issue's "weights held once"): wider batches (prefill chunks) run the
+same kernel, which costs them up to ~1.6x the dense time at 32 rows; an AVX2-only CPU is ~20x slower than
+float32 at batch 1 (``cpu_int4_is_fast`` below keeps ``auto`` off there).
+
+The format is groupwise asymmetric, the layout of GGUF's Q4_1 (and Q4_0): per group of 32 input columns,
+``w = scale * q + minimum`` with ``q`` in 0..15. Quantizing the dequantized weights of a Q4_0/Q4_1 checkpoint
+finds its own codes again, so for such checkpoints the int4 path computes with the file's weights, up to the
+rounding of ``scale`` and ``minimum`` to the activation dtype that the kernel requires.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import LinearMethod, QuantConfig
+from .dense import DenseMethod
+
+if TYPE_CHECKING:
+    from ..layers.linear import Linear
+
+INT4_GROUP_SIZE = 32
+INT4_MAX_ROWS = 4  # the int8 head (GGUF Q8_0 layout) serves up to here; oneDNN's packed head above
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float weight -> (codes [N, K] int32 in 0..15, scales_and_zeros [K / group_size, N, 2] float32).
+
+    Round-to-nearest per group of ``group_size`` columns between the group's minimum and maximum. The
+    scales_and_zeros layout is torch's int4 kernels': ``w = (q - 8) * scale + zero``, so ``zero = min + 8 * scale``.
+    """
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"in_features ({k}) must be a multiple of the group size ({group_size})")
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    minimum = groups.amin(-1)
+    scale = (groups.amax(-1) - minimum) / 15
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0 everywhere
+    codes = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32)
+    zero = minimum + 8 * scale
+    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+    return codes.reshape(n, k), scales_and_zeros
+
+
+def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`quantize_int4`: [N, K] float32 weights."""
+    n, k = codes.shape
+    num_groups = scales_and_zeros.shape[0]
+    scale = scales_and_zeros[..., 0].t().float()[..., None]  # [N, groups, 1]
+    zero = scales_and_zeros[..., 1].t().float()[..., None]
+    return ((codes.reshape(n, num_groups, -1).float() - 8) * scale + zero).reshape(n, k)
+
+
+def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] weight -> (codes [N, K] int8, scales [N, K / group_size] float32), ``w = q * scale`` per group: the
+    layout of GGUF's Q8_0, whose own codes come back from its dequantized weights (the largest value of a Q8_0
+    block is stored as +-127). For the C++ kernel ``int8_matmul`` (kernels/cpu_ops.cpp)."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"in_features ({k}) must be a multiple of the group size ({group_size})")
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    scale = groups.abs().amax(-1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(groups / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return codes.reshape(n, k).contiguous(), scale.contiguous()
+
+
+def cpu_int4_is_fast() -> bool:
+    """torch's CPU int4 matmul is vectorized for AVX-512 only: on an AVX2-only CPU it is ~20x slower than the float32
+    matmul it replaces (bench/results/cpu_int4-amd-epyc-2c.json: 576x1536 at batch 1, 2.6 ms vs 0.11 ms; SmolLM2
+    3.0 vs 16.0 tok/s)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def int4pack_fits(n: int, k: int, group_size: int) -> bool:
+    """Whether torch's CPU int4 kernel takes an [N, K] weight in groups of ``group_size`` columns."""
+    return n % 16 == 0 and group_size in (32, 64, 128, 256) and k % group_size == 0
+
+
+class Int4CpuMethod(DenseMethod):
+    """Loads the dense weight, then replaces it by torch's int4-packed copy ([N, K / 2] uint8) and its
+    scales_and_zeros ([K / 32, N, 2] in the activation dtype). A layer whose in_features is not whole groups, or
+    that is not on the CPU, stays dense."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.int4_weight: torch.Tensor | None = None
+        self.scales_and_zeros: torch.Tensor | None = None
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        weight = getattr(layer, "weight", None)
+        if weight is None or weight.device.type != "cpu" or layer.in_features % INT4_GROUP_SIZE:
+            return
+        codes, scales_and_zeros = quantize_int4(weight.data)
+        self.int4_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.scales_and_zeros = scales_and_zeros.to(weight.dtype)
+        layer.weight = None  # held once
+
+    def pack(self, layer: Linear) -> bool:
+        return False if self.int4_weight is not None else super().pack(layer)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.int4_weight is None:
+            return super().apply(layer, x)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4_weight, INT4_GROUP_SIZE, self.scales_and_zeros)
+
+    def describe(self) -> str:
+        return "int4" if self.int4_weight is not None else super().describe()
+
+
+class Int4CpuConfig(QuantConfig):
+    name = "int4"
+    int8_head = True
+
+    def linear_method(self) -> LinearMethod:
+        return Int4CpuMethod()
+
+    def check_device(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ValueError(f"quantization int4 is a CPU path (torch's CPU int4 kernel); the device is {device.type}")
