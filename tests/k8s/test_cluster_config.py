@@ -64,9 +64,21 @@ def test_gpu_node_manifest_advertises_gpus_and_kwok_annotation() -> None:
 
 def test_kwok_config_is_yaml_with_node_and_pod_stages() -> None:
     docs = list(yaml.safe_load_all(cluster_nodes.kwok_config()))
-    assert [d["kind"] for d in docs] == ["Stage"] * 4
+    assert [d["kind"] for d in docs] == ["Stage"] * 6
     kinds = {d["metadata"]["name"]: d["spec"]["resourceRef"]["kind"] for d in docs}
-    assert kinds == {"node-initialize": "Node", "pod-create": "Pod", "pod-ready": "Pod", "pod-delete": "Pod"}
+    assert kinds == {
+        "node-initialize": "Node",
+        "pod-create": "Pod",
+        "pod-ready": "Pod",
+        "pod-delete": "Pod",
+        "loader-succeed": "Pod",  # the operator's model loader pods (a Job's) finish
+        "loader-fail": "Pod",
+    }
+    finished = {
+        d["metadata"]["name"]: d["spec"]["next"]["statusTemplate"] for d in docs if "loader" in d["metadata"]["name"]
+    }
+    assert "phase: Succeeded" in finished["loader-succeed"] and "exitCode: 0" in finished["loader-succeed"]
+    assert "phase: Failed" in finished["loader-fail"] and "exitCode: 2" in finished["loader-fail"]
 
 
 def _fake_cache(root: Path) -> None:
