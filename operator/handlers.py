@@ -209,7 +209,7 @@ async def workload_changed(
     """A Deployment's or a group StatefulSet's status moved (pods became Ready, a rollout progressed): show it in
     the owner's status within STATUS_COALESCE_SECONDS rather than at the loop's next tick. A rollout is a burst of
     events: the first schedules one write, which reads the indices as they are by then; the others, meanwhile,
-    only find it scheduled (at scale this halves the status writes and their conflicts with each other)."""
+    only find it scheduled (fewer status writes at scale, and fewer conflicts between them)."""
     assert llmds_by_key is not None and pods_by_owner is not None
     assert deployments_by_owner is not None and statefulsets_by_owner is not None
     key = (namespace, labels.get(c.LABEL_INSTANCE, ""))

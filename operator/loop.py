@@ -221,7 +221,10 @@ class FleetLoop:
         deployment = workload_state(spec, key, self.deployments, self.statefulsets)
         model = None
         if spec.storage.model_cache is not None:
-            model = await asyncio.to_thread(observe_model, self.kube, owner, spec, self.jobs.get(key, ()))
+            try:
+                model = await asyncio.to_thread(observe_model, self.kube, owner, spec, self.jobs.get(key, ()))
+            except Exception as exc:  # status.model stays as it was; the write (a scaling decision's) must not wait
+                log.warning("%s/%s: reading the model cache's loader failed: %s", namespace, name, exc)
         args2 = (self.kube, owner, ref.generation, spec, deployment, pods, last_seen, report)
         try:
             await asyncio.to_thread(functools.partial(write_refresh, *args2, model=model))
