@@ -176,14 +176,17 @@ def test_scale_to_zero_after_idle_then_wake_on_the_annotation(
     custom.create_namespaced_custom_object(c.GROUP, c.VERSION, op_namespace, c.PLURAL, body)
     with MetricsFleet(api, op_namespace, "nap") as fleet:
         fleet.kv_cache_usage = 0.0  # idle: nothing waiting, nothing running, no KV in use
+        # The decision's status write and the status of the pods going are two writers: wait for both (a
+        # reconcile can report the pod gone before the loop records the decision that removed it).
         obj = wait_until(
             lambda: (
                 (o := _llmd(api, op_namespace, "nap"))["spec"]["replicas"] == 0
                 and (o.get("status") or {}).get("replicas") == 0
+                and (o.get("status") or {}).get("scalingDecisions")
                 and o
             ),
             timeout=60,
-            what="scaled to zero after 3 s idle, and no pod left",
+            what="scaled to zero after 3 s idle, the decision recorded, and no pod left",
         )
         assert fleet.scrapes > 0
     status = obj["status"]
