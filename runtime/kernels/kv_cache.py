@@ -23,11 +23,14 @@ def _round_to_e4m3(x):
     interpreter converts float32 to float8 wrongly when rounding carries into the next power of two (7.99 -> 4,
     not 8); converting an already representable value is exact there."""
     bits = x.to(tl.uint32, bitcast=True)
+    negative = (bits >> 31) == 1
     # normal range (|x| >= 2^-6): keep 3 of the 23 mantissa bits, ties to even
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
     normal = bits.to(tl.float32, bitcast=True)
-    # subnormals: multiples of 2^-9; float32 addition at 1.5 * 2^14 rounds to exactly that spacing, ties to even
-    subnormal = (x + 24576.0) - 24576.0
+    # subnormals: multiples of 2^-9; float32 addition at 1.5 * 2^14 rounds to exactly that spacing, ties to even.
+    # Done on |x| and signed after, so a negative value that rounds to zero is -0, as a conversion gives.
+    magnitude = (tl.abs(x) + 24576.0) - 24576.0
+    subnormal = tl.where(negative, -magnitude, magnitude)
     return tl.where(tl.abs(x) >= 0.015625, normal, subnormal)
 
 
