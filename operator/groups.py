@@ -37,13 +37,6 @@ def group_name(name: str, index: int) -> str:
     return f"{name}-g{index}"
 
 
-def group_index(statefulset_name: str, name: str) -> int | None:
-    """The i of `{name}-g{i}`, None for any other name."""
-    prefix = f"{name}-g"
-    rest = statefulset_name.removeprefix(prefix)
-    return int(rest) if rest != statefulset_name and rest.isdigit() else None
-
-
 def rendezvous_host(owner: Owner, index: int) -> str:
     """Pod 0 of group `index`, through the group's headless Service."""
     group = group_name(owner.name, index)
