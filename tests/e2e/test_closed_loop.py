@@ -158,7 +158,8 @@ def test_runtime_queue_drives_scale_up_and_back_down(
                 and m.get("podsFailed", 0) >= 1
                 and m.get("queueDepth") == 0
                 and m.get("runningRequests") == 0
-                and _wall(m["time"]) >= stopped_wall
+                # the stamp is whole seconds: an evaluation just after the stop may carry the second it began in
+                and _wall(m["time"]) > stopped_wall - 1
                 # status.metrics is only rewritten when its numbers move (a quiet fleet writes nothing): the idle
                 # snapshot above stands for every evaluation since, so wait out the window on the clock.
                 and time.time() >= stopped_wall + SCALE_DOWN_WINDOW_S + 2 * EVALUATION_PERIOD_S
