@@ -76,6 +76,13 @@ class OperatorProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no chance to finish what it was doing (the crash tests restart it after)."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
     def stop(self, grace: float = 15.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
