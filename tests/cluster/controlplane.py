@@ -116,6 +116,7 @@ class _Process:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    argv: list[str]
 
 
 @dataclass
@@ -300,6 +301,19 @@ class ControlPlane:
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / "state.json").unlink()
 
+    def restart(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Fault injection: signals one component (SIGKILL: a crash, no shutdown), waits for it to exit, starts it
+        again with the same flags and data, and waits until it is healthy (etcd /health, kube-apiserver /readyz).
+        The other components and every client are left to notice and reconnect on their own."""
+        index, process = next((i, p) for i, p in enumerate(self._processes) if p.name == name)
+        process.popen.send_signal(sig)
+        process.popen.wait(timeout=30)
+        self._processes[index] = self._popen(name, process.argv)
+        healthy = {"etcd": self._etcd_healthy, "kube-apiserver": lambda: self.get("/readyz")[0] == 200}
+        if name in healthy:
+            self._wait(healthy[name], time.monotonic() + self.config.start_timeout_s, f"{name} to be healthy again")
+        self._write_state()
+
     def __enter__(self) -> ControlPlane:
         return self.start()
 
@@ -333,6 +347,9 @@ class ControlPlane:
             time.sleep(0.1)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
+        self._processes.append(self._popen(name, argv))
+
+    def _popen(self, name: str, argv: list[str]) -> _Process:
         log = self.state_dir / "logs" / f"{name}.log"
         handle: IO[bytes] = log.open("ab")
         try:
@@ -347,7 +364,7 @@ class ControlPlane:
             )
         finally:
             handle.close()
-        self._processes.append(_Process(name, popen, log))
+        return _Process(name, popen, log, argv)
 
     def _write_kubeconfig(self) -> None:
         assert self._pki is not None

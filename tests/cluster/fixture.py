@@ -1,7 +1,9 @@
 """pytest plugin for the control plane, registered by the root conftest (pytest_plugins).
 
-k8s_cluster    session fixture: one ControlPlane for the whole run (skips, or fails in CI, without binaries)
-k8s_namespace  function fixture: a fresh namespace whose default service account exists; deleted afterwards
+k8s_cluster      session fixture: one ControlPlane for the whole run (skips, or fails in CI, without binaries)
+private_cluster  module fixture: a ControlPlane of the module's own, for tests that crash its components
+bare_cluster     module fixture: the same without our CRDs, for tests that install them (helm install)
+k8s_namespace    function fixture: a fresh namespace whose default service account exists; deleted afterwards
 
 The binaries are provisioned once after collection, when a selected test is marked `k8s`: a cold build takes
 minutes and must not count against the first test's timeout, and the log shows it as its own step.
@@ -60,8 +62,9 @@ def _random_loopback_pod_cidr() -> str:
     return f"127.{random.randint(16, 250)}.0.0/16"
 
 
-@pytest.fixture(scope="session")
-def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+def _control_plane(request: pytest.FixtureRequest, state_dir: Path, *, crds: bool = True) -> ControlPlane:
+    """A started control plane in state_dir: the session's, or a test's own (skips without binaries). crds: apply
+    the repository's CRDs (or KUBELLM_TEST_CRDS_DIR's) at start."""
     binaries = request.config.stash.get(_binaries_key, None) or _provision(request.config)
     if isinstance(binaries, BinariesUnavailable):
         message = str(binaries)
@@ -69,10 +72,35 @@ def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     crds_dir = os.environ.get(CRDS_DIR_ENV)
     config = ClusterConfig(
         pod_cidr=os.environ.get(POD_CIDR_ENV) or _random_loopback_pod_cidr(),
-        crds_dir=Path(crds_dir) if crds_dir else ClusterConfig.crds_dir,
+        crds_dir=None if not crds else Path(crds_dir) if crds_dir else ClusterConfig.crds_dir,
     )
-    control_plane = ControlPlane(binaries, config, tmp_path_factory.mktemp("cluster"))
-    control_plane.start()
+    return ControlPlane(binaries, config, state_dir).start()
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    control_plane = _control_plane(request, tmp_path_factory.mktemp("cluster"))
+    try:
+        yield control_plane
+    finally:
+        control_plane.stop()
+
+
+@pytest.fixture(scope="module")
+def private_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A control plane of the test module's own, for tests that crash or restart its components (the session's
+    cluster must stay undisturbed for everyone else)."""
+    control_plane = _control_plane(request, tmp_path_factory.mktemp("private-cluster"))
+    try:
+        yield control_plane
+    finally:
+        control_plane.stop()
+
+
+@pytest.fixture(scope="module")
+def bare_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A control plane of the test module's own without our CRDs, for what installs them itself (helm install)."""
+    control_plane = _control_plane(request, tmp_path_factory.mktemp("bare-cluster"), crds=False)
     try:
         yield control_plane
     finally:
