@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from pydantic import BaseModel, ValidationError
 
 from . import protocol as p
@@ -59,6 +59,7 @@ class OpenAIServer:
         self.chat = ChatServing(self.ctx)
         self.completions = CompletionServing(self.ctx)
         self.created = int(time.time())
+        self.websockets: set[web.WebSocketResponse] = set()  # open ones, closed by the server as it leaves
         if engine is not None:
             self.set_engine(engine)
 
@@ -113,7 +114,14 @@ class OpenAIServer:
         }
         for route in ROUTES:
             app.router.add_route(route.method, route.path, handlers[route.name], name=route.name)
+        app.on_shutdown.append(self._close_websockets)
         return app
+
+    async def _close_websockets(self, _app: web.Application) -> None:
+        """After the drain: an idle WebSocket would hold the shutdown for aiohttp's whole grace period (60 s);
+        close each with 1001 Going Away, which clients read as "reconnect elsewhere"."""
+        for ws in list(self.websockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -232,7 +240,7 @@ class OpenAIServer:
         return _json(p.DetokenizeResponse(prompt=self.ctx.tokenizer().decode(req.tokens)))
 
     async def chat_websocket(self, request: web.Request) -> web.WebSocketResponse:
-        return await chat_websocket(self.chat, request, self.settings.max_body_bytes)
+        return await chat_websocket(self.chat, request, self.settings.max_body_bytes, self.websockets)
 
 
 def _json(model: BaseModel, status: int = 200) -> web.Response:

@@ -145,8 +145,15 @@ class ChatSocket:
             request_log.info(json.dumps(line))
 
 
-async def chat_websocket(chat: ChatServing, request: web.Request, max_msg_size: int) -> web.WebSocketResponse:
+async def chat_websocket(
+    chat: ChatServing, request: web.Request, max_msg_size: int, open_sockets: set[web.WebSocketResponse]
+) -> web.WebSocketResponse:
+    """open_sockets: the server's register of open sockets (it closes them when it shuts down)."""
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_msg_size)
     await ws.prepare(request)
-    await ChatSocket(chat, request, ws).run()
+    open_sockets.add(ws)
+    try:
+        await ChatSocket(chat, request, ws).run()
+    finally:
+        open_sockets.discard(ws)
     return ws
