@@ -32,3 +32,19 @@ def closed_loop_spec(*, evaluation_period_s: float, scale_down_window_s: float) 
             "scaleDownStabilizationSeconds": scale_down_window_s,
         },
     }
+
+
+TARGET_KV_UTILIZATION = 0.3
+
+
+def kv_loop_spec(*, evaluation_period_s: float) -> dict[str, Any]:
+    """The same runtime scaled on KV-cache utilization instead: a small cache (16 MB: ~22 blocks of 16 tokens in
+    float32) that four long generations fill past 30%, and a queue target so high that the queue never decides."""
+    spec = closed_loop_spec(evaluation_period_s=evaluation_period_s, scale_down_window_s=300)
+    spec["engine"] = {
+        "maxNumSeqs": 4,
+        "maxNumBatchedTokens": 256,
+        "extraArgs": ["--device", "cpu", "--kv-cache-memory", str(16 * 1024 * 1024)],
+    }
+    spec["autoscaling"] |= {"targetQueueDepth": 1000, "targetKVCacheUtilization": TARGET_KV_UTILIZATION}
+    return spec
