@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -45,6 +46,44 @@ def reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): json.loads pairs them, but a lone one stays in the str, and
+# no tokenizer (nor UTF-8) can take it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def check_unicode(raw: bytes | str, data: Any) -> None:
+    """400 naming the field when a string of the parsed body holds an unpaired surrogate (only searched for when
+    the raw body has a surrogate escape at all, so ordinary bodies cost one regex scan)."""
+    if _SURROGATE_ESCAPE.search(raw.encode() if isinstance(raw, str) else raw) is None:
+        return
+    path = _unpaired_surrogate(data, ())
+    if path is not None:
+        param = ".".join(str(p) for p in path) or None
+        raise APIError(
+            400,
+            f"{param or 'request body'}: an unpaired UTF-16 surrogate escape is not a character",
+            param=param,
+            code="invalid_unicode",
+        )
+
+
+def _unpaired_surrogate(value: Any, path: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _unpaired_surrogate(key, path) is not None:
+            return (*path, key)
+        found = _unpaired_surrogate(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
 async def parse_body(request: web.Request, model: type[ModelT], limit: int) -> ModelT:
     """The JSON body as ``model``: 413 over ``limit`` bytes, 400 for bad JSON, 422 for a non-object."""
     if request.content_length is not None and request.content_length > limit:
@@ -58,6 +97,7 @@ async def parse_body(request: web.Request, model: type[ModelT], limit: int) -> M
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(422, "request body must be a JSON object", code="invalid_body")
+    check_unicode(body, data)
     try:
         return model.model_validate(data)
     except RecursionError:

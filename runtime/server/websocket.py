@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from . import protocol as p
 from .auth import ANONYMOUS
 from .errors import APIError, from_validation_error
-from .serving import reject_constant
+from .serving import check_unicode, reject_constant
 from .serving_chat import ChatServing
 from .sse import chunk_dict, dumps
 from .streams import StreamUsage, Trace
@@ -51,11 +51,11 @@ class ChatSocket:
     async def send_error(self, gen_id: str | None, exc: APIError) -> None:
         await self.send({"type": "error", "id": gen_id, "status": exc.status, **exc.to_dict()})
 
-    async def generate(self, gen_id: str, body: Any) -> None:
+    async def generate(self, gen_id: str, body: Any, raw: str) -> None:
         trace = Trace()
         cancelled = False
         try:
-            await self.stream_one(gen_id, body, trace)
+            await self.stream_one(gen_id, body, raw, trace)
         except asyncio.CancelledError:
             cancelled = True  # a cancel message (or the socket closing): the stream's abort already ran
         except APIError as exc:
@@ -71,9 +71,10 @@ class ChatSocket:
         if cancelled:
             await self.send({"type": "cancelled", "id": gen_id, "usage": trace.usage().model_dump()})
 
-    async def stream_one(self, gen_id: str, body: Any, trace: Trace) -> None:
+    async def stream_one(self, gen_id: str, body: Any, raw: str, trace: Trace) -> None:
         if not isinstance(body, dict):
             raise APIError(422, "'request' must be a JSON object", param="request")
+        check_unicode(raw, body)
         try:
             req = p.ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
@@ -113,7 +114,7 @@ class ChatSocket:
             elif self.chat.ctx.admission.draining:
                 await self.send_error(gen_id, APIError(503, "the server is shutting down", code="draining"))
             else:
-                self.tasks[gen_id] = asyncio.create_task(self.generate(gen_id, message.get("request")))
+                self.tasks[gen_id] = asyncio.create_task(self.generate(gen_id, message.get("request"), msg.data))
         elif kind == "cancel":
             task = self.tasks.get(gen_id)
             if task is not None:
