@@ -111,7 +111,8 @@ class EngineConfig:
     speculative_config: dict[str, Any] | None = setting(  # noqa: RUF009 (the default is None, never shared)
         None,
         "speculative decoding, JSON with vLLM's keys: method (ngram: prompt lookup; suffix: also the tokens of recent "
-        "requests, suffix_decoding_max_cached_requests of them, default 1000), num_speculative_tokens (3), "
+        "requests, suffix_decoding_max_cached_requests of them, default 1000; draft_model: a smaller model with the "
+        "same tokenizer, given as model, proposes greedily), num_speculative_tokens (3), "
         "prompt_lookup_min (2), prompt_lookup_max (4), disable_by_batch_size (4: no drafts above that many running "
         "sequences; null: never)",
         metavar="JSON",
@@ -185,7 +186,13 @@ class EngineConfig:
         if self.speculative_config is not None:
             from .spec_decode.config import SpeculativeConfig
 
-            SpeculativeConfig.from_dict(self.speculative_config)  # raises ValueError naming the key
+            spec = SpeculativeConfig.from_dict(self.speculative_config)  # raises ValueError naming the key
+            # the draft model would need its own sharded runner on every rank: not built yet
+            _check(
+                spec.method != "draft_model" or self.tensor_parallel_size * self.pipeline_parallel_size == 1,
+                "speculative_config.method",
+                "draft_model does not support tensor_parallel_size or pipeline_parallel_size > 1 yet",
+            )
         _check(
             self.quantization in QUANTIZATIONS,
             "quantization",

@@ -25,6 +25,7 @@ from ..layers.sampler import Sampler, SamplingRow, score_tokens
 from ..outputs import EngineStats, FinishReason, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from ..spec_decode.config import SpeculativeConfig
+from ..spec_decode.draft_model import DraftModel, load_draft_model
 from ..spec_decode.speculator import Speculator
 from ..spec_decode.verify import RowGroup, accepted_length, verification_rows
 from .block_manager import BlockManager
@@ -60,8 +61,14 @@ class LLMEngine:
                 f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
                 f"({mc.max_position_embeddings})"
             )
-        # the device, dtype, weights and KV cache
-        self.runner = ModelRunner(config, loaded, max_model_len=self.max_model_len)
+        spec = None if config.speculative_config is None else SpeculativeConfig.from_dict(config.speculative_config)
+        draft = None
+        if spec is not None and spec.method == "draft_model":
+            draft = load_draft_model(spec, config, loaded, self.max_model_len)  # refused early: before the target
+        # the device, dtype, weights and KV cache (shared with the draft model's)
+        self.runner = ModelRunner(
+            config, loaded, max_model_len=self.max_model_len, draft_model_config=None if draft is None else draft.config
+        )
         self.device, self.dtype, self.model = self.runner.device, self.runner.dtype, self.runner.model
         self.quantization = self.runner.quantization
         self.cache_config = self.runner.cache_config
@@ -69,9 +76,18 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # a sequence can never outgrow the whole cache
         self.max_seq_len = min(self.max_model_len, self.cache_config.num_slots)
+        self.speculator: Speculator | None = None
+        if spec is not None:
+            draft_model = None
+            if draft is not None:
+                draft_model = DraftModel(
+                    config, draft, num_blocks=num_blocks, max_model_len=self.max_model_len, vocab_size=mc.vocab_size
+                )
+            self.speculator = Speculator(spec, self.max_seq_len, draft_model)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.block_manager,
+            on_free=None if self.speculator is None else self.speculator.release,
         )
         self.sampler = Sampler(config.seed)
         eos = set(mc.eos_token_ids)
@@ -84,10 +100,6 @@ class LLMEngine:
         self._grammar_lock = threading.Lock()
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
-        self.speculator: Speculator | None = None
-        if config.speculative_config is not None:
-            spec = SpeculativeConfig.from_dict(config.speculative_config)
-            self.speculator = Speculator(spec, self.max_seq_len)
         self.output_processor = OutputProcessor(self.scheduler, self.requests, self.eos_token_ids, self.max_seq_len)
 
     # ---- requests ---------------------------------------------------------------------------------------

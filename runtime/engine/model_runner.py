@@ -33,6 +33,7 @@ from .scheduler import ScheduledSeq, SchedulerOutput
 from .step_input import StepInput, plan_step, prompt_logprob_positions, step_tensors
 
 if TYPE_CHECKING:
+    from ..models.config import ModelConfig
     from ..models.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -130,11 +131,15 @@ class ModelRunner:
         max_model_len: int,
         rank: int = 0,
         init_method: str | None = None,
+        draft_model_config: ModelConfig | None = None,
     ) -> None:
         """``loaded``: the checkpoint (its weights iterator is consumed here); ``max_model_len``: resolved by the
         engine (the longest sequence a step may hold). With ``tensor_parallel_size`` N > 1, rank 0 (the engine's
-        runner) spawns ranks 1 .. N-1 (distributed/workers.py), which build a runner each with their ``rank``."""
+        runner) spawns ranks 1 .. N-1 (distributed/workers.py), which build a runner each with their ``rank``.
+        ``draft_model_config``: a speculative draft model that will get as many KV blocks as this cache, so the
+        KV budget is split between the two in proportion to their bytes per block."""
         self.config = config
+        self.draft_model_config = draft_model_config
         self.max_model_len = max_model_len
         self.rank = rank
         mc = loaded.config
@@ -211,6 +216,12 @@ class ModelRunner:
         bytes_per_block = kv_cache_bytes_per_block(
             self.stage.num_layers, config.block_size, num_kv_heads, mc.head_dim, self.kv_cache_dtype
         )
+        draft = self.draft_model_config
+        if draft is not None:  # its blocks come out of the same budget, one beside each of ours
+            bytes_per_block += kv_cache_bytes_per_block(
+                draft.num_hidden_layers, config.block_size, draft.num_key_value_heads, draft.head_dim,
+                self.kv_cache_dtype,
+            )  # fmt: skip
         num_blocks = config.num_gpu_blocks or max(1, self._kv_cache_budget() // bytes_per_block)
         if self.group is not None:
             num_blocks = self.group.min_over_ranks(num_blocks)

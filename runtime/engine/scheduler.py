@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import SchedulerConfig
@@ -66,9 +67,17 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        on_free: Callable[[Sequence], None] | None = None,
+    ) -> None:
+        """``on_free(seq)``: called whenever a sequence's blocks are freed (finish, abort, preemption), for state
+        kept beside the KV cache (a draft model's own cache)."""
         self.config = config
         self.block_manager = block_manager
+        self.on_free = on_free
         self.waiting: list[Sequence] = []  # kept sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -96,11 +105,16 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        self._free(seq)
         seq.status = SequenceStatus.FINISHED
 
+    def _free(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        if self.on_free is not None:
+            self.on_free(seq)
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        self.block_manager.free(seq)  # resets num_computed_tokens: recompute from scratch (or the prefix cache)
+        self._free(seq)  # resets num_computed_tokens: recompute from scratch (or the prefix cache)
         seq.num_preemptions += 1
         seq.request.metrics.num_preemptions += 1
         self.num_preemptions += 1

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram", "suffix")
+METHODS = ("ngram", "suffix", "draft_model")
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -29,6 +29,9 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = 4
     # method "suffix": finished requests whose tokens are indexed for the others' drafts (the oldest evicted)
     suffix_decoding_max_cached_requests: int = 1000
+    # method "draft_model": the smaller model that proposes (a source as EngineConfig.model takes: a directory, a
+    # .gguf file, builtin:..., hf://...); it must share the target's tokenizer
+    model: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -46,6 +49,11 @@ class SpeculativeConfig:
             "prompt_lookup_min",
             f"must not exceed prompt_lookup_max ({self.prompt_lookup_max}), got {self.prompt_lookup_min}",
         )
+        if self.method == "draft_model":
+            _check(isinstance(self.model, str) and bool(self.model), "model",
+                   "is required with method draft_model (the draft model's path or name)")  # fmt: skip
+        else:
+            _check(self.model is None, "model", f"applies to method draft_model only, not {self.method!r}")
         b = self.disable_by_batch_size
         _check(b is None or (isinstance(b, int) and not isinstance(b, bool) and b >= 1), "disable_by_batch_size",
                f"must be an integer of at least 1 or null, got {b!r}")  # fmt: skip

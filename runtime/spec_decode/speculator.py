@@ -17,13 +17,17 @@ from .suffix import SuffixCache
 
 if TYPE_CHECKING:
     from ..engine.sequence import Sequence
+    from .draft_model import DraftModel
 
 
 MAX_BACKOFF_STEPS = 8
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, max_seq_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, max_seq_len: int, draft_model: DraftModel | None = None) -> None:
+        """``draft_model``: the proposer of method draft_model (built by the engine: it needs the KV budget)."""
+        if (config.method == "draft_model") != (draft_model is not None):
+            raise ValueError(f"speculative_config.method {config.method!r}: a draft model goes with draft_model only")
         self.config = config
         self.max_seq_len = max_seq_len
         self.stats = SpecDecodeCounters(num_accepted_tokens_per_pos=[0] * config.num_speculative_tokens)
@@ -32,19 +36,36 @@ class Speculator:
             self.suffix_cache = SuffixCache(
                 config.suffix_decoding_max_cached_requests, config.prompt_lookup_min, config.prompt_lookup_max
             )
+        self.draft_model = draft_model
 
     def propose(self, running: list[Sequence]) -> None:
         """Set ``draft_token_ids`` of each running sequence whose next step is a decode (cleared elsewhere)."""
         cfg = self.config
-        if cfg.disable_by_batch_size is not None and len(running) > cfg.disable_by_batch_size:
-            for seq in running:
-                seq.draft_token_ids = []
-            return
         for seq in running:
-            seq.draft_token_ids = self._drafts(seq) if self._may_speculate(seq) else []
+            seq.draft_token_ids = []
+        if cfg.disable_by_batch_size is not None and len(running) > cfg.disable_by_batch_size:
+            return
+        wanted = [(seq, k) for seq in running if self._may_speculate(seq) and (k := self._num_drafts(seq)) >= 1]
+        if self.draft_model is not None:
+            # a draft model always has a guess: a sequence backing off skips its forward altogether
+            batch = []
+            for seq, k in wanted:
+                if seq.spec_skip_steps:
+                    seq.spec_skip_steps -= 1
+                else:
+                    batch.append((seq, k))
+            self.draft_model.propose(batch)
+            return
+        for seq, k in wanted:
+            seq.draft_token_ids = self._lookup(seq, k)
             if seq.draft_token_ids and seq.spec_skip_steps:  # backing off after failed guesses
                 seq.spec_skip_steps -= 1
                 seq.draft_token_ids = []
+
+    def release(self, seq: Sequence) -> None:
+        """The target freed the sequence's KV blocks (finished, aborted or preempted)."""
+        if self.draft_model is not None:
+            self.draft_model.release(seq)
 
     def _may_speculate(self, seq: Sequence) -> bool:
         if seq.num_tokens - seq.num_computed_tokens != 1:  # a prefill (chunk) or a recompute
@@ -52,14 +73,14 @@ class Speculator:
         # while a reasoning model thinks, its grammar waits to switch on at a token we cannot see coming
         return seq.grammar is None or seq.grammar_active
 
-    def _drafts(self, seq: Sequence) -> list[int]:
+    def _num_drafts(self, seq: Sequence) -> int:
         params = seq.params
         room = self.max_seq_len - seq.num_tokens - 1
         if params.max_tokens is not None:
             room = min(room, params.max_tokens - seq.num_output_tokens - 1)
-        k = min(self.config.num_speculative_tokens, room)
-        if k < 1:
-            return []
+        return min(self.config.num_speculative_tokens, room)
+
+    def _lookup(self, seq: Sequence, k: int) -> list[int]:
         cfg = self.config
         drafts = propose_ngram(seq.token_ids, k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
         if not drafts and self.suffix_cache is not None:
