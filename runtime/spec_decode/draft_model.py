@@ -36,6 +36,7 @@ from ..engine.model_runner import ModelRunner
 from ..engine.scheduler import ScheduledSeq
 from ..engine.sequence import Sequence
 from ..engine.step_input import plan_step
+from ..quantization.registry import CHECKPOINT_FORMATS
 
 if TYPE_CHECKING:
     from ..config import EngineConfig
@@ -106,7 +107,8 @@ class DraftModel:
             model=config.speculative_config["model"],
             speculative_config=None,
             num_gpu_blocks=num_blocks,
-            quantization="auto",  # the draft checkpoint's own format (the target's may be a checkpoint format)
+            # the target's choice, except a checkpoint's own format (awq, gptq): the draft's checkpoint says its own
+            quantization="auto" if config.quantization in CHECKPOINT_FORMATS else config.quantization,
             chat_template=None,
             served_model_name=None,
         )

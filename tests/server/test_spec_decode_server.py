@@ -1,5 +1,5 @@
 """Speculative decoding over HTTP: `--speculative-config` streams the same text as the plain server (the openai
-client, greedy), and /metrics carries vLLM's spec_decode counters."""
+client, greedy), with prompt lookup and with a draft model, and /metrics carries vLLM's spec_decode counters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from .conftest import SERVED_NAME, ServerProcess
+from .conftest import MODEL, SERVED_NAME, ServerProcess
 
 PASSAGE = (
     "The river runs through the valley, past the old mill and the stone bridge, until it reaches the sea. "
@@ -47,6 +47,22 @@ def test_streaming_with_speculation_is_the_same_text(
     per_pos = {labels["position"]: v for labels, v in metrics["vllm:spec_decode_num_accepted_tokens_per_pos_total"]}
     assert sorted(per_pos) == ["0", "1", "2", "3"] and sum(per_pos.values()) == accepted
     assert "vllm:spec_decode_num_drafts_total" not in server.metrics()  # off: not reported
+
+
+@pytest.mark.slow
+def test_streaming_with_a_draft_model_is_the_same_text(
+    server: ServerProcess, spawn_server: Callable[..., ServerProcess]
+) -> None:
+    """The served model as its own draft (the registries carry no smaller SmolLM2): every guess is its own argmax,
+    so the text is the same and nearly every draft is accepted."""
+    plain = stream_texts(server)
+    spec = {"method": "draft_model", "model": MODEL, "num_speculative_tokens": 2, "disable_by_batch_size": None}
+    spec_server = spawn_server("--speculative-config", json.dumps(spec))
+    assert stream_texts(spec_server) == plain
+    metrics = spec_server.metrics()
+    accepted = metrics["vllm:spec_decode_num_accepted_tokens_total"][0][1]
+    drafted = metrics["vllm:spec_decode_num_draft_tokens_total"][0][1]
+    assert 0.8 * drafted <= accepted <= drafted, (accepted, drafted)
 
 
 def test_a_bad_speculative_config_is_refused_at_start(spawn_server: Callable[..., ServerProcess]) -> None:
