@@ -91,7 +91,7 @@ def check_same_vocabulary(target: LoadedModel, draft: LoadedModel, where: str) -
 @dataclass(eq=False)
 class _DraftState:
     shadow: Sequence  # the draft's view of one target sequence
-    num_verified: int = 0  # the target's tokens at the last proposal (the draft's cache agrees with them)
+    num_verified: int = 0  # leading tokens of the shadow known to be the target's (the drafts follow them)
 
 
 class DraftModel:
@@ -166,9 +166,8 @@ class DraftModel:
             for seq, state, k in guessing:
                 if j < k:
                     drafts[seq].append(tokens[state.shadow])
-        for seq, state, _ in guessing:
+        for seq, _, _ in guessing:
             seq.draft_token_ids = drafts[seq]
-            state.num_verified = seq.num_tokens
 
     def _sync(self, seq: Sequence) -> _DraftState:
         """The draft's state of ``seq``, its tokens brought up to the target's and its count cut back to what the
@@ -178,7 +177,7 @@ class DraftModel:
             # its own request copy: the draft never scores prompts (prompt_logprobs) for the target
             request = dataclasses.replace(seq.request, prompt_logprobs=None, seqs=[])
             shadow = Sequence(seq.seq_id, request, seq.index, list(seq.token_ids), seq.num_prompt_tokens)
-            state = self._states[seq] = _DraftState(shadow)
+            state = self._states[seq] = _DraftState(shadow, seq.num_tokens)
             return state
         shadow = state.shadow
         keep = min(state.num_verified, shadow.num_computed_tokens)
@@ -188,6 +187,7 @@ class DraftModel:
             keep += 1
         shadow.num_computed_tokens = keep
         shadow.token_ids[keep:] = seq.token_ids[keep:]
+        state.num_verified = seq.num_tokens
         return state
 
     def _greedy_step(self, items: list[ScheduledSeq]) -> dict[Sequence, int]:

@@ -16,6 +16,8 @@ import torch
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.llm_engine import LLMEngine
+from kubellm.runtime.engine.sequence import Sequence
+from kubellm.runtime.llm import LLM
 from kubellm.runtime.models.loader import LoadedModel, load_model
 from kubellm.runtime.outputs import RequestOutput
 from kubellm.runtime.sampling_params import SamplingParams
@@ -108,8 +110,11 @@ def reference(smollm2_state: LoadedModel, batch: tuple[list[list[int]], list[Sam
 def test_greedy_identical_with_a_truncated_draft(
     smollm2_state: LoadedModel, truncated_draft_dir: Path, batch: tuple, reference: list[RequestOutput]
 ) -> None:
-    """Three prompts in one batch (n = 2, logprobs): the same tokens and logprobs as without speculation."""
+    """Three prompts in one batch (n = 2, logprobs): the same tokens and logprobs as without speculation; each
+    proposal (after runs accepted in part, in full, or not at all) is the draft's own greedy continuation."""
     engine = make_engine(fresh(smollm2_state), speculative_config=draft_config(truncated_draft_dir))
+    oracle = LLM(str(truncated_draft_dir), device="cpu", dtype="float32", kv_cache_memory_bytes=64 << 20)
+    checked = check_drafts_against(engine, oracle, {"0"})  # the passage: most of the accepted runs
     got = run_checked(engine, *batch)
     same_tokens(got, reference)
     ref_lp, spec_lp = reference[0].outputs[0].logprobs, got[0].outputs[0].logprobs
@@ -120,8 +125,9 @@ def test_greedy_identical_with_a_truncated_draft(
     stats = engine.stats().spec_decode
     assert stats is not None
     print(stats)
-    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0  # the draft ran, and guessed some right
-    assert stats.num_accepted_tokens < stats.num_draft_tokens  # and some wrong: rollbacks happened
+    assert len(checked) > 3
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # guesses both right and wrong: rollbacks
+    assert stats.num_accepted_tokens_per_pos[-1] > 0  # and whole runs accepted
 
 
 @pytest.mark.slow
@@ -193,6 +199,49 @@ def test_structured_outputs_and_sampling_with_a_draft_model(tiny: tuple[Path, Ca
     assert stats is not None and stats.num_accepted_tokens > 0
 
 
+def check_drafts_against(engine: LLMEngine, oracle: LLM, request_ids: set[str] | None = None) -> list[int]:
+    """Make every proposal of ``engine``'s draft model (for ``request_ids``; None: all) be compared with the draft
+    model's greedy continuation of the same tokens computed from scratch by ``oracle`` (no speculation): a draft
+    cache that kept a rolled-back slot, or lost an accepted one, guesses differently. Returns the list that counts
+    the checked proposals."""
+    assert engine.speculator is not None and engine.speculator.draft_model is not None
+    draft = engine.speculator.draft_model
+    propose = draft.propose
+    checked: list[int] = []
+
+    def propose_and_check(wanted: list[tuple[Sequence, int]]) -> None:
+        propose(wanted)
+        for seq, k in wanted:
+            if seq.draft_token_ids and (request_ids is None or seq.request.request_id in request_ids):
+                greedy = SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)
+                expected = oracle.generate(list(seq.token_ids), greedy)[0].outputs[0].token_ids
+                assert seq.draft_token_ids == expected, (seq, len(checked))
+                checked.append(k)
+
+    draft.propose = propose_and_check  # type: ignore[method-assign]
+    return checked
+
+
+def test_every_proposal_is_the_drafts_own_greedy_continuation(
+    tiny: tuple[Path, Callable[..., LLMEngine]], tiny_model_dir: Callable[..., Path]
+) -> None:
+    """A random draft of another architecture (Qwen3, same tokenizer) for the tiny Llama: nearly every guess is
+    rejected and rolled back, and each next proposal is still what the draft computes from scratch."""
+    _, engine = tiny
+    draft_dir = tiny_model_dir("qwen3")
+    prompts = [[11 + i, 12, 13, 14, 15, 16, 17, 18] * (1 + i) for i in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, n=1 + (i == 1)) for i in range(3)]
+    ref = run_all(engine(), prompts, params)
+    spec = engine(speculative_config=draft_config(draft_dir, disable_by_batch_size=None))
+    oracle = LLM(str(draft_dir), device="cpu", dtype="float32", max_model_len=512, kv_cache_memory_bytes=16 << 20)
+    checked = check_drafts_against(spec, oracle)
+    same_tokens(run_checked(spec, prompts, params), ref)
+    stats = spec.stats().spec_decode
+    print(stats)
+    assert stats is not None and len(checked) == stats.num_drafts > 10, (len(checked), stats)
+    assert stats.num_accepted_tokens < stats.num_draft_tokens  # rollbacks happened
+
+
 def test_a_full_draft_cache_means_no_drafts(tiny: tuple[Path, Callable[..., LLMEngine]]) -> None:
     """When the draft's own blocks run out a sequence just decodes without drafts: no error, the same output."""
     directory, engine = tiny
@@ -209,6 +258,20 @@ def test_a_full_draft_cache_means_no_drafts(tiny: tuple[Path, Callable[..., LLME
     full, room = spec.stats().spec_decode, roomy.stats().spec_decode
     assert full is not None and room is not None
     assert 0 < full.num_drafts < room.num_drafts, (full, room)
+
+
+def test_llm_takes_a_draft_model(tiny: tuple[Path, Callable[..., LLMEngine]]) -> None:
+    """``LLM(..., speculative_config=...)``: the draft is loaded from its path like the target."""
+    directory, _ = tiny
+    common: dict[str, object] = {"device": "cpu", "dtype": "float32", "max_model_len": 512,
+                                 "kv_cache_memory_bytes": 16 << 20}  # fmt: skip
+    prompts: list[list[int]] = [[11, 12, 13, 14] * 3, [20, 21, 22]]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = LLM(str(directory), **common).generate(prompts, params)
+    llm = LLM(str(directory), **common, speculative_config=draft_config(directory))
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == [o.outputs[0].token_ids for o in plain]
+    stats = llm.engine.stats().spec_decode
+    assert stats is not None and stats.num_accepted_tokens > 0
 
 
 # ---- refusals ---------------------------------------------------------------------------------------------------
