@@ -24,7 +24,7 @@ from ..distributed.pipeline import StageClock, run_pipelined
 from ..distributed.workers import ParallelGroup, WorkerGroup, init_method_for
 from ..kernels import cpu, kv_quant
 from ..kernels.dispatch import get_attention_backend
-from ..models.build import build_model
+from ..models.build import build_model, model_weight_bytes
 from ..quantization.cpu_int4 import cpu_int4_is_fast
 from ..quantization.registry import checkpoint_quant_method, quant_config_for
 from . import cuda_graphs
@@ -284,6 +284,8 @@ class ModelRunner:
         )
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free  # the weights, the CUDA context, other processes
+        if self.draft_model_config is not None:  # a draft model's weights, loaded after this cache is allocated
+            used += model_weight_bytes(self.draft_model_config, self.dtype)
         budget = int(total * config.gpu_memory_utilization) - used - activations - GPU_RESERVE_BYTES
         logger.info(
             "GPU memory: %.1f GiB total, %.1f GiB in use, %.2f GiB peak activations: %.1f GiB for the KV cache",

@@ -44,3 +44,11 @@ def build_model(
         model.load_weights(weights)  # every parameter is covered, or a clear error
     model.process_weights_after_loading()  # each format's repack / online quantization
     return model.eval()
+
+
+def model_weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """The bytes of a one-rank model's parameters in ``dtype`` (counted on the meta device: nothing allocated);
+    an upper bound for a quantized one."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()

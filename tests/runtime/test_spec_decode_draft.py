@@ -5,6 +5,7 @@ the full model as its own draft accepting every guess, and the refusals (another
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.llm_engine import LLMEngine
 from kubellm.runtime.engine.sequence import Sequence
 from kubellm.runtime.llm import LLM
+from kubellm.runtime.models.build import model_weight_bytes
 from kubellm.runtime.models.loader import LoadedModel, load_model
 from kubellm.runtime.outputs import RequestOutput
 from kubellm.runtime.sampling_params import SamplingParams
@@ -272,6 +274,18 @@ def test_llm_takes_a_draft_model(tiny: tuple[Path, Callable[..., LLMEngine]]) ->
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == [o.outputs[0].token_ids for o in plain]
     stats = llm.engine.stats().spec_decode
     assert stats is not None and stats.num_accepted_tokens > 0
+
+
+def test_the_gpu_budget_counts_the_drafts_weights(tiny_model_dir: Callable[..., Path]) -> None:
+    """model_weight_bytes (what a GPU's KV budget leaves for the draft's weights) is the checkpoint's size."""
+    from safetensors import safe_open
+
+    directory = tiny_model_dir("qwen3")
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        size = sum(math.prod(f.get_slice(name).get_shape()) * 4 for name in f.keys())  # noqa: SIM118
+    config = load_model(str(directory), load_format="dummy").config
+    assert model_weight_bytes(config, torch.float32) == size
+    assert model_weight_bytes(config, torch.bfloat16) == size // 2
 
 
 # ---- refusals ---------------------------------------------------------------------------------------------------
