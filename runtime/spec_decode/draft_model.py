@@ -52,8 +52,11 @@ def load_draft_model(
     from ..models.loader import load_model
 
     assert spec.model is not None
-    draft = load_model(spec.model, load_format=config.load_format)
     where = f"speculative_config.model {spec.model!r}"
+    try:
+        draft = load_model(spec.model, load_format=config.load_format)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{where} cannot be loaded: {e}") from e
     check_same_vocabulary(target, draft, where)
     if draft.config.max_position_embeddings < max_model_len:
         raise ValueError(
@@ -78,6 +81,8 @@ def check_same_vocabulary(target: LoadedModel, draft: LoadedModel, where: str) -
         return
     tv, dv = t.backend.get_vocab(with_added_tokens=True), d.backend.get_vocab(with_added_tokens=True)
     if tv == dv:
+        if draft.config.vocab_size < len(dv):
+            raise ValueError(f"{where} has vocab_size {draft.config.vocab_size}, fewer than its tokenizer's {len(dv)}")
         return
     diffs = [f"{tok!r} is {tv[tok]} in the target, {dv.get(tok)} in the draft" for tok in sorted(tv, key=tv.__getitem__)
              if dv.get(tok) != tv[tok]][:3]  # fmt: skip
@@ -99,8 +104,8 @@ class DraftModel:
         self, config: EngineConfig, loaded: LoadedModel, *, num_blocks: int, max_model_len: int, vocab_size: int
     ) -> None:
         """``config``: the target's settings (device, dtype, block size, KV cache dtype); ``num_blocks``: the
-        target's, for the same token capacity; ``vocab_size``: the target's (a padded draft head never proposes
-        past it)."""
+        target's, for the same token capacity; ``vocab_size``: the target's. Heads padded differently (Qwen2.5
+        0.5B has 151936 rows, 7B 152064) share the tokenizer's ids: drafts stay below both sizes."""
         assert config.speculative_config is not None
         draft_config = dataclasses.replace(
             config,
@@ -115,7 +120,7 @@ class DraftModel:
         self.runner = ModelRunner(draft_config, loaded, max_model_len=max_model_len)
         # no prefix caching: a block may hold drafts that are rolled back, and hashed blocks must never change
         self.block_manager = BlockManager(num_blocks, config.block_size, enable_prefix_caching=False)
-        self.vocab_size = vocab_size
+        self.vocab_size = min(vocab_size, loaded.config.vocab_size)  # the ids both models have rows for
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self._states: dict[Sequence, _DraftState] = {}
 
@@ -143,6 +148,8 @@ class DraftModel:
             num_new = min(num_missing, budget)
             if num_new < 1:
                 break
+            if max(shadow.token_ids[shadow.num_computed_tokens :]) >= self.vocab_size:
+                continue  # a padding id of a target with a larger head (its tokenizer has no such token)
             complete = num_new == num_missing
             # slots for the catch-up and the k - 1 drafts fed after it: all or nothing, never an error
             end = shadow.num_computed_tokens + num_new + (k - 1 if complete else 0)

@@ -288,6 +288,38 @@ def test_the_gpu_budget_counts_the_drafts_weights(tiny_model_dir: Callable[..., 
     assert model_weight_bytes(config, torch.bfloat16) == size // 2
 
 
+def test_a_target_with_a_larger_head_than_the_drafts(
+    tiny: tuple[Path, Callable[..., LLMEngine]], tmp_path: Path
+) -> None:
+    """The same tokenizer, the target's head padded by 64 rows: a sequence holding a padding id (no token of the
+    tokenizer, so the draft has no row for it) gets no drafts; the others do, and nothing fails."""
+    import transformers
+
+    directory, _ = tiny
+    config = transformers.AutoConfig.from_pretrained(directory)
+    config.vocab_size += 64
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(directory / name, tmp_path / name)
+    loaded = load_model(str(tmp_path))
+    assert loaded.config.vocab_size == 49152 + 64
+    prompts = [[11, 12, 13, 14] * 3, [11, 12, 13, 49152 + 5]]  # the second ends in a padding id
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 2
+    state = list(loaded.weights or [])
+
+    def target(**kw: object) -> LLMEngine:
+        return make_engine(LoadedModel(loaded.name, loaded.config, iter(state), loaded.tokenizer), max_model_len=512,
+                           **kw)  # fmt: skip
+
+    ref = run_all(target(), prompts, params)
+    spec = target(speculative_config=draft_config(directory))
+    same_tokens(run_checked(spec, prompts, params), ref)
+    stats = spec.stats().spec_decode
+    assert stats is not None and stats.num_drafts > 0
+
+
 # ---- refusals ---------------------------------------------------------------------------------------------------
 def test_a_draft_with_another_vocabulary_is_refused(
     tiny: tuple[Path, Callable[..., LLMEngine]], tmp_path: Path
@@ -311,6 +343,11 @@ def test_draft_model_settings_are_checked() -> None:
         EngineConfig(speculative_config={"method": "ngram", "model": "x"})
     with pytest.raises(ValueError, match=r"draft_model does not support tensor_parallel_size"):
         EngineConfig(speculative_config={"method": "draft_model", "model": "x"}, tensor_parallel_size=2)
+
+
+def test_a_draft_that_cannot_be_loaded_is_refused(smollm2_state: LoadedModel, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"speculative_config\.model '.*nowhere' cannot be loaded: .*no such file"):
+        make_engine(fresh(smollm2_state), speculative_config=draft_config(tmp_path / "nowhere"))
 
 
 def test_a_draft_with_a_shorter_context_is_refused(
