@@ -137,11 +137,13 @@ def test_greedy_identical_with_preemption(
     smollm2_state: LoadedModel, truncated_draft_dir: Path, batch: tuple, reference: list[RequestOutput]
 ) -> None:
     """A cache so small that sequences are preempted (and recomputed): the same tokens, neither cache leaks."""
-    # each sequence needs up to 4 blocks of 16; 7 blocks hold fewer than two of them at once
-    engine = make_engine(fresh(smollm2_state), speculative_config=draft_config(truncated_draft_dir), num_gpu_blocks=7)
+    prompts, params = batch
+    # the passage (5 blocks of 16 by its end) and the n = 2 request (2 blocks per choice) in 6 blocks
+    engine = make_engine(fresh(smollm2_state), speculative_config=draft_config(truncated_draft_dir), num_gpu_blocks=6)
     assert engine.speculator is not None and engine.speculator.draft_model is not None
-    assert engine.speculator.draft_model.block_manager.num_blocks == 7  # as many as the target's
-    same_tokens(run_checked(engine, *batch), reference)
+    assert engine.speculator.draft_model.block_manager.num_blocks == 6  # as many as the target's
+    same_tokens(run_checked(engine, [prompts[0], prompts[2]], [params[0], params[2]]), [reference[0], reference[2]])
+    print(engine.stats())
     assert engine.stats().num_preemptions > 0
     assert engine.stats().spec_decode.num_draft_tokens > 0  # type: ignore[union-attr]
 
