@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -71,3 +72,12 @@ def test_a_bad_speculative_config_is_refused_at_start(spawn_server: Callable[...
     log = proc.log_text()
     proc.log_path.unlink(missing_ok=True)
     assert status != 0 and "lookahead" in log, log[-2000:]
+
+
+def test_a_draft_model_that_is_not_there_is_refused_at_start(tmp_path: Path) -> None:
+    spec = {"method": "draft_model", "model": str(tmp_path / "no-such-draft")}
+    proc = ServerProcess(["--speculative-config", json.dumps(spec)])
+    status = proc.proc.wait(timeout=120)
+    log = proc.log_text()
+    proc.log_path.unlink(missing_ok=True)
+    assert status != 0 and "speculative_config.model" in log and "no-such-draft" in log, log[-2000:]
