@@ -1,5 +1,6 @@
-"""The gateway's HTTP app: the OpenAI routes (routed by their `model` field), /v1/models, probes, /metrics, and
-one JSON log line per request. Startup wires the watches, the load scraper and the forwarder."""
+"""The gateway's HTTP app: the OpenAI routes (routed by their `model` field: an LLMDeployment's served name, or an
+LLMRoute's virtual model, tiers.py), /v1/models, probes, /metrics, and one JSON log line per request. Startup wires
+the watches, the load scraper and the forwarder."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from kubellm.gateway.metrics import GatewayMetrics
 from kubellm.gateway.proxy import Forwarder, RequestRecord
 from kubellm.gateway.scrape import LoadScraper
 from kubellm.gateway.settings import GatewaySettings
+from kubellm.gateway.tiers import serve_route
 
 access_log = logging.getLogger("kubellm.gateway.access")
 log = logging.getLogger("kubellm.gateway")
@@ -66,6 +68,16 @@ class Gateway:
                     on_replace=lambda items, ns=ns: self.registry.replace_models(items, ns),
                     on_event=self.registry.model_event,
                     resync_seconds=self.settings.resync_seconds,
+                )
+            )
+            out.append(
+                Informer(
+                    kube,
+                    f"{LLMD_PATH}{scope}/{contract.LLMROUTE_PLURAL}",
+                    on_replace=lambda items, ns=ns: self.registry.replace_routes(items, ns),
+                    on_event=self.registry.route_event,
+                    resync_seconds=self.settings.resync_seconds,
+                    missing_ok=True,  # a cluster without the LLMRoute CRD: no routes, and the rest still serves
                 )
             )
             out.append(
@@ -126,18 +138,43 @@ class Gateway:
             },
         }
 
+    def _route_card(self, name: str) -> dict[str, Any]:
+        route = self.registry.routes_by_model()[name]
+        tiers = []
+        for tier in route.tiers:
+            model = self.registry.deployment(route.namespace, tier.deployment)
+            ready = len(self.registry.endpoints(model)) if model is not None else 0
+            tiers.append({"name": tier.name, "llmdeployment": tier.deployment, "ready_replicas": ready})
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "kubellm-route",
+            "kubellm": {"namespace": route.namespace, "llmroute": route.name, "tiers": tiers},
+        }
+
+    def _card(self, name: str) -> dict[str, Any] | None:
+        if name in self.registry.by_served_name():
+            return self._model_card(name)
+        if name in self.registry.routes_by_model():
+            return self._route_card(name)
+        return None
+
+    def _known(self) -> list[str]:
+        return sorted({*self.registry.by_served_name(), *self.registry.routes_by_model()})
+
     async def models(self, _: web.Request) -> web.Response:
-        names = sorted(self.registry.by_served_name())
-        return web.json_response({"object": "list", "data": [self._model_card(n) for n in names]})
+        cards = [self._card(n) for n in self._known()]
+        return web.json_response({"object": "list", "data": [c for c in cards if c is not None]})
 
     async def model(self, request: web.Request) -> web.Response:
-        served = request.match_info["name"]
-        if served not in self.registry.by_served_name():
-            return self._unknown(served).response()
-        return web.json_response(self._model_card(served))
+        card = self._card(request.match_info["name"])
+        if card is None:
+            return self._unknown(request.match_info["name"]).response()
+        return web.json_response(card)
 
     def _unknown(self, served: str) -> GatewayError:
-        known = ", ".join(sorted(self.registry.by_served_name())) or "none"
+        known = ", ".join(self._known()) or "none"
         return GatewayError(
             404, f"The model {served!r} does not exist. Known models: {known}.", param="model", code="model_not_found"
         )
@@ -149,6 +186,7 @@ class Gateway:
             response = await self._routed(request, record)
         except GatewayError as exc:
             response = exc.response()
+            response.headers.update(record.headers)
         except asyncio.CancelledError:
             record.status = 499  # the client went away (nginx's code for it)
             raise
@@ -177,7 +215,12 @@ class Gateway:
         record.stream = body.get("stream") is True
         model = self.registry.lookup(served)
         if model is None:
-            raise self._unknown(served)
+            route = self.registry.lookup_route(served)
+            if route is None:
+                raise self._unknown(served)
+            return await serve_route(
+                self.forwarder, self.registry, self.metrics, request, route, body, record, self.settings.prefix_chars
+            )
         key = None
         if model.strategy is Strategy.PREFIX_HASH:
             key = prefix_key(ROUTED[request.path], body, self.settings.prefix_chars)
@@ -191,6 +234,8 @@ class Gateway:
             "id": record.id,
             "route": record.route,
             "model": record.model,
+            "llmroute": record.llm_route,
+            "tier": record.tier,
             "stream": record.stream,
             "status": record.status,
             "replica": record.replica,

@@ -112,7 +112,7 @@ def pick_least(replicas: Sequence[str], loads: Mapping[str, Load], turn: int = 0
     return Pick(best, Decision.LEAST_LOAD)
 
 
-def _text(content: Any) -> str:
+def message_text(content: Any) -> str:
     """A message's content as text: a string, or the text parts of a list of content parts."""
     if isinstance(content, str):
         return content
@@ -134,7 +134,7 @@ def prefix_key(route: str, body: Mapping[str, Any], prefix_chars: int = DEFAULT_
         for message in messages if isinstance(messages, list) else ():
             if not isinstance(message, dict):
                 break
-            parts.append(f"{message.get('role', '')}\n{_text(message.get('content'))}\n")
+            parts.append(f"{message.get('role', '')}\n{message_text(message.get('content'))}\n")
             if message.get("role") == "user":
                 break
         return "".join(parts).encode()

@@ -1,6 +1,7 @@
 """What the gateway knows of the cluster, kept by watches: each LLMDeployment (its served model name, replicas,
-routing strategy) and the Ready runtime pods of each (by the operator's labels; a pod's readiness is its readiness
-probe on the runtime's /ready). Changes wake whoever waits on `changed()` (held requests).
+routing strategy), the Ready runtime pods of each (by the operator's labels; a pod's readiness is its readiness
+probe on the runtime's /ready), and the LLMRoutes (virtual models over tiers of LLMDeployments, route.py).
+Changes wake whoever waits on `changed()` (held requests).
 
 Pods rather than EndpointSlices: the same readiness, one object fewer in between (no endpoint-slice controller
 lag), and what the operator itself reads; it also works where slices cannot carry the pods' addresses (the test
@@ -17,6 +18,7 @@ from typing import Any
 
 from kubellm import contract
 from kubellm.gateway.balance import Strategy
+from kubellm.gateway.route import Route, RouteError, parse_route
 
 log = logging.getLogger("kubellm.gateway.discovery")
 JSON = dict[str, Any]
@@ -99,8 +101,11 @@ class Registry:
     def __init__(self) -> None:
         self.models: dict[tuple[str, str], Model] = {}  # by (namespace, LLMDeployment name)
         self.pods: dict[tuple[str, str], tuple[str, Endpoint | None]] = {}  # by (namespace, pod name)
+        self.routes: dict[tuple[str, str], Route] = {}  # by (namespace, LLMRoute name)
         self._changed = asyncio.Event()
         self._by_name: dict[str, Model] | None = None
+        self._routes_by_model: dict[str, Route] | None = None
+        self._reported: set[tuple[str, str, str]] = set()  # (namespace, route, served name) collisions logged
 
     # -- informer callbacks -----------------------------------------------------------------------------------
 
@@ -117,6 +122,26 @@ class Registry:
             self.models.pop(key, None)
         else:
             self.models[key] = model
+        self._notify()
+
+    def replace_routes(self, items: Iterable[JSON], namespace: str | None = None) -> None:
+        self.routes = {k: r for k, r in self.routes.items() if namespace is not None and k[0] != namespace}
+        for obj in items:
+            self.route_event("ADDED", obj)
+        self._notify()
+
+    def route_event(self, kind: str, obj: JSON) -> None:
+        key = _key(obj)
+        route = None
+        if kind != "DELETED":
+            try:
+                route = parse_route(obj)
+            except RouteError as exc:
+                log.warning("LLMRoute %s/%s is not served: %s", *key, exc)
+        if route is None:
+            self.routes.pop(key, None)
+        else:
+            self.routes[key] = route
         self._notify()
 
     def replace_pods(self, items: Iterable[JSON], namespace: str | None = None) -> None:
@@ -139,6 +164,7 @@ class Registry:
 
     def _notify(self) -> None:
         self._by_name = None
+        self._routes_by_model = None
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -162,6 +188,39 @@ class Registry:
 
     def lookup(self, served_name: str) -> Model | None:
         return self.by_served_name().get(served_name)
+
+    def routes_by_model(self) -> dict[str, Route]:
+        """Virtual model name -> route. A name an LLMDeployment serves stays the LLMDeployment's (the route is
+        logged, once, and not served); two routes of one name: the first by (namespace, name) wins."""
+        if self._routes_by_model is not None:
+            return self._routes_by_model
+        served = self.by_served_name()
+        found: dict[str, Route] = {}
+        for key in sorted(self.routes):
+            route = self.routes[key]
+            if route.model in served:
+                model = served[route.model]
+                if (*key, route.model) not in self._reported:
+                    self._reported.add((*key, route.model))
+                    log.warning(
+                        "LLMRoute %s/%s is not served: its model %r is served by LLMDeployment %s/%s",
+                        *key,
+                        route.model,
+                        *model.key,
+                    )
+                continue
+            if route.model in found:
+                log.debug("LLMRoute %s/%s also names %s: ignored", *key, route.model)
+                continue
+            found[route.model] = route
+        self._routes_by_model = found
+        return found
+
+    def lookup_route(self, model: str) -> Route | None:
+        return self.routes_by_model().get(model)
+
+    def deployment(self, namespace: str, name: str) -> Model | None:
+        return self.models.get((namespace, name))
 
     def endpoints(self, model: Model) -> list[Endpoint]:
         found = [

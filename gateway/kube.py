@@ -27,6 +27,7 @@ log = logging.getLogger("kubellm.gateway.kube")
 
 WATCH_TIMEOUT_SECONDS = 240
 MAX_BACKOFF_SECONDS = 10.0
+MISSING_RETRY_SECONDS = 30.0  # a collection whose CRD is not installed (missing_ok) is listed again this often
 READ_BUFSIZE = 1 << 24  # one watch event is one line: an LLMDeployment with a chat template is large
 
 
@@ -136,17 +137,38 @@ class Informer:
         on_replace: Callable[[list[JSON]], None],
         on_event: Callable[[str, JSON], None],
         resync_seconds: float = 300.0,
+        missing_ok: bool = False,
     ) -> None:
         self.kube, self.path, self.params = kube, path, params or {}
         self.on_replace, self.on_event = on_replace, on_event
         self.resync_seconds = resync_seconds
+        # missing_ok: a 404 on the list (the CRD is not installed) counts as an empty, synced collection.
+        self.missing_ok = missing_ok
         self.synced = asyncio.Event()  # set after the first list
+
+    async def _missing(self, exc: KubeError) -> None:
+        if not self.synced.is_set():
+            log.warning(
+                "%s is not served (%s): taken as empty, listed again every %.0f s",
+                self.path,
+                exc,
+                MISSING_RETRY_SECONDS,
+            )
+        self.on_replace([])
+        self.synced.set()
+        await asyncio.sleep(MISSING_RETRY_SECONDS)
 
     async def run(self) -> None:
         failures = 0
         while True:
             try:
-                items, version = await self.kube.list(self.path, self.params)
+                try:
+                    items, version = await self.kube.list(self.path, self.params)
+                except KubeError as exc:
+                    if not (self.missing_ok and exc.status == 404):
+                        raise
+                    await self._missing(exc)
+                    continue
                 self.on_replace(items)
                 self.synced.set()
                 failures = 0

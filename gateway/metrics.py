@@ -50,8 +50,16 @@ class GatewayMetrics:
         )
         self.retries = Counter(
             "kubellm_gateway_upstream_retries",
-            "Upstream attempts that failed before the first byte and were tried again (connect, unavailable).",
+            "Upstream attempts that failed before the first byte and were tried again (connect, unavailable; "
+            "refused: a 429 from a route's tier, tried on the next tier).",
             ["model_name", "reason"],
+            registry=r,
+        )
+        self.route_decisions = Counter(
+            "kubellm_gateway_route_decisions",
+            "Requests to an LLMRoute, by route (its model name), the tier that served (or was tried last) and reason: "
+            "matched (the tier the rules chose) or fallback (a later tier, the chosen one unavailable or refusing).",
+            ["route", "tier", "reason"],
             registry=r,
         )
         self.wakes = Counter(

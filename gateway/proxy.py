@@ -6,6 +6,10 @@
        └── hold: no ready replica ─▶ count it (bounded: 429), wake a model at zero, wait for a change
                                      (streams: `: waiting for <model>` every keepalive_seconds), 503 past the timeout
 
+A tier of an LLMRoute with a later tier to fall over to (`fall_through`) is never held: with no ready replica (it is
+woken if at zero, for the requests after this one) or a 429 before the first byte, forward returns None and the
+caller tries the next tier. Nothing is retried once a byte went to the client.
+
 A client that goes away cancels the handler (aiohttp's handler_cancellation): a held request leaves its queue, a
 forwarded one closes its upstream connection at once, which is how the runtime learns to abort it.
 """
@@ -67,7 +71,14 @@ class RequestRecord:
     status: int | None = None
     bytes_out: int = 0
     attempt_started: float = 0.0
+    llm_route: str | None = None  # the LLMRoute's model, when the request named one
+    tier: str | None = None  # the route's tier tried last (the one that answered, if one did)
+    headers: dict[str, str] = field(default_factory=dict)  # added to the response (the route tier's)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Refused(Exception):
+    """The replica answered 429 before any byte went to the client, and the request has a next tier."""
 
 
 async def _on_headers_sent(_: aiohttp.ClientSession, ctx: SimpleNamespace, __: Any) -> None:
@@ -154,8 +165,31 @@ class Forwarder:
     # -- forwarding ---------------------------------------------------------------------------------------------
 
     async def forward(
-        self, request: web.Request, model: Model, body: bytes, key: bytes | None, record: RequestRecord
-    ) -> web.StreamResponse:
+        self,
+        request: web.Request,
+        model: Model,
+        body: bytes,
+        key: bytes | None,
+        record: RequestRecord,
+        *,
+        fall_through: bool = False,
+    ) -> web.StreamResponse | None:
+        """The response relayed from a replica of `model` (or its error after a hold); None only with
+        `fall_through`, when the model has no ready replica or refused the request with a 429."""
+        try:
+            return await self._forward(request, model, body, key, record, fall_through)
+        except _Refused:
+            return None
+
+    async def _forward(
+        self,
+        request: web.Request,
+        model: Model,
+        body: bytes,
+        key: bytes | None,
+        record: RequestRecord,
+        fall_through: bool,
+    ) -> web.StreamResponse | None:
         deadline = record.started + self.settings.hold_timeout_seconds
         held_since: float | None = None
         stream_out: web.StreamResponse | None = None  # a held stream's 200, sent with its first keepalive
@@ -175,10 +209,13 @@ class Forwarder:
                         held_since = None
                     ep, choice = self.pick(model, endpoints, key)
                     record.replica, record.decision = ep.id, choice.decision.value
-                    response = await self._attempt(request, ep, model, body, record, stream_out)
+                    response = await self._attempt(request, ep, model, body, record, stream_out, fall_through)
                     if response is not None:
                         return response
                     continue
+                if fall_through:
+                    await self.waker.wake(model)
+                    return None
                 if held_since is None:
                     stack.enter_context(self.holds.hold(model))  # 429 when the model's queue is full
                     held_since = time.monotonic()
@@ -205,12 +242,13 @@ class Forwarder:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), max(0.0, min(wakeups) - now))
                 if record.stream and time.monotonic() >= next_keepalive:
-                    stream_out = stream_out or await self._start_stream(request)
+                    stream_out = stream_out or await self._start_stream(request, record)
                     await stream_out.write(f": waiting for {model.served_name}\n\n".encode())
                     next_keepalive = time.monotonic() + self.settings.keepalive_seconds
 
-    async def _start_stream(self, request: web.Request) -> web.StreamResponse:
-        out = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    async def _start_stream(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **record.headers}
+        out = web.StreamResponse(status=200, headers=headers)
         await out.prepare(request)
         return out
 
@@ -222,8 +260,10 @@ class Forwarder:
         body: bytes,
         record: RequestRecord,
         stream_out: web.StreamResponse | None,
+        fall_through: bool = False,
     ) -> web.StreamResponse | None:
-        """One try on one replica: the relayed response, or None when it failed before anything was answered."""
+        """One try on one replica: the relayed response, or None when it failed before anything was answered;
+        _Refused on a 429 when there is a next tier."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         if request.remote:
             headers["X-Forwarded-For"] = request.remote
@@ -244,6 +284,12 @@ class Forwarder:
                 upstream.release()
                 self._eject(ep, model, "unavailable", record)
                 return None
+            if upstream.status == 429 and fall_through:  # full, or over a rate limit: the next tier may not be
+                await upstream.read()
+                upstream.release()
+                self.metrics.retries.labels(model.served_name, "refused").inc()
+                record.retries += 1
+                raise _Refused
             return await self._relay(request, upstream, ep, record, stream_out)
         finally:
             self.in_flight[ep.url] -= 1
@@ -275,6 +321,7 @@ class Forwarder:
                 if upstream.content_length is not None:
                     out.content_length = upstream.content_length
                 out.headers[REPLICA_HEADER] = ep.id
+                out.headers.update(record.headers)
                 await out.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await out.write(chunk)

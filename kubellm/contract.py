@@ -17,6 +17,8 @@ from kubellm.runtime.config import EngineConfig, engine_config
 LLMD_GROUP: Final = "kubellm.io"
 LLMD_VERSION: Final = "v1alpha1"
 LLMD_PLURAL: Final = "llmdeployments"
+# The LLMRoute API (same group and version): virtual models over tiers of LLMDeployments; only the gateway reads it.
+LLMROUTE_PLURAL: Final = "llmroutes"
 # Set on an LLMDeployment at 0 replicas (any value): the operator scales it to 1 and removes the annotation.
 ANNOTATION_WAKE: Final = f"{LLMD_GROUP}/wake"
 # Labels on every runtime pod the operator creates (the gateway finds an LLMDeployment's pods by them).

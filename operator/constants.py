@@ -14,6 +14,12 @@ PLURAL: Final = contract.LLMD_PLURAL
 SINGULAR: Final = "llmdeployment"
 SHORT_NAME: Final = "llmd"
 CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+# LLMRoute: its CRD is generated here too (crd.py); the gateway is what reads it.
+ROUTE_KIND: Final = "LLMRoute"
+ROUTE_PLURAL: Final = contract.LLMROUTE_PLURAL
+ROUTE_SINGULAR: Final = "llmroute"
+ROUTE_SHORT_NAME: Final = "llmr"
+ROUTE_CRD_NAME: Final = f"{ROUTE_PLURAL}.{GROUP}"
 
 # One field manager for every server-side apply: the operator owns exactly the fields it renders.
 FIELD_MANAGER: Final = "kubellm-operator"

@@ -40,6 +40,9 @@ DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_NAME_LENGTH = 63
 LABEL_KEY_PATTERN = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# The model name clients send (an LLMDeployment's servedModelName, an LLMRoute's model).
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$"
+MAX_SERVED_NAME_LENGTH = 253
 
 
 def _check_quantity(value: int | str) -> int | str:
@@ -169,8 +172,8 @@ class ModelSpec(_Spec):
     served_model_name: str | None = Field(
         default=None,
         min_length=1,
-        max_length=253,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
+        max_length=MAX_SERVED_NAME_LENGTH,
+        pattern=SERVED_NAME_PATTERN,
         description="The model name clients use (default: the LLMDeployment's name).",
     )
 

@@ -36,7 +36,8 @@ def test_default_values_render_a_cluster_wide_operator(helm: Helm) -> None:
         [
             "NetworkPolicy",
             "ServiceAccount",
-            "CustomResourceDefinition",
+            "CustomResourceDefinition",  # LLMDeployment
+            "CustomResourceDefinition",  # LLMRoute
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
@@ -121,19 +122,20 @@ def test_pods_meet_the_restricted_pod_security_standard(helm: Helm) -> None:
             assert set(volume) - {"name"} <= {"emptyDir", "configMap", "secret", "projected", "downwardAPI"}
 
 
+KUBELLM_CRDS = {"llmdeployments.kubellm.io", "llmroutes.kubellm.io"}
+
+
 def test_crds_switch(helm: Helm) -> None:
-    (crd,) = by_kind(helm.render(), "CustomResourceDefinition")
-    assert crd["metadata"]["name"] == "llmdeployments.kubellm.io"
-    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    assert "helm.sh/resource-policy" not in (
-        one(helm.render(set_values=["crds.keep=false"]), "CustomResourceDefinition")["metadata"].get("annotations")
-        or {}
-    )
+    crds = by_kind(helm.render(), "CustomResourceDefinition")
+    assert {c["metadata"]["name"] for c in crds} == KUBELLM_CRDS  # every file of files/crds
+    assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
+    for crd in by_kind(helm.render(set_values=["crds.keep=false"]), "CustomResourceDefinition"):
+        assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
     assert not by_kind(helm.render(set_values=["crds.install=false"]), "CustomResourceDefinition")
     # kopf's peering CRDs live in crds/: helm installs them first, and --include-crds shows them.
     with_crds = by_kind(helm.render(include_crds=True), "CustomResourceDefinition")
     assert {c["metadata"]["name"] for c in with_crds} == {
-        "llmdeployments.kubellm.io",
+        *KUBELLM_CRDS,
         "kopfpeerings.kopf.dev",
         "clusterkopfpeerings.kopf.dev",
     }
@@ -152,11 +154,11 @@ def test_chart_crd_never_drifts_from_the_repository_crds() -> None:
 
 
 def test_rendered_crd_is_the_canonical_one(helm: Helm) -> None:
-    """What helm installs is the canonical CRD, plus only the chart's labels and annotations."""
-    canonical = yaml.safe_load((ROOT / "crds" / "kubellm.io_llmdeployments.yaml").read_text())
-    rendered = one(helm.render(), "CustomResourceDefinition")
-    assert rendered["spec"] == canonical["spec"]
-    assert rendered["metadata"]["name"] == canonical["metadata"]["name"]
+    """What helm installs is each canonical CRD, plus only the chart's labels and annotations."""
+    rendered = {c["metadata"]["name"]: c for c in by_kind(helm.render(), "CustomResourceDefinition")}
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        canonical = yaml.safe_load(path.read_text())
+        assert rendered[canonical["metadata"]["name"]]["spec"] == canonical["spec"], path.name
 
 
 BAD_VALUES = [

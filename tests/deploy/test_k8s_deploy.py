@@ -73,6 +73,10 @@ def release(k8s_cluster: ControlPlane) -> Iterator[dict[str, str]]:
         k8s_cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
+def _canonical_crds() -> list[str]:
+    return [p.read_text() for p in sorted((ROOT / "crds").glob("*.yaml"))]
+
+
 def _install(
     cluster: ControlPlane, helm: Helm, names: dict[str, str], values: list[Path], set_values: list[str]
 ) -> list[dict[str, Any]]:
@@ -81,10 +85,10 @@ def _install(
         values=values, set_values=set_values, release=names["release"], namespace=names["namespace"], include_crds=True
     )
     crds = by_kind(manifests, "CustomResourceDefinition")
-    # The control plane is shared by the whole session: never replace the canonical LLMDeployment CRD with a copy
-    # that drifted from it (test_chart.py reports the drift).
-    canonical = yaml.safe_load((ROOT / "crds" / "kubellm.io_llmdeployments.yaml").read_text())
-    crds = [c for c in crds if c["metadata"]["name"] != canonical["metadata"]["name"] or c["spec"] == canonical["spec"]]
+    # The control plane is shared by the whole session: never replace a canonical CRD (LLMDeployment, LLMRoute) with
+    # a copy that drifted from it (test_chart.py reports the drift).
+    canonical = {c["metadata"]["name"]: c["spec"] for c in map(yaml.safe_load, _canonical_crds())}
+    crds = [c for c in crds if canonical.get(c["metadata"]["name"], c["spec"]) == c["spec"]]
     _establish(cluster, crds)
     rest = [m for m in manifests if m["kind"] != "CustomResourceDefinition"]
     # The namespace warns on pod templates that break `restricted`: the chart must draw no warning at all.

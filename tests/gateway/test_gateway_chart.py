@@ -1,5 +1,5 @@
 """The chart's gateway: rendered only when enabled; two replicas, a PDB, a Service, restricted pods, and RBAC that
-is exactly read LLMDeployments + pods and patch LLMDeployments (the wake), proven enough by running a real
+is exactly read LLMDeployments + LLMRoutes + pods and patch LLMDeployments (the wake), proven enough by running a real
 `kubellm gateway` as that ServiceAccount against the real API server."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from e2e.procs import wait_for
 GATEWAY = "kubellm-gateway"
 RULES = [
     {"apiGroups": ["kubellm.io"], "resources": ["llmdeployments"], "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": ["kubellm.io"], "resources": ["llmroutes"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
 ]
 
@@ -113,9 +114,11 @@ def test_the_gateway_runs_as_its_service_account_and_wakes_a_model(
     applied = k8s_cluster.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(m) for m in manifests))
     assert "PodSecurity" not in applied.stderr, applied.stderr  # the namespace warns on restricted violations
     user = f"system:serviceaccount:{ns}:{GATEWAY}"
-    for verb, resource in [("patch", "llmdeployments.kubellm.io"), ("list", "pods"), ("watch", "pods")]:
+    allowed = [("patch", "llmdeployments.kubellm.io"), ("list", "pods"), ("watch", "pods")]
+    for verb, resource in [*allowed, ("list", "llmroutes.kubellm.io"), ("watch", "llmroutes.kubellm.io")]:
         assert k8s_cluster.kubectl("auth", "can-i", verb, resource, f"--as={user}", "-n", ns).stdout.strip() == "yes"
-    for verb, resource in [("delete", "llmdeployments.kubellm.io"), ("get", "secrets"), ("patch", "pods")]:
+    refused = [("delete", "llmdeployments.kubellm.io"), ("get", "secrets"), ("patch", "pods")]
+    for verb, resource in [*refused, ("patch", "llmroutes.kubellm.io")]:
         answer = k8s_cluster.kubectl("auth", "can-i", verb, resource, f"--as={user}", "-n", ns, check=False)
         assert answer.stdout.strip() == "no", (verb, resource)
 

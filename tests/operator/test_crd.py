@@ -6,25 +6,64 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from kubellm.operator import constants
-from kubellm.operator.crd import build_crd, render_crd
+from kubellm.operator.crd import CRDS, build_crd, build_route_crd, main, render_crd
 from kubellm.operator.spec import LLMDeploymentSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO_ROOT / "crds" / "kubellm.io_llmdeployments.yaml"
+ROUTE_CRD_FILE = REPO_ROOT / "crds" / "kubellm.io_llmroutes.yaml"
 
 
-def _schema() -> dict[str, Any]:
-    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+def _schema(crd: dict[str, Any] | None = None) -> dict[str, Any]:
+    return (crd or build_crd())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
-def test_committed_crd_is_the_generated_one() -> None:
-    assert CRD_FILE.read_text() == render_crd(), (
-        "crds/kubellm.io_llmdeployments.yaml is stale: regenerate it with "
-        "`PYTHONSAFEPATH=1 python -m kubellm.operator.crd --write`"
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_committed_crd_is_the_generated_one(kind: str) -> None:
+    path = CRDS[kind][1]
+    assert path.parent == REPO_ROOT / "crds"
+    assert path.read_text() == render_crd(kind), (
+        f"crds/{path.name} is stale: regenerate it with `PYTHONSAFEPATH=1 python -m kubellm.operator.crd --write`"
     )
+
+
+def test_crd_command_prints_either_kind_and_refuses_others(capsys: Any) -> None:
+    assert main([]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["spec"]["names"]["kind"] == "LLMDeployment"
+    assert main(["--kind", "llmroute"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["spec"]["names"]["kind"] == "LLMRoute"
+    assert main(["--kind", "llmwhat"]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_route_crd_names_and_columns() -> None:
+    crd = yaml.safe_load(ROUTE_CRD_FILE.read_text())
+    assert crd["metadata"]["name"] == "llmroutes.kubellm.io"
+    spec = crd["spec"]
+    assert (spec["group"], spec["scope"]) == ("kubellm.io", "Namespaced")
+    assert spec["names"]["kind"] == "LLMRoute" and spec["names"]["shortNames"] == ["llmr"]
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert "subresources" not in version  # the gateway reads routes and writes nothing back
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns == {"Model": ".spec.model", "Tiers": ".spec.tiers[*].name", "Age": ".metadata.creationTimestamp"}
+    route = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert route["required"] == ["model", "tiers"]
+    tiers = route["properties"]["tiers"]
+    assert (tiers["minItems"], tiers["maxItems"]) == (1, 8)
+    when = tiers["items"]["properties"]["when"]
+    assert "default" not in when  # absent `when`: a default tier
+    assert set(when["properties"]) == {
+        "minPromptTokens",
+        "maxPromptTokens",
+        "maxRequestedTokens",
+        "tools",
+        "lastUserMessageRegex",
+    }
 
 
 def test_names_subresources_and_columns() -> None:
@@ -61,10 +100,11 @@ def _walk(schema: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any]]]
     return out
 
 
-def test_schema_is_structural() -> None:
+@pytest.mark.parametrize("build", [build_crd, build_route_crd], ids=["llmdeployment", "llmroute"])
+def test_schema_is_structural(build: Any) -> None:
     """The rules the API server enforces for structural schemas (it would refuse the CRD otherwise), checked
     here so a model change fails fast, without a cluster."""
-    for path, node in _walk(_schema(), "root"):
+    for path, node in _walk(_schema(build()), "root"):
         int_or_string = node.get("x-kubernetes-int-or-string")
         assert "type" in node or int_or_string, f"{path}: no type"
         assert "$ref" not in node and "allOf" not in node and "oneOf" not in node, path
