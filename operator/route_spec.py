@@ -31,7 +31,8 @@ MAX_TOKENS_BOUND = 10_000_000
 # A regex the API server cannot compile makes `matches` fail to evaluate, on both sides of the `||`: the object is
 # refused. (RE2 is what the API server compiles; the gateway uses Python's `re`, which reads RE2's common syntax the
 # same way; a pattern only RE2 reads, such as \pL, is reported by the gateway and the route is not served.)
-_REGEX_COMPILES = "''.matches(self.lastUserMessageRegex) || !''.matches(self.lastUserMessageRegex)"
+# The rule sits on the field itself, so the refusal names it (an evaluation error ignores fieldPath).
+_REGEX_COMPILES = "''.matches(self) || !''.matches(self)"
 
 
 class TierRules(_Spec):
@@ -45,12 +46,6 @@ class TierRules(_Spec):
                     "self.minPromptTokens <= self.maxPromptTokens",
                     "minPromptTokens must be <= maxPromptTokens",
                     ".minPromptTokens",
-                ),
-                cel_when(
-                    ("lastUserMessageRegex",),
-                    _REGEX_COMPILES,
-                    "lastUserMessageRegex must be a valid regular expression (RE2 syntax)",
-                    ".lastUserMessageRegex",
                 ),
             ]
         }
@@ -76,6 +71,11 @@ class TierRules(_Spec):
         max_length=MAX_REGEX_LENGTH,
         description="A regular expression found (searched, not anchored) in the last user message's text "
         "(completions: the prompt).",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(_REGEX_COMPILES, "lastUserMessageRegex must be a valid regular expression (RE2 syntax)")
+            ]
+        },
     )
 
     @model_validator(mode="after")

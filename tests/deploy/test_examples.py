@@ -61,6 +61,38 @@ def test_references_inside_an_example_resolve(path: Path) -> None:
             assert f"kubectl create secret generic {secret}" in header, f"{path.name} never says how to create {secret}"
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_llmroute_is_valid_and_its_tiers_name_llmdeployments_of_the_file(path: Path) -> None:
+    from kubellm.gateway.route import parse_route
+    from kubellm.operator import constants
+    from kubellm.operator.route_spec import parse_route_spec
+
+    names = {d["metadata"]["name"] for d in _llmds(path)}
+    for route in (d for d in _docs(path) if d["kind"] == constants.ROUTE_KIND):
+        assert route["apiVersion"] == constants.API_VERSION
+        spec = parse_route_spec(route["spec"])
+        assert {t.deployment for t in spec.tiers} <= names, f"{path.name}: a tier names an LLMDeployment not in it"
+        assert parse_route({**route, "metadata": {**route["metadata"], "namespace": "x"}}) is not None  # the gateway's
+
+
+def test_an_example_routes_by_complexity() -> None:
+    from kubellm.gateway.route import features, parse_route
+
+    (route,) = [d for d in _docs(ROOT / "examples" / "llmroute-tiers.yaml") if d["kind"] == "LLMRoute"]
+    parsed = parse_route(route)
+    assert parsed is not None
+
+    def tier(text: str, **extra: object) -> str:
+        chosen = parsed.choose(features("chat", {"messages": [{"role": "user", "content": text}], **extra}))
+        assert chosen is not None
+        return parsed.tiers[chosen].name
+
+    assert tier("Hi, how are you?", max_tokens=100) == "small"
+    assert tier("Hi, how are you?") == "large"
+    assert tier("Why does this Python code fail?", max_tokens=100) == "code"
+    assert tier("Hi " * 2000, max_tokens=100) == "large"
+
+
 def test_the_cpu_demo_runs_the_image_kind_up_builds() -> None:
     """The demo serves the bundled model on CPUs, from the CPU image hack/kind-up.sh builds and loads into kind."""
     (demo,) = _llmds(ROOT / "examples" / "smollm2-cpu.yaml")

@@ -11,110 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.gateway_process import GatewayProcess
-from e2e.kubelet import RuntimeKubelet
-from e2e.observer import GROUP, PLURAL, VERSION
+from e2e.gateway_harness import create_llmd, get_llmd, harness, llmd_spec, served_models
 from e2e.operator_process import OperatorProcess
-from e2e.procs import marked_processes, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
 HELD = "kubellm_gateway_held_requests"
 WAKE = "kubellm.io/wake"
-
-
-def _spec(served_name: str, replicas: int = 1, **extra: Any) -> dict[str, Any]:
-    """SmolLM2 on the CPU, two sequences at a time, a small KV cache."""
-    return {
-        "model": {"source": "builtin:smollm2-135m-instruct", "maxModelLen": 512, "servedModelName": served_name},
-        "replicas": replicas,
-        "resources": {"gpus": 0},
-        "engine": {
-            "maxNumSeqs": 2,
-            "maxNumBatchedTokens": 256,
-            "extraArgs": ["--device", "cpu", "--kv-cache-memory", str(64 * 1024 * 1024)],
-        },
-        **extra,
-    }
-
-
-def _create(api: Any, namespace: str, name: str, spec: dict[str, Any]) -> None:
-    from kubernetes import client
-
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMDeployment", "metadata": {"name": name}, "spec": spec}
-    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-
-
-def _get(api: Any, namespace: str, name: str) -> dict[str, Any]:
-    from kubernetes import client
-
-    obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name
-    )
-    return obj
-
-
-def _models(gateway: GatewayProcess) -> dict[str, dict[str, Any]]:
-    with urllib.request.urlopen(f"{gateway.url}/v1/models", timeout=5) as r:
-        return {m["id"]: m for m in json.load(r)["data"]}
-
-
-class Harness:
-    """The pieces of one test, with a wait that reports all their logs when it times out."""
-
-    def __init__(self, gateway: GatewayProcess, operator: OperatorProcess, kubelets: list[RuntimeKubelet]) -> None:
-        self.gateway, self.operator, self.kubelets = gateway, operator, kubelets
-
-    def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-        def checked() -> Any:
-            for kubelet in self.kubelets:
-                kubelet.check()
-            return predicate()
-
-        try:
-            return wait_for(checked, timeout=timeout, what=what, interval=0.2)
-        except AssertionError as exc:
-            reports = "\n".join(k.report() for k in self.kubelets)
-            raise AssertionError(
-                f"{exc}\n--- gateway\n{self.gateway.log_tail()}\n--- kubelets\n{reports}\n"
-                f"--- operator\n{self.operator.log_tail()}"
-            ) from None
-
-
-@contextmanager
-def _harness(
-    k8s_cluster: Any,
-    namespace: str,
-    run_tag: str,
-    operator: OperatorProcess,
-    tmp_path: Path,
-    instances: list[str],
-    *gateway_args: str,
-) -> Iterator[tuple[Harness, Any]]:
-    api = k8s_cluster.api_client()
-    env = {**k8s_cluster.env(), "KUBELLM_E2E_RUN": f"{run_tag}-gateway"}
-    gateway = GatewayProcess(namespace, env, tmp_path / "gateway.log", *gateway_args)
-    kubelets = [
-        RuntimeKubelet(api, namespace, name, tmp_path, k8s_cluster.env(), tag=f"{run_tag}-runtime", max_pods=2)
-        for name in instances
-    ]
-    with ExitStack() as stack:
-        for kubelet in kubelets:
-            stack.enter_context(kubelet)
-        stack.callback(gateway.stop)
-        gateway.start()
-        yield Harness(gateway, operator, kubelets), api
-    api.close()
-    assert marked_processes(f"{run_tag}-gateway") == [], "the gateway outlived the test"
 
 
 def test_routes_two_models_by_name_and_drops_a_replica_gone_not_ready(
@@ -124,12 +32,12 @@ def test_routes_two_models_by_name_and_drops_a_replica_gone_not_ready(
     from kubernetes import client
 
     ns = k8s_namespace
-    with _harness(
+    with harness(
         k8s_cluster, ns, run_tag, e2e_operator, tmp_path, ["alpha", "beta"], "--hold-timeout-seconds", "3"
     ) as (h, api):
-        _create(api, ns, "alpha", _spec("alpha-chat"))
-        _create(api, ns, "beta", _spec("beta-chat", routing={"strategy": "LeastLoad"}))
-        h.wait(lambda: set(_models(h.gateway)) == {"alpha-chat", "beta-chat"}, 60, "both models in /v1/models")
+        create_llmd(api, ns, "alpha", llmd_spec("alpha-chat"))
+        create_llmd(api, ns, "beta", llmd_spec("beta-chat", routing={"strategy": "LeastLoad"}))
+        h.wait(lambda: set(served_models(h.gateway)) == {"alpha-chat", "beta-chat"}, 60, "both models in /v1/models")
         h.wait(lambda: all(k.serving() for k in h.kubelets), 240, "both runtimes to serve")
         oai = openai.OpenAI(base_url=f"{h.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
         assert {m.id for m in oai.models.list().data} == {"alpha-chat", "beta-chat"}
@@ -168,7 +76,11 @@ def test_routes_two_models_by_name_and_drops_a_replica_gone_not_ready(
             alpha_pod.name, ns, {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}
         )
         started = time.monotonic()
-        h.wait(lambda: _models(h.gateway)["alpha-chat"]["kubellm"]["ready_replicas"] == 0, 10, "alpha's endpoint gone")
+        h.wait(
+            lambda: served_models(h.gateway)["alpha-chat"]["kubellm"]["ready_replicas"] == 0,
+            10,
+            "alpha's endpoint gone",
+        )
         print(f"NotReady -> out of the gateway in {time.monotonic() - started:.2f} s")
         with pytest.raises(openai.APIStatusError) as unavailable:
             oai.completions.create(model="alpha-chat", prompt="Hello", max_tokens=4)
@@ -198,17 +110,17 @@ def test_scale_from_zero_holds_the_stream_until_the_operator_wakes_the_model(
     import openai
 
     ns = k8s_namespace
-    spec = _spec(
+    spec = llmd_spec(
         "sleepy-chat",
         replicas=0,
         autoscaling={"enabled": True, "minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfterSeconds": 3600},
     )
     args = ("--keepalive-seconds", "0.5", "--max-held-per-model", "1", "--hold-timeout-seconds", "300")
-    with _harness(k8s_cluster, ns, run_tag, e2e_operator, tmp_path, ["sleepy"], *args) as (h, api):
+    with harness(k8s_cluster, ns, run_tag, e2e_operator, tmp_path, ["sleepy"], *args) as (h, api):
         (kubelet,) = h.kubelets
         kubelet.hold()  # the woken pod's runtime waits (an image pull) until release()
-        _create(api, ns, "sleepy", spec)
-        h.wait(lambda: "sleepy-chat" in _models(h.gateway), 60, "the model at zero in /v1/models")
+        create_llmd(api, ns, "sleepy", spec)
+        h.wait(lambda: "sleepy-chat" in served_models(h.gateway), 60, "the model at zero in /v1/models")
         gateway = h.gateway
 
         async def one_held_one_refused() -> tuple[list[bytes], int, str | None]:
@@ -233,10 +145,12 @@ def test_scale_from_zero_holds_the_stream_until_the_operator_wakes_the_model(
         # The held client went away: nothing is left queued.
         h.wait(lambda: gateway.metric(HELD, model_name="sleepy-chat") == 0, 10, "the held count back to 0")
         # The held request woke the model: the operator scaled 0 -> 1 and removed the annotation.
-        woken = h.wait(lambda: (o := _get(api, ns, "sleepy"))["spec"]["replicas"] == 1 and o, 30, "a wake to 1")
+        woken = h.wait(lambda: (o := get_llmd(api, ns, "sleepy"))["spec"]["replicas"] == 1 and o, 30, "a wake to 1")
         assert gateway.metric("kubellm_gateway_wakes_total", model_name="sleepy-chat") >= 1
         h.wait(
-            lambda: WAKE not in (_get(api, ns, "sleepy")["metadata"].get("annotations") or {}), 30, "annotation gone"
+            lambda: WAKE not in (get_llmd(api, ns, "sleepy")["metadata"].get("annotations") or {}),
+            30,
+            "annotation gone",
         )
         assert woken["spec"]["replicas"] == 1
 
@@ -286,11 +200,11 @@ def test_same_prefix_sticks_to_one_replica_until_the_load_bound_spills_it(
     import openai
 
     ns = k8s_namespace
-    with _harness(k8s_cluster, ns, run_tag, e2e_operator, tmp_path, ["duo"]) as (h, api):
+    with harness(k8s_cluster, ns, run_tag, e2e_operator, tmp_path, ["duo"]) as (h, api):
         (kubelet,) = h.kubelets
-        _create(api, ns, "duo", _spec("duo-chat", replicas=2))
+        create_llmd(api, ns, "duo", llmd_spec("duo-chat", replicas=2))
         h.wait(lambda: len(kubelet.serving()) == 2, 300, "both replicas to serve")
-        h.wait(lambda: _models(h.gateway)["duo-chat"]["kubellm"]["ready_replicas"] == 2, 30, "two endpoints")
+        h.wait(lambda: served_models(h.gateway)["duo-chat"]["kubellm"]["ready_replicas"] == 2, 30, "two endpoints")
         oai = openai.OpenAI(base_url=f"{h.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
         system = {"role": "system", "content": "You answer in one word."}
 
