@@ -44,14 +44,15 @@ class KubeConfig:
     authorization: Callable[[], str | None]
 
     @classmethod
-    def load(cls) -> KubeConfig:
+    def load(cls, kubeconfig: str | None = None) -> KubeConfig:
+        """In a pod: its service account; else `kubeconfig`, default $KUBECONFIG (or ~/.kube/config)."""
         from kubernetes import client, config
 
         cfg = client.Configuration()
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config(client_configuration=cfg)
         else:
-            config.load_kube_config(client_configuration=cfg)
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         context: ssl.SSLContext | bool = False
         if cfg.verify_ssl:
             context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)

@@ -11,6 +11,7 @@ gone (then its wake, and its return).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
@@ -129,6 +130,32 @@ def test_the_gateway_follows_routes_by_watch_and_an_llmdeployment_keeps_its_name
     finally:
         gateway.stop()
         api.close()
+
+
+async def test_a_collection_the_api_server_does_not_serve_is_empty_and_synced(
+    k8s_cluster: Any, k8s_namespace: str
+) -> None:
+    """A cluster without the LLMRoute CRD (installed without the chart's CRDs): the routes' informer takes the 404 as
+    no routes, so the gateway still gets ready and serves its LLMDeployments."""
+    from kubellm.gateway.kube import Informer, Kube, KubeConfig
+
+    kube = Kube(KubeConfig.load(str(k8s_cluster.kubeconfig)))
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{k8s_namespace}/nothings"
+    replaced: list[list[Any]] = []
+    informers = [
+        Informer(kube, path, on_replace=replaced.append, on_event=lambda *_: None, missing_ok=missing_ok)
+        for missing_ok in (True, False)
+    ]
+    tasks = [asyncio.create_task(i.run()) for i in informers]
+    try:
+        await asyncio.wait_for(informers[0].synced.wait(), 10)
+        assert replaced == [[]]
+        assert not informers[1].synced.is_set()  # without missing_ok a 404 is an error, retried with backoff
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await kube.close()
 
 
 def _successes(url: str) -> float:
