@@ -150,7 +150,12 @@ class Gateway:
             "object": "model",
             "created": 0,
             "owned_by": "kubellm-route",
-            "kubellm": {"namespace": route.namespace, "llmroute": route.name, "tiers": tiers},
+            "kubellm": {
+                "namespace": route.namespace,
+                "llmroute": route.name,
+                "tiers": tiers,
+                "classifier": route.classifier.deployment if route.classifier else None,
+            },
         }
 
     def _card(self, name: str) -> dict[str, Any] | None:

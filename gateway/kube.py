@@ -27,6 +27,7 @@ log = logging.getLogger("kubellm.gateway.kube")
 
 WATCH_TIMEOUT_SECONDS = 240
 MAX_BACKOFF_SECONDS = 10.0
+BUSY_RETRY_SECONDS = 1.0  # after a 429 (the API server's usual retryAfterSeconds)
 MISSING_RETRY_SECONDS = 30.0  # a collection whose CRD is not installed (missing_ok) is listed again this often
 READ_BUFSIZE = 1 << 24  # one watch event is one line: an LLMDeployment with a chat template is large
 
@@ -177,6 +178,12 @@ class Informer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if isinstance(exc, KubeError) and exc.status == 429:
+                    # The API server asks for a moment (a CRD's storage (re)initializing, priority and fairness):
+                    # a retry it expects, not a failure.
+                    log.info("%s: the API server is busy (429); listing again in %.1f s", self.path, BUSY_RETRY_SECONDS)
+                    await asyncio.sleep(BUSY_RETRY_SECONDS)
+                    continue
                 failures += 1
                 delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** min(failures, 5))
                 log.warning("watching %s failed (%s); listing again in %.1f s", self.path, exc, delay)

@@ -58,8 +58,16 @@ class GatewayMetrics:
         self.route_decisions = Counter(
             "kubellm_gateway_route_decisions",
             "Requests to an LLMRoute, by route (its model name), the tier that served (or was tried last) and reason: "
-            "matched (the tier the rules chose) or fallback (a later tier, the chosen one unavailable or refusing).",
+            "matched (the first tier whose rules hold), classified (the one the classifier chose among them) or "
+            "fallback (a later tier, the chosen one unavailable or refusing).",
             ["route", "tier", "reason"],
+            registry=r,
+        )
+        self.classifier_calls = Counter(
+            "kubellm_gateway_route_classifier_calls",
+            "Calls to a route's classifier, by route and outcome: chosen (it named a tier), unavailable (no ready "
+            "replica), failed (an error, a timeout or an answer that is no tier's name).",
+            ["route", "outcome"],
             registry=r,
         )
         self.wakes = Counter(

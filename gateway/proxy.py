@@ -153,7 +153,7 @@ class Forwarder:
         self.metrics.decisions.labels(model.served_name, model.strategy.value, choice.decision.value).inc()
         return by_id[choice.replica], choice
 
-    def _ready(self, model: Model) -> list[Endpoint]:
+    def ready(self, model: Model) -> list[Endpoint]:
         now = time.monotonic()
         return [ep for ep in self.registry.endpoints(model) if self.ejected.get(ep.url, 0.0) <= now]
 
@@ -200,7 +200,7 @@ class Forwarder:
                 if current is None:
                     raise GatewayError(404, f"model {model.served_name!r} was deleted", param="model")
                 model = current
-                endpoints = self._ready(model)
+                endpoints = self.ready(model)
                 if endpoints:
                     if held_since is not None:
                         record.held_seconds = time.monotonic() - held_since

@@ -1,15 +1,18 @@
 """LLMRoutes: a virtual model name over ordered tiers of LLMDeployments, and the tier each request goes to.
 
     request ─▶ Features (prompt tokens, estimated; requested max tokens; tools or not; the last user message)
-            ─▶ choose: the first tier whose rules all hold (a tier without rules: every request)
+            ─▶ candidates: the tiers whose rules all hold (a tier without rules: every request)
+            ─▶ choose: the first candidate, or, with a classifier and several candidates, the one it names
+               (tiers.py asks it; it failing or slow: the first)
             ─▶ tiers_from(choice): that tier, then each later one in order (the proxy falls over along them while
                a tier has no ready replica or answers 429 before the first byte)
 
 Prompt length: the gateway has no tokenizer (it never imports the runtime), so it estimates: the characters of what
 the chat template is fed (each message's role and text, the tools' JSON) divided by CHARS_PER_TOKEN, rounded up;
 token-id prompts are counted exactly. Measured on SmolLM2's tokenizer (tests/gateway/test_route.py measures it
-again): 2.6 (German prose) to 4.6 (YAML) characters per token, 3.3-3.9 for English prose and markdown. 3.5 sits
-inside that band and errs toward more tokens for English, so a long prompt does not slip into a small tier.
+again): 5.0 characters per token for plain English prose, 3.9 for a short question, 3.2-3.3 for code, YAML and
+markdown, 2.6 for German. 4 (the usual rule of thumb) keeps English, code and configuration within about 25% of the
+true count; what matters is telling a short question from a long document, which differ far more than that.
 
 The object was validated at admission (the CRD's schema and CEL, operator/route_spec.py); the gateway parses it
 again for what it uses and refuses (logs, does not serve) a route whose regex Python cannot compile.
@@ -29,7 +32,7 @@ from typing import Any
 from kubellm.gateway.balance import message_text
 
 JSON = dict[str, Any]
-CHARS_PER_TOKEN = 3.5
+CHARS_PER_TOKEN = 4.0
 
 
 class RouteError(ValueError):
@@ -75,6 +78,14 @@ class Tier:
     name: str
     deployment: str  # an LLMDeployment in the route's namespace
     rules: Rules
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Classifier:
+    deployment: str  # an LLMDeployment in the route's namespace
+    instructions: str
+    timeout_seconds: float
 
 
 @dataclass(frozen=True)
@@ -83,17 +94,30 @@ class Route:
     name: str
     model: str  # the virtual model name clients send
     tiers: tuple[Tier, ...]
+    classifier: Classifier | None = None
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
 
+    def candidates(self, features: Features) -> list[int]:
+        """The indices of the tiers whose rules hold, in order."""
+        return [i for i, tier in enumerate(self.tiers) if tier.rules.matches(features)]
+
     def choose(self, features: Features) -> int | None:
         """The index of the first tier whose rules hold; None when none does (the route has no default tier)."""
-        for i, tier in enumerate(self.tiers):
-            if tier.rules.matches(features):
-                return i
-        return None
+        return next(iter(self.candidates(features)), None)
+
+
+DEFAULT_INSTRUCTIONS = "Choose the tier that should answer the user's message: the smallest one able to answer it well."
+CLASSIFIER_MAX_CHARS = 1000  # of the user's message: the classifier is a small model, its context short
+
+
+def classifier_messages(classifier: Classifier, tiers: list[Tier], text: str) -> list[JSON]:
+    """The chat the classifier answers with one of the tiers' names (the request constrains it to them)."""
+    listing = "\n".join(f"- {t.name}: {t.description or 'no description'}" for t in tiers)
+    system = f"{classifier.instructions}\nTiers:\n{listing}\nAnswer with the tier's name only."
+    return [{"role": "system", "content": system}, {"role": "user", "content": text[:CLASSIFIER_MAX_CHARS]}]
 
 
 _RULE_FIELDS = {
@@ -132,6 +156,20 @@ def _rules(when: Any, where: str) -> Rules:
     return Rules(**values)
 
 
+def _classifier(spec: Any) -> Classifier | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("deployment"), str):
+        raise RouteError("spec.classifier must name a deployment")
+    unknown = sorted(set(spec) - {"deployment", "instructions", "timeoutSeconds"})
+    if unknown:
+        raise RouteError(f"spec.classifier.{unknown[0]} is not a field this gateway supports")
+    timeout = spec.get("timeoutSeconds", 2.0)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        raise RouteError("spec.classifier.timeoutSeconds must be a number > 0")
+    return Classifier(spec["deployment"], str(spec.get("instructions") or DEFAULT_INSTRUCTIONS), float(timeout))
+
+
 def parse_route(obj: JSON) -> Route | None:
     """The route of one LLMRoute object; None while it is being deleted; RouteError naming the field it cannot
     serve."""
@@ -149,10 +187,12 @@ def parse_route(obj: JSON) -> Route | None:
         where = f"spec.tiers[{i}]"
         if not isinstance(tier, dict) or not tier.get("name") or not tier.get("deployment"):
             raise RouteError(f"{where} must have a name and a deployment")
-        parsed.append(Tier(str(tier["name"]), str(tier["deployment"]), _rules(tier.get("when"), f"{where}.when")))
+        rules = _rules(tier.get("when"), f"{where}.when")
+        parsed.append(Tier(str(tier["name"]), str(tier["deployment"]), rules, str(tier.get("description") or "")))
     if len({t.name for t in parsed}) != len(parsed):
         raise RouteError("spec.tiers[].name must be unique")
-    return Route(str(meta.get("namespace", "")), str(meta.get("name", "")), model, tuple(parsed))
+    namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+    return Route(namespace, name, model, tuple(parsed), _classifier(spec.get("classifier")))
 
 
 # -- what a request looks like to the rules ---------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Serve one request to an LLMRoute: choose its tier (route.py), then forward along the tiers from that one.
+"""Serve one request to an LLMRoute: choose its tier (route.py; with a classifier and several tiers whose rules
+hold, the classifier names one of them), then forward along the tiers from that one.
 
     chosen tier ─▶ forward(fall_through) ── None: no ready replica (woken if at zero) or a 429 ──▶ next tier ...
                                                                                                   last tier ─▶ forward
@@ -12,8 +13,10 @@ the response says which tier and LLMDeployment answered (headers), the metrics c
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from kubellm.gateway.balance import Strategy, prefix_key
@@ -21,8 +24,9 @@ from kubellm.gateway.discovery import Registry
 from kubellm.gateway.errors import GatewayError
 from kubellm.gateway.metrics import GatewayMetrics
 from kubellm.gateway.proxy import Forwarder, RequestRecord
-from kubellm.gateway.route import Route, features
+from kubellm.gateway.route import Route, Tier, classifier_messages, features
 
+log = logging.getLogger("kubellm.gateway.tiers")
 TIER_HEADER = "x-kubellm-route-tier"
 DEPLOYMENT_HEADER = "x-kubellm-route-deployment"
 
@@ -38,6 +42,44 @@ def _no_tier(route: Route, kind: str, body: dict[str, Any]) -> GatewayError:
     )
 
 
+async def classify(
+    forwarder: Forwarder, registry: Registry, metrics: GatewayMetrics, route: Route, tiers: list[Tier], text: str
+) -> int | None:
+    """The index in `tiers` the route's classifier names; None when it is unavailable, fails or is slow (woken if at
+    zero, for the requests after this one)."""
+    assert route.classifier is not None
+    model = registry.deployment(route.namespace, route.classifier.deployment)
+    endpoints = forwarder.ready(model) if model is not None else []
+    if model is None or not endpoints:
+        if model is not None:
+            await forwarder.waker.wake(model)
+        metrics.classifier_calls.labels(route.model, "unavailable").inc()
+        return None
+    endpoint, _ = forwarder.pick(model, endpoints, None)
+    names = [t.name for t in tiers]
+    body = {
+        "model": model.served_name,
+        "messages": classifier_messages(route.classifier, tiers, text),
+        "structured_outputs": {"choice": names},
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    timeout = aiohttp.ClientTimeout(total=route.classifier.timeout_seconds)
+    try:
+        async with forwarder.session().post(
+            f"{endpoint.url}/v1/chat/completions", json=body, timeout=timeout, headers={"Accept-Encoding": "identity"}
+        ) as r:
+            r.raise_for_status()
+            answer = str((await r.json())["choices"][0]["message"]["content"]).strip()
+        chosen = names.index(answer)
+    except (aiohttp.ClientError, TimeoutError, LookupError, TypeError, ValueError) as exc:
+        log.warning("the classifier of %s (%s) failed: %r; the rules decide", route.model, model.name, exc)
+        metrics.classifier_calls.labels(route.model, "failed").inc()
+        return None
+    metrics.classifier_calls.labels(route.model, "chosen").inc()
+    return chosen
+
+
 async def serve_route(
     forwarder: Forwarder,
     registry: Registry,
@@ -50,9 +92,16 @@ async def serve_route(
 ) -> web.StreamResponse:
     kind = "chat" if isinstance(body.get("messages"), list) else "completions"
     record.llm_route = route.model
-    chosen = route.choose(features(kind, body))
-    if chosen is None:
+    request_features = features(kind, body)
+    candidates = route.candidates(request_features)
+    if not candidates:
         raise _no_tier(route, kind, body)
+    chosen, first = candidates[0], "matched"
+    if route.classifier is not None and len(candidates) > 1:
+        options = [route.tiers[i] for i in candidates]
+        picked = await classify(forwarder, registry, metrics, route, options, request_features.last_user_text)
+        if picked is not None:
+            chosen, first = candidates[picked], "classified"
     tiers = [
         (i, tier, model)
         for i, tier in enumerate(route.tiers)
@@ -65,10 +114,10 @@ async def serve_route(
             f"no tier of {route.model!r} can serve: LLMDeployment(s) {missing} not found in {route.namespace}",
             code="model_unavailable",
         )
-    reason = "matched"
+    reason = first
     try:
         for n, (i, tier, model) in enumerate(tiers):
-            record.tier, reason = tier.name, "matched" if i == chosen else "fallback"
+            record.tier, reason = tier.name, first if i == chosen else "fallback"
             record.headers = {TIER_HEADER: tier.name, DEPLOYMENT_HEADER: model.name}
             upstream = json.dumps({**body, "model": model.served_name}).encode()
             key = prefix_key(kind, body, prefix_chars) if model.strategy is Strategy.PREFIX_HASH else None

@@ -27,6 +27,7 @@ TIER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_TIERS = 8
 MAX_REGEX_LENGTH = 1024
 MAX_TOKENS_BOUND = 10_000_000
+MAX_INSTRUCTIONS_LENGTH = 4096
 
 # A regex the API server cannot compile makes `matches` fail to evaluate, on both sides of the `||`: the object is
 # refused. (RE2 is what the API server compiles; the gateway uses Python's `re`, which reads RE2's common syntax the
@@ -91,6 +92,27 @@ class TierRules(_Spec):
         return self
 
 
+class ClassifierSpec(_Spec):
+    """A small LLMDeployment asked to choose among the tiers whose rules a request meets (structured output
+    `choice` over their names, shown with their descriptions); unavailable, failing or slow: the first of them."""
+
+    deployment: str = Field(
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        pattern=DNS1035_LABEL,
+        description="The LLMDeployment that classifies, in the LLMRoute's namespace.",
+    )
+    instructions: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_INSTRUCTIONS_LENGTH,
+        description="The system prompt it gets before the tiers' list (default: choose the tier that should answer).",
+    )
+    timeout_seconds: float = Field(
+        default=2.0, gt=0.0, le=60.0, description="Past this the rules decide alone (the first matching tier)."
+    )
+
+
 class RouteTier(_Spec):
     name: str = Field(
         min_length=1,
@@ -106,6 +128,9 @@ class RouteTier(_Spec):
     )
     when: TierRules | None = Field(
         default=None, description="The rules under which this tier serves; absent: every request (a default tier)."
+    )
+    description: str | None = Field(
+        default=None, min_length=1, max_length=1024, description="What this tier is for, as the classifier reads it."
     )
 
 
@@ -134,6 +159,9 @@ class LLMRouteSpec(_Spec):
     )
     tiers: list[RouteTier] = Field(
         min_length=1, max_length=MAX_TIERS, description="Ordered tiers: the first whose rules match serves."
+    )
+    classifier: ClassifierSpec | None = Field(
+        default=None, description="Optional: a model that chooses among the tiers whose rules match."
     )
 
     @model_validator(mode="after")

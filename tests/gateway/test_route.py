@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,15 +13,15 @@ import pytest
 from kubellm.gateway.discovery import Registry
 from kubellm.gateway.route import (
     CHARS_PER_TOKEN,
+    CLASSIFIER_MAX_CHARS,
     Features,
     RouteError,
     Rules,
+    classifier_messages,
     estimate_tokens,
     features,
     parse_route,
 )
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _route(tiers: list[dict[str, Any]], model: str = "auto", name: str = "r", ns: str = "a") -> dict[str, Any]:
@@ -51,7 +50,7 @@ def _tier(route_obj: dict[str, Any], body: dict[str, Any]) -> str | None:
 def test_short_prompts_go_small_long_tool_bearing_and_code_ones_further_down() -> None:
     route = _route(TIERS)
     assert _tier(route, _chat("Say hi.")) == "small"
-    assert _tier(route, _chat("word " * 200)) == "large"  # ~286 estimated tokens
+    assert _tier(route, _chat("word " * 200)) == "large"  # ~250 estimated tokens
     weather = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
     assert _tier(route, _chat("Weather?", tools=[weather])) == "large"
     assert _tier(route, _chat("Weather?", tools=[])) == "small"  # an empty list carries no tools
@@ -111,12 +110,31 @@ def test_tools_false_and_true_split_requests() -> None:
         ([{"name": "a", "deployment": "x", "when": {"minTokens": 3}}], "minTokens"),
         ([{"name": "a", "deployment": "x"}, {"name": "a", "deployment": "y"}], "name must be unique"),
         ([{"name": "a"}], "spec.tiers[0]"),
+        ([{"name": "a", "deployment": "x"}], "spec.classifier.timeoutSeconds"),
         ([], "spec.tiers"),
     ],
 )
 def test_a_route_the_gateway_cannot_serve_is_refused_naming_the_field(tiers: list[Any], field: str) -> None:
+    obj = _route(tiers)
+    if "classifier" in field:
+        obj["spec"]["classifier"] = {"deployment": "judge", "timeoutSeconds": 0}
     with pytest.raises(RouteError, match=field.replace("[", r"\[").replace("]", r"\]")):
-        parse_route(_route(tiers))
+        parse_route(obj)
+
+
+def test_the_classifier_sees_the_candidates_with_their_descriptions_and_a_bounded_message() -> None:
+    tiers = [{**t, "description": f"for {t['name']} things"} for t in TIERS]
+    obj = _route(tiers)
+    obj["spec"]["classifier"] = {"deployment": "judge", "instructions": "Pick wisely."}
+    route = parse_route(obj)
+    assert route is not None and route.classifier is not None
+    assert (route.classifier.deployment, route.classifier.timeout_seconds) == ("judge", 2.0)
+    short = features("chat", _chat("Say hi."))
+    assert route.candidates(short) == [0, 2]  # small's rules and the default; not the code tier's regex
+    system, user = classifier_messages(route.classifier, [route.tiers[0], route.tiers[2]], "x" * 5000)
+    assert system["content"].startswith("Pick wisely.") and "- small: for small things" in system["content"]
+    assert "- large: for large things" in system["content"] and "code" not in system["content"]
+    assert user == {"role": "user", "content": "x" * CLASSIFIER_MAX_CHARS}
 
 
 def test_a_route_being_deleted_is_gone() -> None:
@@ -143,25 +161,45 @@ def test_a_larger_prompt_never_goes_to_an_earlier_tier_of_a_size_ladder() -> Non
         assert c == next((i for i, b in enumerate(bounds) if tokens <= b), len(bounds)), (seed, n)
 
 
+# Fixed samples (the repository's files change; these do not): prose, code, configuration, a short question.
+SAMPLES = {
+    "prose": (
+        "The gateway has no tokenizer of its own, so it estimates the length of a prompt from its characters. "
+        "Most English text spends between three and four characters on a token; code with long identifiers a "
+        "little more, and languages with many accented or compound words a little less. The estimate only has to "
+        "be good enough to tell a short question from a long document, which differ by orders of magnitude."
+    ),
+    "code": (
+        "def pick_least(replicas: Sequence[str], loads: Mapping[str, Load], turn: int = 0) -> Pick:\n"
+        "    if not replicas:\n"
+        '        raise ValueError("no replica to pick from")\n'
+        "    ordered = sorted(replicas)\n"
+        "    rotated = ordered[turn % len(ordered) :] + ordered[: turn % len(ordered)]\n"
+        "    best = min(rotated, key=lambda r: (loads.get(r, Load()).total, loads.get(r, Load()).kv_usage))\n"
+        "    return Pick(best, Decision.LEAST_LOAD)\n"
+    ),
+    "yaml": (
+        "apiVersion: kubellm.io/v1alpha1\nkind: LLMRoute\nmetadata:\n  name: assistant\nspec:\n  model: assistant\n"
+        "  tiers:\n    - name: small\n      deployment: qwen-small\n      when:\n        maxPromptTokens: 1024\n"
+        "        tools: false\n    - name: large\n      deployment: qwen-large\n"
+    ),
+    "question": "Say hi. What is the capital of France? Answer in one word.",
+}
+
+
 @pytest.mark.slow  # reading the GGUF's vocabulary takes seconds
 def test_the_estimate_stays_within_the_measured_band_of_a_real_tokenizer() -> None:
-    """CHARS_PER_TOKEN against SmolLM2's own tokenizer (the bundled GGUF's vocabulary) on prose, code and YAML:
-    the estimate is within 35% of the true count for each, and the measured ratios bracket the constant."""
+    """CHARS_PER_TOKEN against SmolLM2's own tokenizer (the bundled GGUF's vocabulary): the estimate is within 30%
+    of the true count for English prose, code, YAML and a question, and the measured ratios bracket the constant."""
     from kubellm.runtime.models.gguf import gguf_to_tokenizer, open_gguf
     from kubellm.runtime.models.loader import builtin_model_path
 
     tokenizer = gguf_to_tokenizer(open_gguf(builtin_model_path("smollm2-135m-instruct")))
-    texts = {
-        "markdown": (REPO / "README.md").read_text()[:20000],
-        "python": (REPO / "gateway" / "proxy.py").read_text(),
-        "yaml": (REPO / "crds" / "kubellm.io_llmroutes.yaml").read_text(),
-        "question": "Say hi. What is the capital of France? Answer in one word.",
-    }
     ratios = {}
-    for name, text in texts.items():
+    for name, text in SAMPLES.items():
         true = len(tokenizer.encode(text).ids)
         ratios[name] = len(text) / true
-        assert abs(estimate_tokens(text) - true) <= 0.35 * true, (name, true, estimate_tokens(text))
+        assert abs(estimate_tokens(text) - true) <= 0.3 * true, (name, true, estimate_tokens(text))
     print({k: round(v, 2) for k, v in ratios.items()})
     assert min(ratios.values()) <= CHARS_PER_TOKEN <= max(ratios.values()), ratios
 

@@ -67,6 +67,10 @@ INVALID = [
         "spec.tiers[0].when.maxRequestedTokens",
     ),
     ({"tiers": [{"name": "a", "deployment": "x"}]}, "spec.model"),
+    (
+        {"model": "auto", "tiers": TIERS, "classifier": {"deployment": "tiny", "timeoutSeconds": 0}},
+        "spec.classifier.timeoutSeconds",
+    ),
 ]
 
 
@@ -170,6 +174,15 @@ def _successes(url: str) -> float:
     )
 
 
+def _chat_tier(oai: Any) -> str:
+    """One short chat through the route; the tier that answered."""
+    raw = oai.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0
+    )
+    assert raw.parse().choices
+    return str(raw.headers["x-kubellm-route-tier"])
+
+
 @pytest.mark.slow
 def test_short_prompts_go_small_long_and_tool_bearing_ones_large_and_a_gone_tier_falls_over(
     k8s_cluster: Any, k8s_namespace: str, run_tag: str, e2e_operator: OperatorProcess, tmp_path: Path
@@ -241,12 +254,29 @@ def test_short_prompts_go_small_long_and_tool_bearing_ones_large_and_a_gone_tier
         # ...and woke the small tier, which the operator scales back to one replica; it serves short prompts again.
         assert h.gateway.metric("kubellm_gateway_wakes_total", model_name="tiny-chat") >= 1
         h.wait(lambda: get_llmd(api, ns, "tiny")["spec"]["replicas"] == 1, 30, "the small tier woken")
-        h.wait(lambda: h.kubelets[0].serving(), 240, "the small tier's runtime serving again")
+        # (A new pod, serving: kwok may give it the old pod's IP, where the old runtime answers until it exits.)
+        old_pod = tiny_pod.name
+
+        def new_pods() -> list[Any]:
+            return [p for p in h.kubelets[0].serving() if p.name != old_pod]
+
+        h.wait(new_pods, 240, "the small tier's new runtime serving")
         h.wait(lambda: served_models(h.gateway)["tiny-chat"]["kubellm"]["ready_replicas"] == 1, 30, "small ready")
-        (tiny_pod,) = h.kubelets[0].serving()
+        (tiny_pod,) = new_pods()
         runtimes["tiny"] = tiny_pod.url("/metrics")
         ask("small", "tiny", messages=[{"role": "user", "content": "Say hi."}])
         # The access log names the route and the tier of every request.
         lines = [json.loads(line) for line in h.gateway.log_tail(100_000).splitlines() if line.startswith("{")]
         tiers = [line["tier"] for line in lines if line.get("llmroute") == "auto"]
         assert tiers == ["small", "large", "large", "small", "large", "small"], tiers
+
+        # A classifier (the small model itself) chooses among the tiers whose rules hold: for a short prompt both.
+        spec = {"classifier": {"deployment": "tiny", "timeoutSeconds": 30}}
+        custom.patch_namespaced_custom_object(GROUP, VERSION, ns, ROUTES, "auto", {"spec": spec})
+        h.wait(lambda: served_models(h.gateway)["auto"]["kubellm"]["classifier"] == "tiny", 10, "the classifier")
+        before = _successes(runtimes["tiny"])
+        assert _chat_tier(oai) in ("small", "large")
+        assert _successes(runtimes["tiny"]) > before  # it classified (and perhaps answered too)
+        assert h.gateway.metric("kubellm_gateway_route_classifier_calls_total", outcome="chosen") == 1
+        assert h.gateway.metric("kubellm_gateway_route_decisions_total", reason="classified") == 1
+        assert h.gateway.metric("kubellm_gateway_route_classifier_calls_total", outcome="failed") == 0

@@ -4,6 +4,7 @@ which a real runtime does only under overload; tests/gateway/test_route_k8s.py r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -30,10 +31,15 @@ class StandIn:
     refuse: bool = False
     seen: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
+    answer: str | None = None  # as a classifier: the message content it answers
+    delay: float = 0.0  # as a slow classifier: how long it takes to answer
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.seen.append(body)
+        await asyncio.sleep(self.delay)
+        if self.answer is not None:
+            return web.json_response({"model": body["model"], "choices": [{"message": {"content": self.answer}}]})
         if self.refuse:
             error = {"message": "queue full", "type": "rate_limit_error", "param": None, "code": None}
             return web.json_response({"error": error}, status=429)
@@ -48,8 +54,8 @@ class StandIn:
 @pytest.fixture
 async def stand_ins() -> AsyncIterator[dict[str, StandIn]]:
     runners, out = [], {}
-    for name in ("tiny", "big"):
-        stand_in = StandIn(name)
+    for name in ("tiny", "big", "judge"):
+        stand_in = StandIn(name, answer="large" if name == "judge" else None)
         app = web.Application()
         app.router.add_post("/v1/chat/completions", stand_in.chat)
         runner = web.AppRunner(app)
@@ -93,6 +99,8 @@ ROUTE = {
 async def gateway(stand_ins: dict[str, StandIn]) -> AsyncIterator[tuple[Gateway, str]]:
     gw = Gateway(GatewaySettings(hold_timeout_seconds=0.5), kube=None)
     for name, stand_in in stand_ins.items():
+        if name == "judge":
+            continue  # the classifier's tests add it
         gw.registry.model_event("ADDED", _llmd(name))
         gw.registry.pod_event("ADDED", _pod(name, stand_in.port))
     gw.registry.route_event("ADDED", ROUTE)
@@ -193,3 +201,52 @@ async def test_models_list_the_route_and_bad_requests_name_the_field(gateway: tu
     gw.registry.route_event("MODIFIED", narrow)
     status, _, body = await _chat(url, "word " * 100)
     assert status == 400 and body["error"]["param"] == "model" and body["error"]["code"] == "no_matching_tier"
+
+
+async def test_a_classifier_chooses_among_the_tiers_whose_rules_hold(
+    gateway: tuple[Gateway, str], stand_ins: dict[str, StandIn]
+) -> None:
+    gw, url = gateway
+    judge = stand_ins["judge"]
+    spec = json.loads(json.dumps(ROUTE["spec"]))
+    spec["tiers"][0]["description"] = "greetings"
+    spec["classifier"] = {"deployment": "judge", "timeoutSeconds": 0.3}
+    gw.registry.route_event("MODIFIED", {**ROUTE, "spec": spec})
+
+    def calls(outcome: str) -> float:
+        labels = {"route": "auto", "outcome": outcome}
+        return gw.metrics.registry.get_sample_value("kubellm_gateway_route_classifier_calls_total", labels) or 0.0
+
+    # No classifier replica: the rules decide (the first tier whose rules hold).
+    status, headers, _ = await _chat(url, "Say hi.")
+    assert status == 200 and headers["x-kubellm-route-tier"] == "small" and calls("unavailable") == 1
+    gw.registry.model_event("ADDED", _llmd("judge"))
+    gw.registry.pod_event("ADDED", _pod("judge", judge.port))
+    # Both tiers' rules hold for a short prompt: the classifier is asked, constrained to their names, and chooses.
+    status, headers, body = await _chat(url, "Say hi.")
+    assert status == 200 and headers["x-kubellm-route-tier"] == "large" and body["served_by"] == "big"
+    (asked,) = judge.seen
+    assert asked["model"] == "judge-chat" and asked["structured_outputs"] == {"choice": ["small", "large"]}
+    assert "- small: greetings" in asked["messages"][0]["content"]
+    assert asked["messages"][1] == {"role": "user", "content": "Say hi."}
+    assert _decisions(gw, "large", "classified") == 1 and calls("chosen") == 1
+    # Only one tier's rules hold (tools): nothing to ask.
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    status, headers, _ = await _chat(url, "hi", tools=[tool])
+    assert headers["x-kubellm-route-tier"] == "large" and len(judge.seen) == 1
+    # An answer that names no tier, a refusal, a classifier slower than its timeout: the rules decide.
+    judge.answer = "medium"
+    status, headers, _ = await _chat(url, "Say hi.")
+    assert headers["x-kubellm-route-tier"] == "small"
+    judge.answer, judge.refuse = None, True
+    status, headers, _ = await _chat(url, "Say hi.")
+    assert headers["x-kubellm-route-tier"] == "small"
+    judge.answer, judge.refuse, judge.delay = "large", False, 2.0
+    status, headers, _ = await _chat(url, "Say hi.")
+    assert status == 200 and headers["x-kubellm-route-tier"] == "small"
+    assert calls("failed") == 3 and _decisions(gw, "small", "matched") == 4
+    # The classifier's choice falls over like the rules' one: its tier refusing, the next tier serves.
+    judge.delay, judge.answer = 0.0, "small"
+    stand_ins["tiny"].refuse = True
+    status, headers, _ = await _chat(url, "Say hi.")
+    assert headers["x-kubellm-route-tier"] == "large" and _decisions(gw, "large", "fallback") == 1

@@ -31,10 +31,12 @@ def test_a_full_spec_parses_by_its_wire_names() -> None:
                         "lastUserMessageRegex": r"(?i)\bhello\b",
                     },
                 },
-                {"name": "large", "deployment": "big"},
+                {"name": "large", "deployment": "big", "description": "everything else"},
             ],
+            "classifier": {"deployment": "tiny", "timeoutSeconds": 0.5},
         }
     )
+    assert spec.classifier is not None and spec.classifier.timeout_seconds == 0.5
     assert [t.name for t in spec.tiers] == ["small", "large"]
     assert spec.tiers[0].when is not None and spec.tiers[0].when.max_prompt_tokens == 512
     assert spec.tiers[1].when is None
@@ -52,6 +54,8 @@ def test_a_full_spec_parses_by_its_wire_names() -> None:
         (_spec(when={"tokens": 3}), "tokens"),
         (_spec(deployment="Not_A_Name"), "deployment"),
         ({"model": " spaced", "tiers": [{"name": "a", "deployment": "d"}]}, "model"),
+        ({**_spec(), "classifier": {"deployment": "tiny", "timeoutSeconds": 0}}, "timeoutSeconds"),
+        ({**_spec(), "classifier": {}}, "deployment"),
     ],
 )
 def test_invalid_specs_are_refused_naming_the_field(spec: dict[str, Any], field: str) -> None:
