@@ -198,6 +198,8 @@ class Forwarder:
                 changed = self.registry.changed()
                 current = self.registry.lookup(model.served_name)
                 if current is None:
+                    if fall_through:  # a route's tier deleted under it: the next tier serves
+                        return None
                     raise GatewayError(404, f"model {model.served_name!r} was deleted", param="model")
                 model = current
                 endpoints = self.ready(model)
