@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -153,6 +154,17 @@ class Forwarder:
         self.metrics.decisions.labels(model.served_name, model.strategy.value, choice.decision.value).inc()
         return by_id[choice.replica], choice
 
+    @contextlib.contextmanager
+    def busy(self, ep: Endpoint) -> Iterator[None]:
+        """Count one request in flight on `ep` for the block (the loads the picks read)."""
+        self.in_flight[ep.url] += 1
+        try:
+            yield
+        finally:
+            self.in_flight[ep.url] -= 1
+            if not self.in_flight[ep.url]:
+                del self.in_flight[ep.url]
+
     def ready(self, model: Model) -> list[Endpoint]:
         now = time.monotonic()
         return [ep for ep in self.registry.endpoints(model) if self.ejected.get(ep.url, 0.0) <= now]
@@ -270,8 +282,7 @@ class Forwarder:
         if request.remote:
             headers["X-Forwarded-For"] = request.remote
         url = ep.url + request.path_qs
-        self.in_flight[ep.url] += 1
-        try:
+        with self.busy(ep):
             try:
                 upstream = await self.session().request(
                     request.method, url, data=body, headers=headers, trace_request_ctx=record
@@ -293,10 +304,6 @@ class Forwarder:
                 record.retries += 1
                 raise _Refused
             return await self._relay(request, upstream, ep, record, stream_out)
-        finally:
-            self.in_flight[ep.url] -= 1
-            if not self.in_flight[ep.url]:
-                del self.in_flight[ep.url]
 
     async def _relay(
         self,

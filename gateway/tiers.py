@@ -66,11 +66,12 @@ async def classify(
     }
     timeout = aiohttp.ClientTimeout(total=route.classifier.timeout_seconds)
     try:
-        async with forwarder.session().post(
-            f"{endpoint.url}/v1/chat/completions", json=body, timeout=timeout, headers={"Accept-Encoding": "identity"}
-        ) as r:
-            r.raise_for_status()
-            answer = str((await r.json())["choices"][0]["message"]["content"]).strip()
+        # busy: the classifier's replicas are balanced on the same loads as the requests they serve
+        url, headers = f"{endpoint.url}/v1/chat/completions", {"Accept-Encoding": "identity"}
+        with forwarder.busy(endpoint):
+            async with forwarder.session().post(url, json=body, timeout=timeout, headers=headers) as r:
+                r.raise_for_status()
+                answer = str((await r.json())["choices"][0]["message"]["content"]).strip()
         chosen = names.index(answer)
     except (aiohttp.ClientError, TimeoutError, LookupError, TypeError, ValueError) as exc:
         log.warning("the classifier of %s (%s) failed: %r; the rules decide", route.model, model.name, exc)
