@@ -97,6 +97,7 @@ def configure(
     # Only warnings become Events by kopf itself; scaling decisions are posted explicitly.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = operator_settings.max_workers
+    settings.peering.lifetime = operator_settings.peering_lifetime_seconds
     # After its own patch (progress, diff base), kopf waits this long for that version to come back through the
     # watch before it reads older events as the object's state. Under load (hundreds of objects created at once on
     # a busy API server) the watch lags by more than kopf's 5 s default, and an object would look "created" again

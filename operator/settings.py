@@ -30,6 +30,9 @@ class Settings:
     # This replica's peering priority: the highest live one reconciles, the others stand by. kopf pauses EVERY
     # replica when two live peers tie, so 0 (the default) draws a random priority per process.
     peering_priority: int = 0
+    # How long a replica's peering keep-alive stands (kopf refreshes it a few seconds sooner): when the leader dies
+    # without leaving (SIGKILL, a lost node), a standby takes over this long after its last keep-alive.
+    peering_lifetime_seconds: int = 60
     log_level: str = "INFO"
     # Per-object timer: refresh status (pods Pending for GPUs, readiness) and, when due, evaluate autoscaling.
     timer_interval_seconds: float = 5.0
@@ -83,6 +86,7 @@ class Settings:
             "handler_backoff_seconds": self.handler_backoff_seconds,
             "handler_timeout_seconds": self.handler_timeout_seconds,
             "max_workers": self.max_workers,
+            "peering_lifetime_seconds": self.peering_lifetime_seconds,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -147,6 +151,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "runtime_image": _text,
     "peering": _text,
     "peering_priority": _number(int),
+    "peering_lifetime_seconds": _number(int),
     "log_level": _text,
     "liveness_endpoint": _text,
     "timer_interval_seconds": _number(float),

@@ -24,9 +24,12 @@ from cluster import ControlPlane, wait_until
 from cluster.controlplane import free_port
 from deploy.helmchart import ROOT, VALUES_DIR, Helm, by_kind, one
 
+from kubellm.operator.constants import ENGINE_CONFIG_KEY
+
 pytestmark = pytest.mark.k8s
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+PEERING_LIFETIME_S = 5  # the failover test's keep-alive lifetime (the chart's default is 60)
 THIRD_PARTY_CRDS = Path(__file__).parent / "testdata" / "third-party-crds.yaml"
 
 
@@ -353,14 +356,15 @@ def test_operator_as_the_chart_service_account_reconciles_every_example(
 def test_two_replicas_reconcile_through_one_of_them(
     k8s_cluster: ControlPlane, helm: Helm, release: dict[str, str], tmp_path: Path
 ) -> None:
-    """replicaCount: 2 with peering: one replica reconciles, the other pauses (and would take over on its death)."""
+    """replicaCount: 2 with peering: one replica reconciles, the other pauses; when the leader dies without leaving
+    (SIGKILL), the standby takes over once its keep-alive lapses and reconciles the change made meanwhile."""
     ns, watched = release["namespace"], release["watched"]
     manifests = _install(
         k8s_cluster,
         helm,
         release,
         [VALUES_DIR / "namespaced.yaml", VALUES_DIR / "ha.yaml"],
-        [f"watchNamespaces={{{watched}}}"],
+        [f"watchNamespaces={{{watched}}}", f"peering.lifetimeSeconds={PEERING_LIFETIME_S}"],
     )
     assert one(manifests, "Deployment")["spec"]["replicas"] == 2
     service_account = one(manifests, "ServiceAccount")["metadata"]["name"]
@@ -376,8 +380,23 @@ def test_two_replicas_reconcile_through_one_of_them(
             timeout=20,
             what=f"deployment/{name} created by one of the two replicas",
         )
+        handled = [r for r in replicas if "Creation is processed: 1 succeeded" in r.log()]
+        assert len(handled) == 1, [r.env["POD_ID"] for r in handled]
+        (leader,) = handled
+        (standby,) = [r for r in replicas if r is not leader]
+        leader.process.kill()  # no goodbye in the peering object: its keep-alive has to lapse
+        leader.process.wait(10)
+        k8s_cluster.kubectl(
+            "patch", "llmdeployment", name, "-n", watched, "--type=merge", "-p", '{"spec":{"engine":{"maxNumSeqs":7}}}'
+        )
+
+        def reconciled() -> bool:
+            cm = _get(k8s_cluster, "configmap", f"{name}-engine", watched) or {}
+            engine = json.loads((cm.get("data") or {}).get(ENGINE_CONFIG_KEY, "{}")).get("engine", {})
+            return bool(engine.get("max_num_seqs") == 7)
+
+        standby.until(reconciled, timeout=PEERING_LIFETIME_S + 60, what="the standby to reconcile the change")
     finally:
         for replica in replicas:
-            replica.stop()
-    handled = [r for r in replicas if "Creation is processed: 1 succeeded" in r.log()]
-    assert len(handled) == 1, [r.env["POD_ID"] for r in handled]
+            if replica.process.poll() is None:
+                replica.stop()

@@ -269,6 +269,7 @@ def test_settings_from_env_and_fail_fast() -> None:
         "KUBELLM_NAMESPACES": "Not_A_Namespace",
         "KUBELLM_LOG_LEVEL": "LOUD",
         "KUBELLM_HANDLER_RETRIES": "-1",
+        "KUBELLM_PEERING_LIFETIME_SECONDS": "0",
     }
     for var, value in bad.items():
         with pytest.raises(SettingsError, match=var):
