@@ -36,4 +36,3 @@ class SSEStream:
 
     def close(self) -> None:
         self.conn.close()
-
