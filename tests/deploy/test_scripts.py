@@ -78,11 +78,13 @@ def test_scripts_are_executable() -> None:
 # -- the kind quick start against recording stand-ins ------------------------------------------------------------
 
 _STUB = """#!/usr/bin/env bash
+case "$(basename "$0") $*" in
+  "curl "*/ready*) until [ -s "$FORWARD_PID_FILE" ]; do sleep 0.01; done ;;  # answers once the forward is up
+esac
 printf '%s\\n' "$(basename "$0") $*" >> "$CALLS"
 case "$(basename "$0") $*" in
   "kind get clusters"*) printf '%s\\n' $EXISTING_CLUSTERS ;;
   "kubectl "*port-forward*) echo $$ > "$FORWARD_PID_FILE"; exec sleep 120 ;;
-  "curl "*/ready*) until [ -s "$FORWARD_PID_FILE" ]; do sleep 0.01; done ;;  # answers once the forward is up
   "curl "*chat/completions*) printf 'data: {"choices": [{"delta": {"content": "Hello"}}]}\\n\\ndata: [DONE]\\n' ;;
 esac
 exit 0
