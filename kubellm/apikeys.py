@@ -1,8 +1,9 @@
-"""Optional API keys: ``Authorization: Bearer <key>``, compared in constant time.
+"""Optional API keys, for the runtime's server and the gateway alike: ``Authorization: Bearer <key>``, compared in
+constant time.
 
-Keys come from ``--api-key`` (repeatable), ``--api-key-file`` (one key per line, ``#`` comments) and the
-environment variable ``KUBELLM_API_KEYS`` (comma-separated). The keys themselves are never logged: the
-server identifies a caller by ``key_id``, a short hash, in logs and rate-limit buckets.
+Keys come from ``--api-key`` (repeatable), ``--api-key-file`` (one key per line, ``#`` comments; a mounted Secret)
+and the environment variable ``KUBELLM_API_KEYS`` (comma-separated). The keys themselves are never logged: a caller
+is known by ``key_id``, a short hash, in logs and rate-limit buckets.
 """
 
 from __future__ import annotations
@@ -13,12 +14,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .openapi import PUBLIC_PATHS
-
 ENV_VAR = "KUBELLM_API_KEYS"
-# Probes, metrics and the schema stay open so that kubelets and Prometheus need no secret (the route table's
-# public routes).
-DEFAULT_EXEMPT_PATHS = PUBLIC_PATHS
 ANONYMOUS = "anonymous"
 
 
@@ -54,7 +50,8 @@ def load_api_keys(
 class APIKeyAuth:
     """Checks a request's bearer token against the configured keys."""
 
-    def __init__(self, keys: Iterable[str], exempt_paths: Iterable[str] = DEFAULT_EXEMPT_PATHS) -> None:
+    def __init__(self, keys: Iterable[str], exempt_paths: Iterable[str]) -> None:
+        """exempt_paths: what stays open without a key (probes, metrics), so kubelets and Prometheus need none."""
         # Compare digests: equal length inputs, so compare_digest's time does not depend on the key length.
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
         self._ids = [key_id(k) for k in keys]

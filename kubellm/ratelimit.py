@@ -1,4 +1,5 @@
-"""Per-caller rate limits: requests per minute and tokens per minute, over a sliding 60-second window.
+"""Per-caller rate limits (the runtime's server and the gateway): requests per minute and tokens per minute, over a
+sliding 60-second window.
 
 A request is admitted when the caller's usage over the last minute is under both limits. Its prompt tokens
 are charged on admission and its generated tokens when it finishes, so a long generation counts against

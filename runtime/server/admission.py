@@ -13,10 +13,11 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
+from kubellm.ratelimit import RateLimiter
+
 from ..outputs import EngineStats
 from .errors import APIError
 from .metrics import ServerMetrics
-from .ratelimit import RateLimiter
 from .streams import Trace
 
 log = logging.getLogger("kubellm.server")

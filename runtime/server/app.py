@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSCloseCode, web
 from pydantic import BaseModel, ValidationError
 
+from kubellm.apikeys import ANONYMOUS, APIKeyAuth
+
 from . import protocol as p
-from .auth import ANONYMOUS, APIKeyAuth
 from .errors import APIError, bad_request, from_http_exception, from_validation_error
 from .metrics import CONTENT_TYPE
 from .openapi import PROBE_PATHS, PUBLIC_PATHS, ROUTES, build_openapi

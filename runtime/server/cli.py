@@ -149,8 +149,9 @@ def _setup_logging(level: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from kubellm.apikeys import load_api_keys
+
     from .app import ServerSettings
-    from .auth import load_api_keys
 
     try:
         engine = apply_config_file(args)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
+from kubellm.ratelimit import RateLimiter
+
 from ..outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from ..sampling_params import SamplingParams
 from ..structured_outputs import GrammarError
@@ -28,7 +30,6 @@ from . import protocol as p
 from .admission import Admission
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics
-from .ratelimit import RateLimiter
 from .settings import ServerSettings
 from .streams import Trace, finish_reason, merge, refusals_as_400
 from .structured import Constraint

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from kubellm.apikeys import ANONYMOUS
+
 from ..outputs import RequestOutput
 from ..reasoning import get_reasoning_parser
 from ..sampling_params import SamplingParams
 from ..tool_parsers import get_tool_parser, template_supports_tools
 from . import protocol as p
-from .auth import ANONYMOUS
 from .chat_output import ChoiceOutput, merge
 from .errors import APIError, bad_request
 from .serving import ServingContext, new_request_id

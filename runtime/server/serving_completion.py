@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from kubellm.apikeys import ANONYMOUS
+
 from ..outputs import RequestOutput, TokenLogprob
 from ..sampling_params import SamplingParams
 from . import protocol as p
-from .auth import ANONYMOUS
 from .errors import bad_request
 from .serving import ServingContext, new_request_id
 from .sse import write_sse

@@ -20,8 +20,9 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
+from kubellm.apikeys import ANONYMOUS
+
 from . import protocol as p
-from .auth import ANONYMOUS
 from .errors import APIError, from_validation_error
 from .serving import check_unicode, reject_constant
 from .serving_chat import ChatServing

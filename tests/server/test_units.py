@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from kubellm.apikeys import APIKeyAuth, key_id, load_api_keys
+from kubellm.ratelimit import RateLimiter
 from kubellm.runtime.server import protocol as p
 from kubellm.runtime.server.app import OpenAIServer, ServerSettings
-from kubellm.runtime.server.auth import APIKeyAuth, key_id, load_api_keys
 from kubellm.runtime.server.cli import add_arguments
 from kubellm.runtime.server.errors import from_validation_error
-from kubellm.runtime.server.openapi import ROUTES, build_openapi
-from kubellm.runtime.server.ratelimit import RateLimiter
+from kubellm.runtime.server.openapi import PUBLIC_PATHS, ROUTES, build_openapi
 
 
 class Clock:
@@ -67,7 +67,7 @@ def test_load_api_keys_from_every_source(tmp_path: Path) -> None:
 
 
 def test_api_key_auth() -> None:
-    auth = APIKeyAuth(["alpha", "beta"])
+    auth = APIKeyAuth(["alpha", "beta"], PUBLIC_PATHS)
     assert auth.enabled
     assert auth.authenticate("Bearer beta") == key_id("beta")
     assert auth.authenticate("bearer   alpha ") == key_id("alpha")
@@ -75,7 +75,7 @@ def test_api_key_auth() -> None:
         assert auth.authenticate(bad) is None, bad
     assert auth.is_exempt("/health") and auth.is_exempt("/metrics") and not auth.is_exempt("/v1/models")
     assert "alpha" not in key_id("alpha")
-    assert APIKeyAuth([]).is_exempt("/v1/completions")
+    assert APIKeyAuth([], PUBLIC_PATHS).is_exempt("/v1/completions")
 
 
 def test_routes_registered_equal_routes_documented() -> None:
