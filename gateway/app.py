@@ -250,6 +250,7 @@ class Gateway:
             "added_ms": None if record.added_seconds is None else round(1000 * record.added_seconds, 3),
             "duration_s": round(time.monotonic() - record.started, 3),
             "bytes": record.bytes_out,
+            "cache": record.cache,
         }
         access_log.info(json.dumps(line))
 

@@ -39,6 +39,7 @@ class Model:
     replicas: int
     strategy: Strategy
     waking: bool  # the wake annotation is set
+    cache_ttl_seconds: float | None = None  # spec.routing.responseCache: None when off
 
     @property
     def key(self) -> tuple[str, str]:
@@ -57,7 +58,9 @@ def parse_model(obj: JSON) -> Model | None:
         return None
     name, namespace = str(meta.get("name", "")), str(meta.get("namespace", ""))
     model_spec = spec.get("model") or {}
-    strategy_name = (spec.get("routing") or {}).get("strategy", Strategy.PREFIX_HASH.value)
+    routing = spec.get("routing") or {}
+    strategy_name = routing.get("strategy", Strategy.PREFIX_HASH.value)
+    cache = routing.get("responseCache") or {}
     try:
         strategy = Strategy(strategy_name)
     except ValueError:
@@ -69,6 +72,7 @@ def parse_model(obj: JSON) -> Model | None:
         replicas=int(spec.get("replicas", 1)),
         strategy=strategy,
         waking=contract.ANNOTATION_WAKE in (meta.get("annotations") or {}),
+        cache_ttl_seconds=float(cache.get("ttlSeconds", 300)) if cache.get("enabled") is True else None,
     )
 
 

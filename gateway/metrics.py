@@ -70,6 +70,14 @@ class GatewayMetrics:
             ["route", "outcome"],
             registry=r,
         )
+        self.cache_requests = Counter(
+            "kubellm_gateway_cache_requests",
+            "Deterministic requests to a model with the response cache on, by model and result (hit: answered from "
+            "the cache, the runtime never saw it; miss: forwarded, and stored if it completed).",
+            ["model_name", "result"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge("kubellm_gateway_cache_bytes", "Bytes held by the response cache.", registry=r)
         self.wakes = Counter(
             "kubellm_gateway_wakes", "Wake annotations set on a model at zero replicas.", ["model_name"], registry=r
         )

@@ -25,6 +25,9 @@ class GatewaySettings:
     resync_seconds: float = 300.0
     wake_interval_seconds: float = 5.0  # at most one wake write per model this often
     retry_after_seconds: int = 5
+    # the response cache (models with spec.routing.responseCache): all answers together, and the largest one kept
+    cache_max_bytes: int = 256 * 1024 * 1024
+    cache_max_entry_bytes: int = 1024 * 1024
 
     def check(self) -> None:
         for name in ("hold_timeout_seconds", "keepalive_seconds", "connect_timeout_seconds", "scrape_interval_seconds"):
@@ -34,5 +37,7 @@ class GatewaySettings:
             raise ValueError("--load-factor must be >= 1 (the bound is load_factor times the mean load)")
         if self.max_held_per_model < 0 or self.max_body_bytes < 1 or self.prefix_chars < 1:
             raise ValueError("--max-held-per-model must be >= 0, --max-body-bytes and --prefix-chars >= 1")
+        if self.cache_max_bytes < 0 or self.cache_max_entry_bytes < 0:
+            raise ValueError("--cache-max-bytes and --cache-max-entry-bytes must be >= 0")
         if not 0 <= self.port <= 65535:
             raise ValueError("--port must be 0..65535")

@@ -454,6 +454,21 @@ class RolloutSpec(_Spec):
         return self
 
 
+class ResponseCacheSpec(_Spec):
+    """The gateway's answer cache for this model (exact matches of deterministic requests only)."""
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Answer a request again from the gateway's cache when the same one came before: only requests with "
+            "temperature 0 or a fixed seed, only complete answers; streams are replayed event by event."
+        ),
+    )
+    ttl_seconds: int = Field(
+        default=300, ge=1, le=86400, alias="ttlSeconds", description="How long a cached answer is served."
+    )
+
+
 class RoutingSpec(_Spec):
     """How the kubellm gateway picks a replica for a request (read by the gateway; the operator ignores it)."""
 
@@ -465,6 +480,7 @@ class RoutingSpec(_Spec):
             "requests."
         ),
     )
+    response_cache: ResponseCacheSpec = Field(default_factory=ResponseCacheSpec, alias="responseCache")
 
 
 class ParallelismSpec(_Spec):

@@ -107,7 +107,7 @@ def test_install_upgrade_uninstall(bare_cluster: ControlPlane, helm: Helm, tmp_p
     assert env_vars["KUBELLM_LOG_LEVEL"] == "DEBUG", env_vars
     # the field is kept now (the API server's discovery of the new schema can lag the CRD write by a moment)
     wait_until(
-        lambda: _apply_model(cluster, "after", "default")["spec"].get(NEW_FIELD) == {"strategy": "LeastLoad"},
+        lambda: (_apply_model(cluster, "after", "default")["spec"].get(NEW_FIELD) or {}).get("strategy") == "LeastLoad",
         timeout=30,
         what="spec.routing to be stored under the upgraded CRD",
     )

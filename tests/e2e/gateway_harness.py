@@ -53,6 +53,20 @@ def served_models(gateway: GatewayProcess) -> dict[str, dict[str, Any]]:
         return {m["id"]: m for m in json.load(r)["data"]}
 
 
+def runtime_successes(url: str) -> float:
+    """vllm:request_success_total of one runtime (every finish reason), from its /metrics at `url`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "vllm:request_success_total"
+    )
+
+
 class Harness:
     """The pieces of one test, with a wait that reports all their logs when it times out."""
 

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.gateway_harness import create_llmd, get_llmd, harness, llmd_spec, served_models
+from e2e.gateway_harness import create_llmd, get_llmd, harness, llmd_spec, runtime_successes, served_models
 from e2e.gateway_process import GatewayProcess
 from e2e.observer import GROUP, VERSION
 from e2e.operator_process import OperatorProcess
 from e2e.procs import wait_for
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.k8s
 
@@ -162,18 +161,6 @@ async def test_a_collection_the_api_server_does_not_serve_is_empty_and_synced(
         await kube.close()
 
 
-def _successes(url: str) -> float:
-    """vllm:request_success_total of one runtime (every finish reason)."""
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "vllm:request_success_total"
-    )
-
-
 def _chat_tier(oai: Any) -> str:
     """One short chat through the route; the tier that answered."""
     raw = oai.chat.completions.with_raw_response.create(
@@ -211,10 +198,10 @@ def test_short_prompts_go_small_long_and_tool_bearing_ones_large_and_a_gone_tier
         oai = openai.OpenAI(base_url=f"{h.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
         def ask(expected: str, model: str, **request: Any) -> Any:
-            before = {name: _successes(url) for name, url in runtimes.items()}
+            before = {name: runtime_successes(url) for name, url in runtimes.items()}
             raw = oai.chat.completions.with_raw_response.create(model="auto", max_tokens=4, temperature=0, **request)
             reply = raw.parse()
-            after = {name: _successes(url) for name, url in runtimes.items()}
+            after = {name: runtime_successes(url) for name, url in runtimes.items()}
             moved = {name for name in runtimes if after[name] > before[name]}
             assert moved == {model}, (expected, before, after)  # the tier's runtime did the work, the other none
             assert raw.headers["x-kubellm-route-tier"] == expected, raw.headers
@@ -271,9 +258,9 @@ def test_short_prompts_go_small_long_and_tool_bearing_ones_large_and_a_gone_tier
         spec = {"classifier": {"deployment": "tiny", "timeoutSeconds": 30}}
         custom.patch_namespaced_custom_object(GROUP, VERSION, ns, ROUTES, "auto", {"spec": spec})
         h.wait(lambda: served_models(h.gateway)["auto"]["kubellm"]["classifier"] == "tiny", 10, "the classifier")
-        before = _successes(runtimes["tiny"])
+        before = runtime_successes(runtimes["tiny"])
         assert _chat_tier(oai) in ("small", "large")
-        assert _successes(runtimes["tiny"]) > before  # it classified (and perhaps answered too)
+        assert runtime_successes(runtimes["tiny"]) > before  # it classified (and perhaps answered too)
         assert h.gateway.metric("kubellm_gateway_route_classifier_calls_total", outcome="chosen") == 1
         assert h.gateway.metric("kubellm_gateway_route_decisions_total", reason="classified") == 1
         assert h.gateway.metric("kubellm_gateway_route_classifier_calls_total", outcome="failed") == 0
