@@ -17,6 +17,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubellm import contract
+from kubellm.apikeys import ANONYMOUS
+from kubellm.gateway.access import Access
 from kubellm.gateway.balance import Strategy, prefix_key
 from kubellm.gateway.discovery import RUNTIME_SELECTOR, Registry
 from kubellm.gateway.errors import GatewayError
@@ -39,6 +41,7 @@ ROUTED = {
     "/detokenize": "completions",
 }
 LLMD_PATH = f"/apis/{contract.LLMD_GROUP}/{contract.LLMD_VERSION}"
+CALLER = web.RequestKey("caller", str)  # the API key's id, set by the access middleware
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Gateway:
         self.holds = Holds(self.metrics, s.max_held_per_model, s.retry_after_seconds)
         self.waker = Waker(self.kube, self.metrics, s.wake_interval_seconds)
         self.forwarder = Forwarder(s, self.registry, self.scraper, self.metrics, self.holds, self.waker)
+        self.access = Access(s.api_key_file, s.rate_limit_rpm, s.rate_limit_tpm)
 
     def _informers(self, kube: Kube) -> list[Informer]:
         out = []
@@ -198,6 +202,8 @@ class Gateway:
         finally:
             if response is not None:
                 record.status = response.status
+            if record.caller is not None and record.status == 200 and record.tail:
+                self.access.charge_answer(record.caller, bytes(record.tail), record.content_events)
             self._finish(record)
         return response
 
@@ -218,6 +224,9 @@ class Gateway:
             raise GatewayError(400, "model is required: the served model name to route to", param="model")
         record.model = served
         record.stream = body.get("stream") is True
+        record.caller = request.get(CALLER, ANONYMOUS)
+        if request.path in ("/v1/chat/completions", "/v1/completions"):
+            self.access.limit(record.caller, ROUTED[request.path], body)
         model = self.registry.lookup(served)
         if model is None:
             route = self.registry.lookup_route(served)
@@ -251,8 +260,22 @@ class Gateway:
             "duration_s": round(time.monotonic() - record.started, 3),
             "bytes": record.bytes_out,
             "cache": record.cache,
+            "caller": record.caller,
         }
         access_log.info(json.dumps(line))
+
+
+def _access(gateway: Gateway) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        """API keys on everything but the probes and /metrics (rate limits apply in `routed`, to generations)."""
+        try:
+            request[CALLER] = gateway.access.authenticate(request.path, request.headers.get("Authorization"))
+        except GatewayError as exc:
+            return exc.response()
+        return await handler(request)
+
+    return middleware
 
 
 @web.middleware
@@ -266,7 +289,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def build_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=gateway.settings.max_body_bytes, middlewares=[_errors])
+    app = web.Application(client_max_size=gateway.settings.max_body_bytes, middlewares=[_errors, _access(gateway)])
     for path in ROUTED:
         app.router.add_post(path, gateway.routed)
     app.router.add_get("/v1/models", gateway.models)

@@ -26,6 +26,9 @@ _FLAGS = {
     "wake_interval_seconds": "at most one wake write per model this often",
     "cache_max_bytes": "the response cache's bound, all answers together",
     "cache_max_entry_bytes": "the largest answer the response cache keeps",
+    "api_key_file": "API keys, one per line (a mounted Secret; re-read when it changes; also $KUBELLM_API_KEYS)",
+    "rate_limit_rpm": "requests per minute per API key (0: no limit)",
+    "rate_limit_tpm": "tokens per minute per API key, prompts estimated (0: no limit)",
 }
 
 
@@ -65,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
     from kubellm.gateway.app import Gateway, build_app
     from kubellm.gateway.kube import Kube, KubeConfig
 
-    gateway = Gateway(settings, Kube(KubeConfig.load()))
+    try:
+        gateway = Gateway(settings, Kube(KubeConfig.load()))
+    except ValueError as exc:  # an unreadable --api-key-file
+        print(f"kubellm gateway: {exc}", file=sys.stderr)
+        return 2
     # handler_cancellation: a client that disconnects cancels its handler, which closes the upstream connection.
     web.run_app(
         build_app(gateway),

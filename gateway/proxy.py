@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kubellm.gateway.access import TAIL_BYTES
 from kubellm.gateway.balance import Load, Pick, Ring, Strategy, pick_least, pick_prefix
 from kubellm.gateway.cache import CACHE_HEADER, CachedAnswer, Capture, ResponseCache, cache_key
 from kubellm.gateway.discovery import Endpoint, Model, Registry
@@ -80,6 +81,9 @@ class RequestRecord:
     headers: dict[str, str] = field(default_factory=dict)  # added to the response (the route tier's)
     cache: str | None = None  # hit | miss, for a model with the response cache on and a deterministic request
     capture: Capture | None = None  # a miss's answer, collected as it is relayed
+    caller: str | None = None  # the API key's id (or anonymous)
+    tail: bytearray = field(default_factory=bytearray)  # the answer's last bytes, where its usage is
+    content_events: int = 0  # data events of a relayed stream
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -390,6 +394,9 @@ class Forwarder:
                 record.bytes_out += len(chunk)
                 if record.capture is not None:
                     record.capture.add(chunk)
+                record.content_events += chunk.count(b"data: {")
+                record.tail += chunk
+                del record.tail[:-TAIL_BYTES]
             await out.write_eof()
             finished = True
             self._store(record, upstream)

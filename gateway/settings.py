@@ -28,6 +28,10 @@ class GatewaySettings:
     # the response cache (models with spec.routing.responseCache): all answers together, and the largest one kept
     cache_max_bytes: int = 256 * 1024 * 1024
     cache_max_entry_bytes: int = 1024 * 1024
+    # API keys (one per line; a mounted Secret, re-read when it changes) and per-key limits (0: off)
+    api_key_file: str = ""
+    rate_limit_rpm: int = 0
+    rate_limit_tpm: int = 0
 
     def check(self) -> None:
         for name in ("hold_timeout_seconds", "keepalive_seconds", "connect_timeout_seconds", "scrape_interval_seconds"):
@@ -37,6 +41,8 @@ class GatewaySettings:
             raise ValueError("--load-factor must be >= 1 (the bound is load_factor times the mean load)")
         if self.max_held_per_model < 0 or self.max_body_bytes < 1 or self.prefix_chars < 1:
             raise ValueError("--max-held-per-model must be >= 0, --max-body-bytes and --prefix-chars >= 1")
+        if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
+            raise ValueError("--rate-limit-rpm and --rate-limit-tpm must be >= 0 (0: no limit)")
         if self.cache_max_bytes < 0 or self.cache_max_entry_bytes < 0:
             raise ValueError("--cache-max-bytes and --cache-max-entry-bytes must be >= 0")
         if not 0 <= self.port <= 65535:

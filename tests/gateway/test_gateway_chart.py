@@ -77,11 +77,28 @@ def test_namespaced_mode_gives_the_gateway_roles_in_the_watched_namespaces_only(
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
 
 
+def test_api_keys_come_from_a_mounted_secret_and_limits_from_values(helm: Helm) -> None:
+    values = ["gateway.enabled=true", "gateway.apiKeys.secretName=team-keys", "gateway.rateLimit.tokensPerMinute=9000"]
+    (deployment,) = by_kind(_gateway_objects(helm.render(set_values=values)), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--api-key-file=/etc/kubellm/api-keys/keys" in container["args"]
+    assert "--rate-limit-tpm=9000" in container["args"] and "--rate-limit-rpm=0" in container["args"]
+    # a volume, not an env var: the kubelet rewrites the file when the Secret changes
+    assert pod["volumes"] == [{"name": "api-keys", "secret": {"secretName": "team-keys"}}]
+    assert container["volumeMounts"] == [{"name": "api-keys", "mountPath": "/etc/kubellm/api-keys", "readOnly": True}]
+    (plain,) = by_kind(_gateway_objects(helm.render(set_values=["gateway.enabled=true"])), "Deployment")
+    assert "volumes" not in plain["spec"]["template"]["spec"]
+    assert not [a for a in plain["spec"]["template"]["spec"]["containers"][0]["args"] if "api-key" in a]
+
+
 def test_schema_rejects_bad_gateway_values(helm: Helm) -> None:
     result = helm.template(set_values=["gateway.enabled=true", "gateway.replicaCount=0"], check=False)
     assert result.returncode != 0 and "replicaCount" in result.stderr
     result = helm.template(set_values=["gateway.bogus=1"], check=False)
     assert result.returncode != 0 and "bogus" in result.stderr
+    result = helm.template(set_values=["gateway.rateLimit.requestsPerMinute=-1"], check=False)
+    assert result.returncode != 0 and "requestsPerMinute" in result.stderr
 
 
 def _token_kubeconfig(cluster: Any, namespace: str, service_account: str, path: Path) -> Path:
