@@ -29,6 +29,7 @@ from kubellm.gateway.proxy import Forwarder, RequestRecord
 from kubellm.gateway.scrape import LoadScraper
 from kubellm.gateway.settings import GatewaySettings
 from kubellm.gateway.tiers import serve_route
+from kubellm.gateway.websocket import proxy_websocket
 
 access_log = logging.getLogger("kubellm.gateway.access")
 log = logging.getLogger("kubellm.gateway")
@@ -179,10 +180,10 @@ class Gateway:
     async def model(self, request: web.Request) -> web.Response:
         card = self._card(request.match_info["name"])
         if card is None:
-            return self._unknown(request.match_info["name"]).response()
+            return self.unknown(request.match_info["name"]).response()
         return web.json_response(card)
 
-    def _unknown(self, served: str) -> GatewayError:
+    def unknown(self, served: str) -> GatewayError:
         known = ", ".join(self._known()) or "none"
         return GatewayError(
             404, f"The model {served!r} does not exist. Known models: {known}.", param="model", code="model_not_found"
@@ -231,7 +232,7 @@ class Gateway:
         if model is None:
             route = self.registry.lookup_route(served)
             if route is None:
-                raise self._unknown(served)
+                raise self.unknown(served)
             return await serve_route(
                 self.forwarder, self.registry, self.metrics, request, route, body, record, self.settings.prefix_chars
             )
@@ -239,6 +240,9 @@ class Gateway:
         if model.strategy is Strategy.PREFIX_HASH:
             key = prefix_key(ROUTED[request.path], body, self.settings.prefix_chars)
         return await self.forwarder.forward(request, model, raw, key, record)
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        return await proxy_websocket(self, request, request.get(CALLER, ANONYMOUS))
 
     def _finish(self, record: RequestRecord) -> None:
         self.metrics.requests.labels(record.model or "", str(record.status)).inc()
@@ -292,6 +296,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app = web.Application(client_max_size=gateway.settings.max_body_bytes, middlewares=[_errors, _access(gateway)])
     for path in ROUTED:
         app.router.add_post(path, gateway.routed)
+    app.router.add_get("/v1/chat/completions/ws", gateway.websocket)
     app.router.add_get("/v1/models", gateway.models)
     app.router.add_get("/v1/models/{name:.+}", gateway.model)
     app.router.add_get("/healthz", gateway.health)
