@@ -208,6 +208,13 @@ def test_service_monitor_selects_the_runtime_services_the_operator_creates(helm:
     namespaced = helm.render(values=[VALUES_DIR / "monitoring.yaml", VALUES_DIR / "namespaced.yaml"])
     assert one(namespaced, "ServiceMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
     assert not by_kind(helm.render(), "ServiceMonitor")
+    # with the gateway on, a second monitor scrapes the gateway's own Service (the same selector as the Service's)
+    with_gateway = helm.render(values=[VALUES_DIR / "monitoring.yaml"], set_values=["gateway.enabled=true"])
+    monitors = by_kind(with_gateway, "ServiceMonitor")
+    (gateway_monitor,) = [m for m in monitors if m["metadata"]["name"].endswith("gateway")]
+    (service,) = [m for m in by_kind(with_gateway, "Service") if m["metadata"]["name"].endswith("gateway")]
+    assert gateway_monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert gateway_monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
 
 
 def _exported_metric_names() -> set[str]:
@@ -226,6 +233,22 @@ def _exported_metric_names() -> set[str]:
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
+def _gateway_metric_names() -> set[str]:
+    """The sample names the gateway's /metrics exposes (families with no sample yet still declare their names)."""
+    from prometheus_client import generate_latest
+
+    from kubellm.gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    metrics.requests.labels("m", "200").inc()
+    metrics.held.labels("ns", "d", "m").set(1)
+    metrics.cache_requests.labels("m", "hit").inc()
+    metrics.route_decisions.labels("r", "t", "matched").inc()
+    metrics.added_latency.observe(0.001)
+    text = generate_latest(metrics.registry).decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def test_grafana_dashboard_plots_metrics_the_runtime_exports(helm: Helm) -> None:
     manifests = helm.render(values=[VALUES_DIR / "monitoring.yaml"])
     config_map = one(manifests, "ConfigMap")
@@ -235,11 +258,16 @@ def test_grafana_dashboard_plots_metrics_the_runtime_exports(helm: Helm) -> None
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("queue depth", "kv-cache", "time to first token", "tokens per second", "replicas"):
         assert topic in titles
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {name for expr in exprs for name in re.findall(r"(vllm:[a-z_]+)", expr)}
     exported = _exported_metric_names()
     assert used, exprs
     assert used <= exported, f"the dashboard queries metrics the runtime does not export: {sorted(used - exported)}"
+    # the gateway's row queries what the gateway exports
+    assert "Gateway" in [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    used_gateway = {name for expr in exprs for name in re.findall(r"(kubellm_gateway_[a-z_]+)", expr)}
+    missing = used_gateway - _gateway_metric_names()
+    assert len(used_gateway) >= 5 and not missing, f"the dashboard queries gateway metrics that do not exist: {missing}"
     assert not by_kind(helm.render(), "ConfigMap")
 
 
