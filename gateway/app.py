@@ -58,7 +58,7 @@ class Gateway:
         s = self.settings
         self.scraper = LoadScraper(self.registry.all_endpoints, s.scrape_interval_seconds)
         self.holds = Holds(self.metrics, s.max_held_per_model, s.retry_after_seconds)
-        self.waker = Waker(self.kube, self.metrics, s.wake_interval_seconds)
+        self.waker = Waker(self.kube, self.metrics, self.holds, s.wake_interval_seconds, s.wake_gather_seconds)
         self.forwarder = Forwarder(s, self.registry, self.scraper, self.metrics, self.holds, self.waker)
         self.access = Access(s.api_key_file, s.rate_limit_rpm, s.rate_limit_tpm)
 
@@ -109,6 +109,7 @@ class Gateway:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.waker.close()
         await self.forwarder.close()
         if self.kube is not None:
             await self.kube.close()

@@ -24,6 +24,7 @@ _FLAGS = {
     "scrape_interval_seconds": "how often the replicas' /metrics are scraped for their load",
     "resync_seconds": "full re-list of the watched objects this often",
     "wake_interval_seconds": "at most one wake write per model this often",
+    "wake_gather_seconds": "a wake waits this long after the first held request, to count the burst with it",
     "cache_max_bytes": "the response cache's bound, all answers together",
     "cache_max_entry_bytes": "the largest answer the response cache keeps",
     "api_key_file": "API keys, one per line (a mounted Secret; re-read when it changes; also $KUBELLM_API_KEYS)",

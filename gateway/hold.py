@@ -3,6 +3,7 @@ write (the annotation the operator turns into 0 -> 1 replicas), at most once per
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -53,28 +54,48 @@ class Holds:
 
 
 class Waker:
-    def __init__(self, kube: Kube | None, metrics: GatewayMetrics, interval: float) -> None:
-        self.kube, self.metrics, self.interval = kube, metrics, interval
+    """Writes the wake annotation for a model at zero, with the count of requests held for it by then: the write
+    waits `gather_seconds` after the first held request, so that a burst arriving together is counted in it (the
+    operator sizes the wake by it). At most one write per model per `interval`."""
+
+    def __init__(
+        self, kube: Kube | None, metrics: GatewayMetrics, holds: Holds, interval: float, gather_seconds: float
+    ) -> None:
+        self.kube, self.metrics, self.holds = kube, metrics, holds
+        self.interval, self.gather_seconds = interval, gather_seconds
         self._last: dict[tuple[str, str], float] = {}
+        self._writes: set[asyncio.Task[None]] = set()
 
     async def wake(self, model: Model) -> None:
-        """Set the wake annotation on a model at zero replicas (none set yet, none written lately)."""
+        """Wake a model at zero replicas (none set yet, none written lately); returns at once, the write follows."""
         if model.replicas > 0 or model.waking or self.kube is None:
             return
         now = time.monotonic()
         if now - self._last.get(model.key, -float("inf")) < self.interval:
             return
         self._last[model.key] = now
+        task = asyncio.create_task(self._write(model))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, model: Model) -> None:
+        assert self.kube is not None
+        await asyncio.sleep(self.gather_seconds)
+        held = self.holds.counts.get(model.key, 0)
         path = (
             f"/apis/{contract.LLMD_GROUP}/{contract.LLMD_VERSION}/namespaces/{model.namespace}/{contract.LLMD_PLURAL}"
         )
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        annotations = {contract.ANNOTATION_WAKE: stamp, contract.ANNOTATION_WAKE_HELD: str(held)}
         try:
-            await self.kube.merge_patch(
-                f"{path}/{model.name}", {"metadata": {"annotations": {contract.ANNOTATION_WAKE: stamp}}}
-            )
+            await self.kube.merge_patch(f"{path}/{model.name}", {"metadata": {"annotations": annotations}})
         except Exception as exc:  # the next held request (past the interval) tries again
             log.warning("waking %s/%s failed: %s", model.namespace, model.name, exc)
             return
         self.metrics.wakes.labels(model.served_name).inc()
-        log.info("woke %s/%s (model %s): a request is waiting", model.namespace, model.name, model.served_name)
+        log.info("woke %s/%s (model %s): %d requests held", model.namespace, model.name, model.served_name, held)
+
+    async def close(self) -> None:
+        for task in list(self._writes):
+            task.cancel()
+        await asyncio.gather(*self._writes, return_exceptions=True)

@@ -24,6 +24,9 @@ class GatewaySettings:
     scrape_interval_seconds: float = 1.0
     resync_seconds: float = 300.0
     wake_interval_seconds: float = 5.0  # at most one wake write per model this often
+    # a wake waits this long after the first held request, counting the burst that came with it (the operator
+    # wakes the model to as many replicas as that queue asks for)
+    wake_gather_seconds: float = 0.5
     retry_after_seconds: int = 5
     # the response cache (models with spec.routing.responseCache): all answers together, and the largest one kept
     cache_max_bytes: int = 256 * 1024 * 1024
@@ -34,6 +37,8 @@ class GatewaySettings:
     rate_limit_tpm: int = 0
 
     def check(self) -> None:
+        if self.wake_gather_seconds < 0:
+            raise ValueError("--wake-gather-seconds must be >= 0")
         for name in ("hold_timeout_seconds", "keepalive_seconds", "connect_timeout_seconds", "scrape_interval_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")

@@ -21,6 +21,9 @@ LLMD_PLURAL: Final = "llmdeployments"
 LLMROUTE_PLURAL: Final = "llmroutes"
 # Set on an LLMDeployment at 0 replicas (any value): the operator scales it to 1 and removes the annotation.
 ANNOTATION_WAKE: Final = f"{LLMD_GROUP}/wake"
+# Beside it (optional): how many requests the gateway held when it woke the model. With autoscaling on, the operator
+# wakes it straight to as many replicas as that queue asks for (a burst at zero need not wait for a second decision).
+ANNOTATION_WAKE_HELD: Final = f"{LLMD_GROUP}/wake-held-requests"
 # Labels on every runtime pod the operator creates (the gateway finds an LLMDeployment's pods by them).
 LABEL_INSTANCE: Final = "app.kubernetes.io/instance"  # the LLMDeployment's name
 LABEL_COMPONENT: Final = "app.kubernetes.io/component"

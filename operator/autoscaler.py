@@ -245,3 +245,12 @@ def simulate(
         current = decision.desired_replicas
         decisions.append(decision)
     return decisions
+
+
+def wake_replicas(auto: AutoscalingSpec, held: int) -> int:
+    """PURE: the replicas a model at zero wakes to. 1, unless the builtin autoscaler runs and the gateway held a
+    queue when it woke the model: then as many as that queue asks for at targetQueueDepth (within minReplicas ..
+    maxReplicas), so a burst at zero does not wait for a replica to load before a second one is asked for."""
+    if not auto.enabled or auto.mode != "builtin" or held <= 0:
+        return max(1, auto.min_replicas if auto.enabled else 1)
+    return max(1, auto.min_replicas, min(auto.max_replicas, math.ceil(held / auto.target_queue_depth)))

@@ -51,6 +51,7 @@ DIST_PORT: Final = 29500
 ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
 # Set on an LLMDeployment at 0 replicas (any value): the operator scales it to 1 and removes the annotation.
 ANNOTATION_WAKE: Final = contract.ANNOTATION_WAKE
+ANNOTATION_WAKE_HELD: Final = contract.ANNOTATION_WAKE_HELD
 # kopf keeps its progress and last-handled state in annotations under this prefix (the status is ours).
 KOPF_ANNOTATION_PREFIX: Final = f"operator.{GROUP}"
 

@@ -67,6 +67,7 @@ class LLMDeploymentRef:
     resource_version: str = ""
     deleting: bool = False
     wake: bool = False  # the wake annotation is set (scale 0 -> 1)
+    wake_held: int = 0  # the requests the gateway held when it woke the model (its annotation; 0 when absent)
 
     @classmethod
     def from_body(cls, body: kopf.Body) -> LLMDeploymentRef:
@@ -79,7 +80,16 @@ class LLMDeploymentRef:
             resource_version=str(body.metadata.get("resourceVersion", "")),
             deleting=body.metadata.get("deletionTimestamp") is not None,
             wake=c.ANNOTATION_WAKE in (body.metadata.annotations or {}),
+            wake_held=_count((body.metadata.annotations or {}).get(c.ANNOTATION_WAKE_HELD)),
         )
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer annotation; anything else (absent, garbled) counts as 0."""
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0
 
 
 # ---- operator-level handlers ----

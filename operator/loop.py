@@ -23,6 +23,7 @@ from typing import Any
 
 from kubellm.operator import constants as c
 from kubellm.operator.apply import Kube
+from kubellm.operator.autoscaler import wake_replicas
 from kubellm.operator.group_restart import group_actions
 from kubellm.operator.groups import workload_state
 from kubellm.operator.metrics import Scraper
@@ -138,13 +139,18 @@ class FleetLoop:
 
         return post
 
-    async def wake(self, owner: Owner, replicas: int, resource_version: str) -> None:
-        """The documented 0 -> 1 signal: the wake annotation. Scale to 1 if at 0, then remove the annotation."""
-        if replicas == 0:
-            args = (owner.namespace, owner.name, 0, 1, resource_version)
+    async def wake(self, owner: Owner, spec: LLMDeploymentSpec, held: int, resource_version: str) -> None:
+        """The documented 0 -> 1 signal: the wake annotation. Scale up if at 0 (to wake_replicas), then remove
+        the annotations."""
+        if spec.replicas == 0:
+            target = wake_replicas(spec.autoscaling, held)
+            args = (owner.namespace, owner.name, 0, target, resource_version)
             if await asyncio.to_thread(self.kube.scale_if, *args):
-                await self._post_event(owner)("Normal", "ScaledUp", f"woken by {c.ANNOTATION_WAKE}: 0 -> 1")
-        await asyncio.to_thread(self.kube.clear_annotation, owner.namespace, owner.name, c.ANNOTATION_WAKE)
+                why = f", {held} requests held at the gateway" if held else ""
+                message = f"woken by {c.ANNOTATION_WAKE}{why}: 0 -> {target}"
+                await self._post_event(owner)("Normal", "ScaledUp", message)
+        for key in (c.ANNOTATION_WAKE, c.ANNOTATION_WAKE_HELD):
+            await asyncio.to_thread(self.kube.clear_annotation, owner.namespace, owner.name, key)
 
     async def restart_groups(self, owner: Owner, pods: list[PodSummary], nodes: int) -> None:
         """Multi-node replicas: record which workers joined which rank 0, and restart a group that lost a member
@@ -182,7 +188,7 @@ class FleetLoop:
             await asyncio.to_thread(write_outcome, self.kube, owner, outcome, pods, last_seen)
             return  # the next tick refreshes from the status just written
         if ref.wake:
-            await self.wake(owner, spec.replicas, ref.resource_version)
+            await self.wake(owner, spec, ref.wake_held, ref.resource_version)
             return  # the next tick sees the new replicas
         if spec.nodes() > 1:
             await self.restart_groups(owner, pods, spec.nodes())

@@ -180,6 +180,55 @@ def test_scale_from_zero_holds_the_stream_until_the_operator_wakes_the_model(
         print(f"held stream answered after {waited:.1f} s: {text!r}")
 
 
+def test_a_burst_at_zero_wakes_as_many_replicas_as_it_needs_and_every_request_completes(
+    k8s_cluster: Any, k8s_namespace: str, run_tag: str, e2e_operator: OperatorProcess, tmp_path: Path
+) -> None:
+    """20 requests at once to a model at zero: the gateway holds them all and wakes the model with their count, the
+    operator scales 0 -> 2 at once (ceil(20 / targetQueueDepth 4) = 5, capped by maxReplicas 2) instead of 0 -> 1,
+    and every request gets its full answer."""
+    from kubernetes import client
+
+    ns = k8s_namespace
+    spec = llmd_spec(
+        "burst-chat",
+        replicas=0,
+        autoscaling={
+            "enabled": True,
+            "minReplicas": 0,
+            "maxReplicas": 2,
+            "targetQueueDepth": 4,
+            "scaleToZeroAfterSeconds": 3600,
+        },
+    )
+    with harness(k8s_cluster, ns, run_tag, e2e_operator, tmp_path, ["burst"], "--hold-timeout-seconds", "300") as (
+        h,
+        api,
+    ):
+        create_llmd(api, ns, "burst", spec)
+        h.wait(lambda: "burst-chat" in served_models(h.gateway), 60, "the model at zero in /v1/models")
+
+        async def burst() -> list[tuple[int, Any]]:
+            import aiohttp
+
+            body = {"model": "burst-chat", "prompt": "Count:", "max_tokens": 4, "ignore_eos": True}
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+                async def one() -> tuple[int, Any]:
+                    async with session.post(f"{h.gateway.url}/v1/completions", json=body) as r:
+                        return r.status, await r.json()
+
+                return await asyncio.gather(*(one() for _ in range(20)))
+
+        answers = asyncio.run(burst())
+        assert [status for status, _ in answers] == [200] * 20, answers
+        assert all(a["usage"]["completion_tokens"] == 4 for _, a in answers)
+        core: Any = client.CoreV1Api(api)
+        events = core.list_namespaced_event(ns, field_selector="involvedObject.name=burst").items
+        woken = [e.message for e in events if e.reason == "ScaledUp" and "woken" in (e.message or "")]
+        assert woken and woken[0].endswith("20 requests held at the gateway: 0 -> 2"), woken
+        assert h.gateway.metric("kubellm_gateway_wakes_total", model_name="burst-chat") == 1
+
+
 async def _open_streams(url: str, bodies: list[dict[str, Any]]) -> list[str]:
     """Open the streams one after the other, each kept open while the next starts; the replica of each."""
     import aiohttp

@@ -204,3 +204,20 @@ def test_reason_states_numbers(current: int) -> None:
     d = decide(Observation(0.0, current, _pods(current, waiting=8.0)), POLICY, seed_history(0.0, current))
     assert f"{current} -> {d.desired_replicas}" in d.reason
     assert "queue 8.00/replica (target 4)" in d.reason
+
+
+def test_a_wake_asks_for_what_the_held_queue_needs() -> None:
+    from kubellm.operator.autoscaler import wake_replicas
+    from kubellm.operator.spec import AutoscalingSpec
+
+    auto = AutoscalingSpec.model_validate(
+        {"enabled": True, "minReplicas": 0, "maxReplicas": 3, "targetQueueDepth": 4, "scaleToZeroAfterSeconds": 60}
+    )
+    assert wake_replicas(auto, 0) == 1  # a wake without a count (kubectl annotate): 0 -> 1 as always
+    assert wake_replicas(auto, 1) == 1
+    assert wake_replicas(auto, 8) == 2
+    assert wake_replicas(auto, 9) == 3
+    assert wake_replicas(auto, 1000) == 3  # maxReplicas caps it
+    external = auto.model_copy(update={"mode": "external"})
+    assert wake_replicas(external, 1000) == 1  # another autoscaler owns the replicas: only the documented 0 -> 1
+    assert wake_replicas(AutoscalingSpec(), 1000) == 1  # autoscaling off
