@@ -41,7 +41,9 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
 # kept free on a GPU besides the profiled activations: the CUDA-graph pool and allocator fragmentation
 GPU_RESERVE_BYTES = 256 << 20
-FOUR_BIT_FORMATS = frozenset({"Q4_0", "Q4_1"})
+FOUR_BIT_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+# llama.cpp's Q4_K_M / Q4_K_S mixes: most matrices Q4_K, some (v, down, in some layers) Q6_K or Q5_K, kept dense
+K_QUANT_MIX_EXTRAS = frozenset({"Q5_K", "Q6_K"})
 KEEPALIVE = "keepalive"  # broadcast instead of a step by an idle rank 0
 
 
@@ -93,14 +95,16 @@ def resolve_quantization(
     checkpoint_method: str | None = None,
 ) -> str:
     """ "auto" -> the checkpoint's own format (``checkpoint_method``: its quantization_config's quant_method);
-    else "int4" on the CPU for a checkpoint whose layers are 4-bit already (nothing is lost), where the int4 kernel
-    is fast (``int4_fast``, default: the CPU's vector ISA); else "none"."""
+    else "int4" on the CPU for a checkpoint whose layers are 4-bit already (nothing is lost; a Q4_K_M / Q4_K_S mix
+    counts, its Q5_K / Q6_K layers staying dense), where the int4 kernel is fast (``int4_fast``, default: the CPU's
+    vector ISA); else "none"."""
     if quantization == "auto" and checkpoint_method is not None:
         return checkpoint_method
     if quantization == "int4" and device.type != "cpu":
         raise ValueError(f"quantization int4 is a CPU path (torch's CPU int4 kernel); the device is {device.type}")
     if quantization == "auto":
         four_bit = bool(weight_formats) and weight_formats <= FOUR_BIT_FORMATS
+        four_bit = four_bit or ("Q4_K" in weight_formats and weight_formats <= FOUR_BIT_FORMATS | K_QUANT_MIX_EXTRAS)
         if device.type != "cpu" or not four_bit:
             return "none"
         return "int4" if (cpu_int4_is_fast() if int4_fast is None else int4_fast) else "none"
@@ -200,7 +204,7 @@ class ModelRunner:
             loaded.weight_formats,
             checkpoint_method=checkpoint_quant_method(loaded.hf_config),
         )
-        quant = quant_config_for(self.quantization, loaded.hf_config)
+        quant = quant_config_for(self.quantization, loaded.hf_config, loaded.weight_formats)
         if quant is not None:
             quant.check_device(device)
         self.model = build_model(

@@ -26,6 +26,7 @@ from ..quantization.cpu_int4 import (
     quantize_int8_groups,
 )
 from ..quantization.dense import DenseMethod, pack_weight, packed_linear
+from ..quantization.int4_groups import Int4Groups, Weight
 
 __all__ = [
     "INT4_GROUP_SIZE",
@@ -100,12 +101,20 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     # ---- loading -------------------------------------------------------------------------------------------
-    def load_weight(self, param: str, tensor: torch.Tensor) -> None:
+    def load_weight(self, param: str, tensor: Weight) -> None:
         """Copy the checkpoint's ``param`` ("weight", "bias", "qweight", "scales", ...), the whole matrix's
         tensor, into this layer's slice of it."""
         self._load("", param, tensor)
 
-    def _load(self, shard: str, param: str, tensor: torch.Tensor) -> None:
+    def _load(self, shard: str, param: str, tensor: Weight) -> None:
+        if isinstance(tensor, Int4Groups):
+            if self.method.takes_int4_groups(self, param):
+                self.method.load_int4_groups(self, shard, self._slice_groups(shard, param, tensor))
+                self.loaded.add((shard, param))
+                self.method.after_load(self)
+                return
+            target = self._parameters.get(param)
+            tensor = tensor.dense(target.dtype if target is not None else torch.float32)
         self.method.prepare_load(self, param)
         layout = self.layouts.get(param)
         if layout is None:
@@ -138,6 +147,21 @@ class Linear(nn.Module):
         dst.copy_(tensor)
         self.loaded.add((shard, param))
         self.method.after_load(self)
+
+    def _slice_groups(self, shard: str, param: str, groups: Int4Groups) -> Int4Groups:
+        """This layer's rows and columns of a whole checkpoint matrix given as int4 groups."""
+        start, full_rows = self.shard_rows[shard]
+        size = self.shard_offsets[shard][1]
+        in_start, full_in = self.input_slice
+        if tuple(groups.shape) != (full_rows, full_in):
+            raise ValueError(f"{param}: checkpoint has shape {tuple(groups.shape)}, expected {(full_rows, full_in)}")
+        groups = groups.narrow(0, start, size)
+        if self.in_features != full_in:
+            try:
+                groups = groups.narrow(1, in_start, self.in_features)
+            except ValueError as e:
+                raise ValueError(f"{param}: {e}: tensor parallelism must split this layer at multiples of it") from None
+        return groups
 
     def missing(self) -> list[str]:
         """The checkpoint tensors not loaded yet, as "shard.param" ("param" for an unmerged layer)."""
@@ -186,7 +210,7 @@ class MergedLinear(Linear):
         self.shard_offsets = offsets
         self.shard_rows = {name: (shard_rows or {}).get(name, (0, size)) for name, size in shard_sizes.items()}
 
-    def load_shard(self, shard: str, param: str, tensor: torch.Tensor) -> None:
+    def load_shard(self, shard: str, param: str, tensor: Weight) -> None:
         """Copy the checkpoint tensor for ``shard`` ("q", "gate", ...) into ``param`` ("weight", "qweight", ...)."""
         try:
             self._load(shard, param, tensor)

@@ -15,13 +15,14 @@ import torch
 from ..distributed.parallel import PipelineStage, TensorParallel
 from ..kernels.interface import AttentionBackend
 from ..quantization.base import QuantConfig
+from ..quantization.int4_groups import Weight
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
 
 
 def build_model(
     config: ModelConfig,
-    weights: Iterable[tuple[str, torch.Tensor]] | None,
+    weights: Iterable[tuple[str, Weight]] | None,
     *,
     backend: AttentionBackend,
     device: torch.device,

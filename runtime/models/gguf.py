@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..quantization.int4_groups import INT4_GROUP_FORMATS, Int4Groups
+from .gguf_kquants import KQUANT_BLOCKS, decode_q4_k, dequantize_kquant
+
 # Block sizes of the quantization formats we dequantize ourselves: (elements per block, bytes per block).
 Q8_0_BLOCK = (32, 34)  # f16 scale d, 32 x int8 q:           x = d * q
 Q4_0_BLOCK = (32, 18)  # f16 scale d, 16 bytes of nibbles:    x = d * (q - 8)
@@ -367,8 +370,10 @@ def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def iter_gguf_weights(
     f: GGUFFile, hf_config: dict[str, Any], dtype: torch.dtype | None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor)`` one tensor at a time, dequantized (the file stays memory-mapped)."""
+) -> Iterator[tuple[str, torch.Tensor | Int4Groups]]:
+    """Yield ``(hf_name, tensor)`` one tensor at a time, dequantized (the file stays memory-mapped), except the
+    decoder linears stored as Q4_K: those come as :class:`Int4Groups` (the file's codes and scales), which an int4
+    layer keeps as they are and any other layer dequantizes (``Int4Groups.dense``)."""
     permute = f.architecture in PERMUTED_QK_ARCHITECTURES
     num_heads = int(hf_config["num_attention_heads"])
     num_kv_heads = int(hf_config["num_key_value_heads"])
@@ -377,14 +382,30 @@ def iter_gguf_weights(
         if name is None:
             continue
         shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-        tensor = dequantize_tensor(np.asarray(t.data), t.tensor_type.name, shape)
-        if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
-            tensor = unpermute_qk(tensor, num_heads)
-        elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
-            tensor = unpermute_qk(tensor, num_kv_heads)
-        if dtype is not None and tensor.dtype != dtype:
+        tensor: torch.Tensor | Int4Groups
+        if t.tensor_type.name in INT4_GROUP_FORMATS and name.startswith("model.layers.") and len(shape) == 2:
+            tensor = int4_groups_of(np.asarray(t.data), shape)
+        else:
+            tensor = dequantize_tensor(np.asarray(t.data), t.tensor_type.name, shape)
+        heads = num_heads if "q_proj." in name else num_kv_heads if "k_proj." in name else 0
+        if permute and heads:
+            tensor = _unpermute(tensor, heads)
+        if isinstance(tensor, torch.Tensor) and dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         yield name, tensor
+
+
+def _unpermute(tensor: torch.Tensor | Int4Groups, num_heads: int) -> torch.Tensor | Int4Groups:
+    if isinstance(tensor, Int4Groups):  # the rows of its codes, scales and minimums alike
+        return tensor.map_rows(lambda w: unpermute_qk(w, num_heads))
+    return unpermute_qk(tensor, num_heads)
+
+
+def int4_groups_of(data: np.ndarray, shape: tuple[int, ...]) -> Int4Groups:
+    """A Q4_K matrix ``[N, K]`` -> its codes and per-32-column scales and minimums, as the file has them."""
+    n, k = shape
+    codes, scale, minimum = decode_q4_k(data)
+    return Int4Groups(codes.reshape(n, k), scale.reshape(n, k // 32), minimum.reshape(n, k // 32))
 
 
 # --------------------------------------------------------------------------------------------- dequantizing
@@ -429,7 +450,8 @@ def dequantize_tensor(data: np.ndarray, type_name: str, shape: tuple[int, ...]) 
     """Raw GGUF tensor data -> a torch tensor of ``shape`` (numpy order).
 
     F32/F16/BF16 keep their dtype (no copy beyond reading the map); the block formats become float32.
-    Q8_0, Q4_0 and Q4_1 are dequantized here; other block formats go through ``gguf.quants`` (numpy).
+    Q8_0, Q4_0, Q4_1 and the K-quants Q4_K, Q5_K, Q6_K are dequantized here (gguf_kquants.py); other block
+    formats go through ``gguf.quants`` (numpy, slower).
     """
     raw = np.ascontiguousarray(data)
     if type_name == "F32":
@@ -441,6 +463,8 @@ def dequantize_tensor(data: np.ndarray, type_name: str, shape: tuple[int, ...]) 
         return torch.from_numpy(raw.view(np.int16).reshape(shape).copy()).view(torch.bfloat16)
     if type_name in _OWN_DEQUANTIZERS:
         return torch.from_numpy(_OWN_DEQUANTIZERS[type_name](raw.view(np.uint8)).reshape(shape))
+    if type_name in KQUANT_BLOCKS:
+        return dequantize_kquant(raw.view(np.uint8), type_name).reshape(shape)
     import gguf
     from gguf import quants
 

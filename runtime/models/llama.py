@@ -26,6 +26,7 @@ from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..layers.vocab_parallel import VocabParallelEmbedding
 from ..quantization.base import QuantConfig
+from ..quantization.int4_groups import Int4Groups, Weight
 from .config import ModelConfig
 
 
@@ -286,7 +287,7 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, self.head.weight).float()
 
     # ---- weights --------------------------------------------------------------------------------------
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None:
         """Load Hugging Face-named tensors; every parameter must be covered (else a clear error). A linear takes
         whatever tensors its format has (``weight``, or ``qweight`` / ``scales`` / ...), sliced for its rank."""
         params = dict(self.named_parameters())
@@ -311,8 +312,10 @@ class LlamaForCausalLM(nn.Module):
                 continue
             module = modules.get(".".join(parts[:-1]))
             if isinstance(module, Linear | VocabParallelEmbedding):
+                if isinstance(module, VocabParallelEmbedding) and isinstance(tensor, Int4Groups):
+                    tensor = tensor.dense(module.weight.dtype)
                 try:  # the module takes its tensor-parallel slice of the whole checkpoint matrix
-                    module.load_weight(parts[-1], tensor)
+                    module.load_weight(parts[-1], tensor)  # type: ignore[arg-type]
                 except ValueError as e:
                     raise ValueError(f"{hf_name}: {e}") from None
                 loaded.add(name)
@@ -320,6 +323,8 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter in the model")
             param = params[name]
+            if isinstance(tensor, Int4Groups):  # a GGUF's Q4_K matrix outside the linears
+                tensor = tensor.dense(param.dtype)
             if param.shape != tensor.shape:
                 raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
             param.data.copy_(tensor)

@@ -6,7 +6,8 @@ Sources:
 - a Hugging Face model directory: ``config.json``, ``*.safetensors`` (sharded with
   ``model.safetensors.index.json`` or not), ``tokenizer.json``, ``tokenizer_config.json``,
   ``generation_config.json``.
-- a ``.gguf`` file (dequantized at load); ``file:///abs/path`` is the same as the plain path.
+- a ``.gguf`` file (dequantized at load, but for the Q4_K linears, which an int4 layer keeps as codes);
+  ``file:///abs/path`` is the same as the plain path.
 - ``hf://org/name``: a Hugging Face Hub repository (config, safetensors, tokenizer files only) at ``revision``,
   fetched into the Hub cache (``$HF_HOME``, with ``$HF_TOKEN`` for gated models) or found there when the cache
   already holds it; with ``HF_HUB_OFFLINE=1`` only the cache is used.
@@ -30,6 +31,7 @@ import torch
 
 from ..download import HF_ALLOW_PATTERNS
 from ..progress import Progress
+from ..quantization.int4_groups import Int4Groups, Weight
 from ..tokenizer import Tokenizer
 from .config import ModelConfig
 
@@ -98,11 +100,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class LoadedModel:
-    """What the engine needs from a checkpoint. ``weights`` is a one-shot iterator (None for dummy loads)."""
+    """What the engine needs from a checkpoint. ``weights`` is a one-shot iterator (None for dummy loads); a GGUF's
+    Q4_K decoder linears come as :class:`Int4Groups` (their codes), everything else as tensors."""
 
     name: str
     config: ModelConfig
-    weights: Iterator[tuple[str, torch.Tensor]] | None
+    weights: Iterator[tuple[str, Weight]] | None
     tokenizer: Tokenizer | None = None
     generation_config: dict[str, Any] = field(default_factory=dict)
     hf_config: dict[str, Any] = field(default_factory=dict)  # the raw config.json (or its GGUF equivalent)
@@ -300,15 +303,16 @@ def load_gguf_file(f: GGUFFile, *, name: str, dtype: torch.dtype | None = None, 
     num_tensors = len(f.reader.tensors)
     formats = frozenset(t.tensor_type.name for t in f.reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
 
-    def generate() -> Iterator[tuple[str, torch.Tensor]]:
+    def generate() -> Iterator[tuple[str, Weight]]:
         with Progress(f"loading {path.name}", total=num_tensors, unit="tensors") as progress:
             num_bytes = 0
             for item in iter_gguf_weights(f, hf, dtype):
-                num_bytes += item[1].numel() * item[1].element_size()
+                tensor = item[1]
+                num_bytes += tensor.nbytes if isinstance(tensor, Int4Groups) else tensor.numel() * tensor.element_size()
                 progress.update()
                 yield item
             progress.count = num_tensors
-            progress.note = f"({num_bytes / 2**20:.0f} MiB dequantized)"
+            progress.note = f"({num_bytes / 2**20:.0f} MiB read)"
 
     return LoadedModel(name, config, generate(), tokenizer, generation_config, hf, formats)
 

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base import LinearMethod, QuantConfig
-from .dense import DenseMethod
+from .dense import DENSE, DenseMethod
+from .int4_groups import Int4Groups, cat_rows
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -89,22 +90,93 @@ def int4pack_fits(n: int, k: int, group_size: int) -> bool:
 
 
 class Int4CpuMethod(DenseMethod):
-    """Loads the dense weight, then replaces it by torch's int4-packed copy ([N, K / 2] uint8) and its
-    scales_and_zeros ([K / 32, N, 2] in the activation dtype). A layer whose in_features is not whole groups, or
-    that is not on the CPU, stays dense."""
+    """torch's int4-packed weight ([N, K / 2] uint8) and its scales_and_zeros ([K / 32, N, 2] in the activation
+    dtype), from the file's own codes where the checkpoint gives them (a GGUF's Q4_K matrices, as
+    :class:`Int4Groups`), else quantized from the dense weight (round to nearest).
 
-    def __init__(self) -> None:
+    Nothing dense is allocated with the model (a placeholder carries the device and dtype): a layer whose matrices
+    come as codes never holds a float copy (it is packed as soon as its last shard is in); one that comes dense
+    allocates its weight on the first shard and is quantized with the others after loading. A
+    layer that mixes codes and dense shards (a Q4_K_M file's q/k Q4_K beside a Q6_K v) is assembled dense. With
+    ``keep_dense`` (a K-quant mix, where the file chose a higher precision for some layers) dense layers stay
+    dense; otherwise they are quantized. A layer whose in_features is not whole groups, or whose out_features the
+    kernel does not take, stays dense."""
+
+    def __init__(self, keep_dense: bool = False) -> None:
         super().__init__()
+        self.keep_dense = keep_dense
         self.int4_weight: torch.Tensor | None = None
         self.scales_and_zeros: torch.Tensor | None = None
+        self.from_file_codes = False
+        self.pending: dict[str, Int4Groups] = {}  # shard -> its codes, until the layer is complete
+        self.done = False
+
+    def create_weights(self, layer: Linear) -> None:
+        layer.add_weight("weight", torch.empty(0), DENSE)  # a placeholder: allocated on the first dense shard
+
+    def takes_int4_groups(self, layer: Linear, param: str) -> bool:
+        return param == "weight" and not self.done
+
+    def load_int4_groups(self, layer: Linear, shard: str, groups: Int4Groups) -> None:
+        self.pending[shard] = groups
+
+    def prepare_load(self, layer: Linear, param: str) -> None:
+        if param == "weight" and self.done:
+            raise ValueError("weight: loaded twice (the layer is complete already)")
+        if param == "weight":
+            self._dense_weight(layer)
+
+    def after_load(self, layer: Linear) -> None:
+        weight = layer.weight
+        complete = not [m for m in layer.missing() if m.endswith("weight")]
+        if not self.done and complete and weight is not None and weight.numel() == 0:
+            self.process_weights_after_loading(layer)  # all codes: packed now, so they are not held beside it
+
+    def _dense_weight(self, layer: Linear) -> torch.Tensor:
+        weight = layer.weight
+        assert weight is not None
+        if weight.numel() == 0:
+            full = torch.empty(layer.out_features, layer.in_features, dtype=weight.dtype, device=weight.device)
+            layer.weight = torch.nn.Parameter(full, requires_grad=False)
+            return full
+        return weight.data
 
     def process_weights_after_loading(self, layer: Linear) -> None:
-        weight = getattr(layer, "weight", None)
-        if weight is None or weight.device.type != "cpu" or layer.in_features % INT4_GROUP_SIZE:
+        if self.done:
             return
+        self.done = True
+        weight = layer.weight
+        assert weight is not None, "the weight is loaded before it is processed"
+        fits = weight.device.type == "cpu" and int4pack_fits(layer.out_features, layer.in_features, INT4_GROUP_SIZE)
+        shards = sorted(layer.shard_offsets, key=lambda s: layer.shard_offsets[s][0])
+        if fits and weight.numel() == 0 and all(s in self.pending for s in shards):
+            groups = cat_rows([self.pending[s] for s in shards])
+            codes = groups.codes.to(torch.int32)
+            zero = groups.minimum + 8 * groups.scale  # the kernel's w = (q - 8) * scale + zero
+            scales_and_zeros = torch.stack([groups.scale.t(), zero.t()], dim=-1).contiguous()
+            self.from_file_codes = True
+            self._keep_int4(layer, codes, scales_and_zeros, weight.dtype)
+            return
+        had_codes = bool(self.pending)
+        if had_codes:  # some or all shards as codes, but not kept so: write them into the dense weight
+            dense = self._dense_weight(layer)
+            for shard, groups in self.pending.items():
+                offset, size = layer.shard_offsets[shard]
+                dense[offset : offset + size] = groups.dense(dense.dtype)
+            self.pending.clear()
+        weight = layer.weight
+        assert weight is not None
+        if not fits or self.keep_dense or had_codes or layer.in_features % INT4_GROUP_SIZE:
+            return  # dense (oneDNN-packed later, on the CPU)
         codes, scales_and_zeros = quantize_int4(weight.data)
+        self._keep_int4(layer, codes, scales_and_zeros, weight.dtype)
+
+    def _keep_int4(
+        self, layer: Linear, codes: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype
+    ) -> None:
         self.int4_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        self.scales_and_zeros = scales_and_zeros.to(weight.dtype)
+        self.scales_and_zeros = scales_and_zeros.to(dtype)
+        self.pending.clear()
         layer.weight = None  # held once
 
     def pack(self, layer: Linear) -> bool:
@@ -116,15 +188,23 @@ class Int4CpuMethod(DenseMethod):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4_weight, INT4_GROUP_SIZE, self.scales_and_zeros)
 
     def describe(self) -> str:
-        return "int4" if self.int4_weight is not None else super().describe()
+        if self.int4_weight is not None:
+            return "int4 (file codes)" if self.from_file_codes else "int4"
+        return super().describe()
 
 
 class Int4CpuConfig(QuantConfig):
+    """``keep_dense``: layers that arrive dense stay dense (a GGUF K-quant mix: its Q6_K/Q5_K layers keep the
+    precision the file chose); else they are quantized at load."""
+
     name = "int4"
     int8_head = True
 
+    def __init__(self, keep_dense: bool = False) -> None:
+        self.keep_dense = keep_dense
+
     def linear_method(self) -> LinearMethod:
-        return Int4CpuMethod()
+        return Int4CpuMethod(self.keep_dense)
 
     def check_device(self, device: torch.device) -> None:
         if device.type != "cpu":

@@ -8,6 +8,7 @@ from typing import Any
 
 from .base import QuantConfig
 from .cpu_int4 import Int4CpuConfig
+from .int4_groups import INT4_GROUP_FORMATS
 
 # formats a checkpoint arrives in (its quantization_config says so); formats quantized at load from float weights
 CHECKPOINT_FORMATS = ("awq", "gptq")
@@ -42,8 +43,12 @@ def checkpoint_quant_method(hf: dict[str, Any]) -> str | None:
     return method
 
 
-def quant_config_for(quantization: str, hf: dict[str, Any]) -> QuantConfig | None:
-    """The format object of a resolved ``quantization`` ("none", "int4", "awq", ...); None for plain weights."""
+def quant_config_for(
+    quantization: str, hf: dict[str, Any], weight_formats: frozenset[str] = frozenset()
+) -> QuantConfig | None:
+    """The format object of a resolved ``quantization`` ("none", "int4", "awq", ...); None for plain weights.
+    ``weight_formats``: the GGUF types of the checkpoint's decoder matrices; int4 over a K-quant mix keeps the
+    layers the file stores at more bits dense (its codes serve the Q4_K ones)."""
     method = checkpoint_quant_method(hf)
     if method is not None and quantization != method:
         raise ValueError(
@@ -60,4 +65,6 @@ def quant_config_for(quantization: str, hf: dict[str, Any]) -> QuantConfig | Non
     classes = _config_classes()
     if quantization not in classes:
         raise ValueError(f"quantization must be one of none, {', '.join(classes)}, got {quantization!r}")
+    if quantization == "int4":
+        return Int4CpuConfig(keep_dense=bool(weight_formats & INT4_GROUP_FORMATS))
     return classes[quantization].from_config(hf.get("quantization_config") or {})

@@ -82,8 +82,7 @@ def test_quantize_refuses_columns_that_are_not_whole_groups() -> None:
     with pytest.raises(ValueError, match="multiple of the group size"):
         quantize_int4(torch.zeros(4, 40))
     layer = Linear(40, 8, quant=Int4CpuConfig())
-    assert layer.weight is not None
-    layer.weight.data.normal_()
+    layer.load_weight("weight", torch.randn(8, 40))
     layer.process_weights_after_loading()  # not whole groups: the layer stays dense
     assert layer.weight is not None and "int4" not in repr(layer)
     x = torch.randn(3, 40)
