@@ -77,6 +77,18 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[to
     return codes.reshape(n, k).contiguous(), scale.contiguous()
 
 
+INT4_EXACT_TOLERANCE = 0.125  # of a group's step: above a bf16 copy's rounding (~0.03), far below RTN's (~0.5)
+
+
+def is_int4_exact(weight: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> bool:
+    """Whether the int4 groups ``(codes, scales_and_zeros)`` (from :func:`quantize_int4`) give ``weight`` back up to
+    the rounding of its dtype: the weight was 4-bit groups already (a dequantized Q4_0/Q4_1 matrix), not more bits."""
+    n = weight.shape[0]
+    step = scales_and_zeros[..., 0].t().float()[..., None]  # [N, groups, 1]
+    error = (dequantize_int4(codes, scales_and_zeros) - weight.float()).abs().reshape(n, -1, INT4_GROUP_SIZE)
+    return bool((error <= INT4_EXACT_TOLERANCE * step + 1e-12).all())
+
+
 def cpu_int4_is_fast() -> bool:
     """torch's CPU int4 matmul is vectorized for AVX-512 only: on an AVX2-only CPU it is ~20x slower than the float32
     matmul it replaces (bench/results/cpu_int4-amd-epyc-2c.json: 576x1536 at batch 1, 2.6 ms vs 0.11 ms; SmolLM2
@@ -94,17 +106,18 @@ class Int4CpuMethod(DenseMethod):
     dtype), from the file's own codes where the checkpoint gives them (a GGUF's Q4_K matrices, as
     :class:`Int4Groups`), else quantized from the dense weight (round to nearest).
 
-    Nothing dense is allocated with the model (a placeholder carries the device and dtype): a layer whose matrices
-    come as codes never holds a float copy (it is packed as soon as its last shard is in); one that comes dense
-    allocates its weight on the first shard and is quantized with the others after loading. A
-    layer that mixes codes and dense shards (a Q4_K_M file's q/k Q4_K beside a Q6_K v) is assembled dense. With
-    ``keep_dense`` (a K-quant mix, where the file chose a higher precision for some layers) dense layers stay
-    dense; otherwise they are quantized. A layer whose in_features is not whole groups, or whose out_features the
-    kernel does not take, stays dense."""
+    Nothing dense is allocated with the model (a placeholder carries the device and dtype), and each layer is
+    packed as soon as its last shard is in: a layer whose matrices come as codes never holds a float copy, one that
+    comes dense holds it only while it loads, so a load's peak is the int4 model plus one float layer. A layer that
+    mixes codes and dense shards (a Q4_K_M file's q/k Q4_K beside a Q6_K v) is assembled dense. With
+    ``lossless_only`` (a K-quant mix, where the file chose a higher precision for some layers) a dense layer is
+    quantized only where its weights are 4-bit groups already (:func:`is_int4_exact`: a Q4_0/Q4_1 layer), so a
+    Q6_K one keeps its precision; otherwise every dense layer is quantized. A layer whose in_features is not whole
+    groups, or whose out_features the kernel does not take, stays dense."""
 
-    def __init__(self, keep_dense: bool = False) -> None:
+    def __init__(self, lossless_only: bool = False) -> None:
         super().__init__()
-        self.keep_dense = keep_dense
+        self.lossless_only = lossless_only
         self.int4_weight: torch.Tensor | None = None
         self.scales_and_zeros: torch.Tensor | None = None
         self.from_file_codes = False
@@ -127,10 +140,8 @@ class Int4CpuMethod(DenseMethod):
             self._dense_weight(layer)
 
     def after_load(self, layer: Linear) -> None:
-        weight = layer.weight
-        complete = not [m for m in layer.missing() if m.endswith("weight")]
-        if not self.done and complete and weight is not None and weight.numel() == 0:
-            self.process_weights_after_loading(layer)  # all codes: packed now, so they are not held beside it
+        if not self.done and not [m for m in layer.missing() if m.endswith("weight")]:
+            self.process_weights_after_loading(layer)  # now: the next layers' float weights are not held beside it
 
     def _dense_weight(self, layer: Linear) -> torch.Tensor:
         weight = layer.weight
@@ -166,9 +177,11 @@ class Int4CpuMethod(DenseMethod):
             self.pending.clear()
         weight = layer.weight
         assert weight is not None
-        if not fits or self.keep_dense or had_codes or layer.in_features % INT4_GROUP_SIZE:
+        if not fits or had_codes or layer.in_features % INT4_GROUP_SIZE:
             return  # dense (oneDNN-packed later, on the CPU)
         codes, scales_and_zeros = quantize_int4(weight.data)
+        if self.lossless_only and not is_int4_exact(weight.data, codes, scales_and_zeros):
+            return
         self._keep_int4(layer, codes, scales_and_zeros, weight.dtype)
 
     def _keep_int4(
@@ -194,17 +207,18 @@ class Int4CpuMethod(DenseMethod):
 
 
 class Int4CpuConfig(QuantConfig):
-    """``keep_dense``: layers that arrive dense stay dense (a GGUF K-quant mix: its Q6_K/Q5_K layers keep the
+    """``lossless_only``: layers that arrive dense become int4 only where nothing is lost (a GGUF K-quant mix: its
+    Q6_K/Q5_K layers keep the precision the file chose); else every dense layer is quantized at load.
     precision the file chose); else they are quantized at load."""
 
     name = "int4"
     int8_head = True
 
-    def __init__(self, keep_dense: bool = False) -> None:
-        self.keep_dense = keep_dense
+    def __init__(self, lossless_only: bool = False) -> None:
+        self.lossless_only = lossless_only
 
     def linear_method(self) -> LinearMethod:
-        return Int4CpuMethod(self.keep_dense)
+        return Int4CpuMethod(self.lossless_only)
 
     def check_device(self, device: torch.device) -> None:
         if device.type != "cpu":

@@ -48,7 +48,7 @@ def quant_config_for(
 ) -> QuantConfig | None:
     """The format object of a resolved ``quantization`` ("none", "int4", "awq", ...); None for plain weights.
     ``weight_formats``: the GGUF types of the checkpoint's decoder matrices; int4 over a K-quant mix keeps the
-    layers the file stores at more bits dense (its codes serve the Q4_K ones)."""
+    layers the file stores at more bits dense (its codes serve the Q4_K ones, Q4_0/Q4_1 ones are requantized)."""
     method = checkpoint_quant_method(hf)
     if method is not None and quantization != method:
         raise ValueError(
@@ -66,5 +66,5 @@ def quant_config_for(
     if quantization not in classes:
         raise ValueError(f"quantization must be one of none, {', '.join(classes)}, got {quantization!r}")
     if quantization == "int4":
-        return Int4CpuConfig(keep_dense=bool(weight_formats & INT4_GROUP_FORMATS))
+        return Int4CpuConfig(lossless_only=bool(weight_formats & INT4_GROUP_FORMATS))
     return classes[quantization].from_config(hf.get("quantization_config") or {})

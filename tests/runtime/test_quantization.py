@@ -94,13 +94,13 @@ def test_int4_linear_holds_only_the_int4_codes_and_serves_every_batch_size(
     gen: torch.Generator, dtype: torch.dtype
 ) -> None:
     layer = MergedLinear(64, {"a": 48, "b": 16}, bias=True, quant=Int4CpuConfig())
+    layer.to(dtype)  # as a model is built: in its dtype before loading (each layer is quantized once complete)
     w = q4_1_weight(64, 64, gen)
     layer.load_shard("a", "weight", w[:48])
     layer.load_shard("b", "weight", w[48:])
     layer.load_shard("a", "bias", torch.randn(48, generator=gen))
     layer.load_shard("b", "bias", torch.randn(16, generator=gen))
     assert layer.missing() == []
-    layer.to(dtype)
     layer.process_weights_after_loading()
     assert "int4" in repr(layer)
     assert layer.weight is None  # the weight is held once: as int4 codes
