@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed.parallel import TensorParallel
+from ..quantization.int4_groups import Int4Groups, Weight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -23,8 +24,10 @@ class VocabParallelEmbedding(nn.Module):
         self.start, self.per_rank = tp.vocab_range(vocab_size)
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size), requires_grad=False)
 
-    def load_weight(self, param: str, tensor: torch.Tensor) -> None:
+    def load_weight(self, param: str, tensor: Weight) -> None:
         """The checkpoint's whole [vocab_size, hidden] matrix -> this rank's rows (zeros past the vocabulary)."""
+        if isinstance(tensor, Int4Groups):  # a GGUF's Q4_K embedding: dequantized
+            tensor = tensor.dense(self.weight.dtype)
         expected = (self.vocab_size, self.weight.shape[1])
         if param != "weight" or tuple(tensor.shape) != expected:
             raise ValueError(f"{param}: checkpoint has shape {tuple(tensor.shape)}, expected {expected}")

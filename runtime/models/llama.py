@@ -312,10 +312,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             module = modules.get(".".join(parts[:-1]))
             if isinstance(module, Linear | VocabParallelEmbedding):
-                if isinstance(module, VocabParallelEmbedding) and isinstance(tensor, Int4Groups):
-                    tensor = tensor.dense(module.weight.dtype)
                 try:  # the module takes its tensor-parallel slice of the whole checkpoint matrix
-                    module.load_weight(parts[-1], tensor)  # type: ignore[arg-type]
+                    module.load_weight(parts[-1], tensor)
                 except ValueError as e:
                     raise ValueError(f"{hf_name}: {e}") from None
                 loaded.add(name)

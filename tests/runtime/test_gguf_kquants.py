@@ -17,7 +17,7 @@ from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.llm_engine import LLMEngine
 from kubellm.runtime.engine.model_runner import resolve_quantization
 from kubellm.runtime.layers.linear import Linear, MergedLinear
-from kubellm.runtime.models.gguf_kquants import KQUANT_BLOCKS, decode_q4_k, dequantize_kquant
+from kubellm.runtime.models.gguf_blocks import KQUANT_BLOCKS, decode_q4_k, dequantize_kquant
 from kubellm.runtime.models.loader import load_model
 from kubellm.runtime.quantization.cpu_int4 import Int4CpuConfig, Int4CpuMethod
 from kubellm.runtime.quantization.int4_groups import Int4Groups
@@ -226,3 +226,22 @@ def test_a_q4_k_layer_loads_dense_into_a_dense_model(gen: torch.Generator) -> No
     layer = Linear(256, 16)
     layer.load_weight("weight", groups)
     assert layer.weight is not None and torch.equal(layer.weight.data, dense)
+
+
+def test_tensor_parallel_shards_take_their_slice_of_the_codes(gen: torch.Generator) -> None:
+    """A column-parallel shard takes its rows of the file's codes, a row-parallel one its columns (whole groups)."""
+    groups, dense = q4_k_groups(gen, 48, 512)
+    x = torch.randn(3, 512, generator=gen)
+    column = MergedLinear(512, {"a": 16}, shard_rows={"a": (16, 48)}, quant=Int4CpuConfig(lossless_only=True))
+    column.load_shard("a", "weight", groups)
+    assert "int4 (file codes)" in repr(column)
+    torch.testing.assert_close(column(x), x @ dense[16:32].t(), rtol=1e-4, atol=1e-4)
+    row = Linear(256, 48, input_slice=(256, 512), quant=Int4CpuConfig(lossless_only=True))
+    row.load_weight("weight", groups)
+    half = x[:, 256:].contiguous()
+    torch.testing.assert_close(row(half), half @ dense[:, 256:].t(), rtol=1e-4, atol=1e-4)
+    odd = Linear(240, 48, input_slice=(16, 512), quant=Int4CpuConfig(lossless_only=True))
+    with pytest.raises(ValueError, match=r"weight: columns \[16, 256\) are not whole groups of 32"):
+        odd.load_weight("weight", groups)
+    with pytest.raises(ValueError, match=r"weight: checkpoint has shape \(48, 512\), expected \(16, 512\)"):
+        Linear(512, 16, quant=Int4CpuConfig()).load_weight("weight", groups)

@@ -1,4 +1,6 @@
-"""GGUF's K-quant blocks (ggml's ``block_q4_K``, ``block_q5_K``, ``block_q6_K``: 256 elements each) decoded in whole
+"""GGUF's block formats decoded in numpy / torch: Q8_0, Q4_0, Q4_1 (blocks of 32) and the K-quants.
+
+The K-quant blocks (ggml's ``block_q4_K``, ``block_q5_K``, ``block_q6_K``: 256 elements each) decoded in whole
 tensors at once (torch, no per-block Python).
 
 Each decoder gives back the block's integer codes and its per-sub-block scales (and minimums), so that an int4 layer
@@ -23,6 +25,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+
+class GGUFError(ValueError):
+    """A GGUF file this loader cannot read; the message names the offending key or tensor."""
+
+
+# Block sizes of the quantization formats we dequantize ourselves: (elements per block, bytes per block).
+Q8_0_BLOCK = (32, 34)  # f16 scale d, 32 x int8 q:           x = d * q
+Q4_0_BLOCK = (32, 18)  # f16 scale d, 16 bytes of nibbles:    x = d * (q - 8)
+Q4_1_BLOCK = (32, 20)  # f16 scale d, f16 min m, 16 bytes:    x = d * q + m
 QK_K = 256
 KQUANT_BLOCKS = {"Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210)}  # (elements, bytes) per block
 
@@ -99,3 +110,71 @@ def dequantize_kquant(data: np.ndarray | torch.Tensor, type_name: str) -> torch.
     codes, scale, minimum = decode_q4_k(data) if type_name == "Q4_K" else decode_q5_k(data)
     # scale * q - dmin * m, as the reference rounds it (minimum is that product negated: exact)
     return (scale[:, None] * codes.to(torch.float32) + minimum[:, None]).reshape(-1)
+
+
+def _f16_np(raw: np.ndarray) -> np.ndarray:
+    """Little-endian float16 from a ``[..., 2]`` uint8 array -> float32 ``[...]``."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """``[n_blocks, 16]`` uint8 -> ``[n_blocks, 32]`` values 0..15: low nibbles are elements 0..15, high 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)
+
+
+def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
+    blocks = np.ascontiguousarray(data).reshape(-1, Q8_0_BLOCK[1])  # [n_blocks, 34]
+    d = _f16_np(blocks[:, 0:2].reshape(-1, 1, 2))  # [n_blocks, 1]
+    q = blocks[:, 2:].view(np.int8).astype(np.float32)  # [n_blocks, 32]
+    return (d * q).reshape(-1)
+
+
+def dequantize_q4_0(data: np.ndarray) -> np.ndarray:
+    blocks = np.ascontiguousarray(data).reshape(-1, Q4_0_BLOCK[1])  # [n_blocks, 18]
+    d = _f16_np(blocks[:, 0:2].reshape(-1, 1, 2))
+    q = _nibbles(blocks[:, 2:]) - 8.0  # [n_blocks, 32]
+    return (d * q).reshape(-1)
+
+
+def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
+    blocks = np.ascontiguousarray(data).reshape(-1, Q4_1_BLOCK[1])  # [n_blocks, 20]
+    d = _f16_np(blocks[:, 0:2].reshape(-1, 1, 2))
+    m = _f16_np(blocks[:, 2:4].reshape(-1, 1, 2))
+    q = _nibbles(blocks[:, 4:])
+    return (d * q + m).reshape(-1)
+
+
+_OWN_DEQUANTIZERS = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1}
+
+
+def dequantize_tensor(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGUF tensor data -> a torch tensor of ``shape`` (numpy order).
+
+    F32/F16/BF16 keep their dtype (no copy beyond reading the map); the block formats become float32.
+    Q8_0, Q4_0, Q4_1 and the K-quants Q4_K, Q5_K, Q6_K are dequantized here; other block
+    formats go through ``gguf.quants`` (numpy).
+    """
+    raw = np.ascontiguousarray(data)
+    if type_name == "F32":
+        return torch.from_numpy(raw.view(np.float32).reshape(shape).copy())
+    if type_name == "F16":
+        return torch.from_numpy(raw.view(np.float16).reshape(shape).copy())
+    if type_name == "BF16":
+        # numpy has no bfloat16: reinterpret the 16-bit patterns in torch
+        return torch.from_numpy(raw.view(np.int16).reshape(shape).copy()).view(torch.bfloat16)
+    if type_name in _OWN_DEQUANTIZERS:
+        return torch.from_numpy(_OWN_DEQUANTIZERS[type_name](raw.view(np.uint8)).reshape(shape))
+    if type_name in KQUANT_BLOCKS:
+        return dequantize_kquant(raw.view(np.uint8), type_name).reshape(shape)
+    import gguf
+    from gguf import quants
+
+    try:
+        qtype = gguf.GGMLQuantizationType[type_name]
+    except KeyError as e:
+        raise GGUFError(f"tensor type {type_name!r} is unknown") from e
+    try:
+        values = quants.dequantize(raw.view(np.uint8), qtype)
+    except NotImplementedError as e:
+        raise GGUFError(f"tensor type {type_name!r} cannot be dequantized") from e
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
