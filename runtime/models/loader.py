@@ -31,7 +31,7 @@ import torch
 
 from ..download import HF_ALLOW_PATTERNS
 from ..progress import Progress
-from ..quantization.int4_groups import Int4Groups, Weight
+from ..quantization.int4_groups import Weight
 from ..tokenizer import Tokenizer
 from .config import ModelConfig
 
@@ -119,7 +119,7 @@ def load_model(
     """Load a model's configuration, tokenizer and (lazily) weights; see the module docstring for sources.
 
     ``dtype`` casts every weight as it is read; None keeps the checkpoint's dtype (GGUF block formats
-    dequantize to float32).
+    dequantize to float32; a Q4_K linear's codes are no float: its layer dequantizes them to its own dtype).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
@@ -307,8 +307,7 @@ def load_gguf_file(f: GGUFFile, *, name: str, dtype: torch.dtype | None = None, 
         with Progress(f"loading {path.name}", total=num_tensors, unit="tensors") as progress:
             num_bytes = 0
             for item in iter_gguf_weights(f, hf, dtype):
-                tensor = item[1]
-                num_bytes += tensor.nbytes if isinstance(tensor, Int4Groups) else tensor.numel() * tensor.element_size()
+                num_bytes += item[1].nbytes  # a tensor's or Int4Groups' bytes
                 progress.update()
                 yield item
             progress.count = num_tensors
