@@ -21,6 +21,7 @@ from kubellm.runtime.models.gguf_blocks import KQUANT_BLOCKS, decode_q4_k, dequa
 from kubellm.runtime.models.loader import load_model
 from kubellm.runtime.quantization.cpu_int4 import Int4CpuConfig, Int4CpuMethod
 from kubellm.runtime.quantization.int4_groups import Int4Groups
+from kubellm.runtime.quantization.registry import quant_config_for
 from kubellm.runtime.sampling_params import SamplingParams
 
 from .kquant_testing import quantize_q4_k, quantize_q6_k, use_more_bits, write_q4_k_m_copy
@@ -127,6 +128,13 @@ def test_the_q4_k_m_file_is_a_mix(q4_k_m: tuple[Path, dict[str, str]]) -> None:
     assert resolve_quantization("auto", CPU, loaded.weight_formats, int4_fast=True) == "int4"
     assert resolve_quantization("auto", CPU, loaded.weight_formats, int4_fast=False) == "none"
     assert resolve_quantization("auto", CPU, frozenset({"Q5_K", "Q6_K"}), int4_fast=True) == "none"  # Q5_K_M
+    assert resolve_quantization("auto", CPU, frozenset({"Q4_K"}), int4_fast=True) == "int4"
+    assert resolve_quantization("auto", CPU, frozenset({"Q4_K", "Q3_K"}), int4_fast=True) == "none"  # Q3_K_M
+    # int4 over the mix: its dense layers only where nothing is lost (Q4_1 yes, Q6_K no); any other file: all
+    mix = quant_config_for("int4", loaded.hf_config, loaded.weight_formats)
+    assert isinstance(mix, Int4CpuConfig) and mix.lossless_only
+    plain = quant_config_for("int4", {}, frozenset({"Q8_0"}))
+    assert isinstance(plain, Int4CpuConfig) and not plain.lossless_only
     weights = dict(loaded.weights or ())
     down = weights["model.layers.3.mlp.down_proj.weight"]  # layer 3: Q4_K
     assert isinstance(down, Int4Groups) and tuple(down.shape) == (576, 1536)
