@@ -208,8 +208,7 @@ class Int4CpuMethod(DenseMethod):
 
 class Int4CpuConfig(QuantConfig):
     """``lossless_only``: layers that arrive dense become int4 only where nothing is lost (a GGUF K-quant mix: its
-    Q6_K/Q5_K layers keep the precision the file chose); else every dense layer is quantized at load.
-    precision the file chose); else they are quantized at load."""
+    Q6_K/Q5_K layers keep the precision the file chose); else every dense layer is quantized at load."""
 
     name = "int4"
     int8_head = True
