@@ -242,7 +242,8 @@ def test_short_prompts_go_small_long_and_tool_bearing_ones_large_and_a_gone_tier
         print(f"fallover answered in {time.monotonic() - started:.2f} s")
         assert h.gateway.metric("kubellm_gateway_route_decisions_total", tier="large", reason="fallback") == 1
         # ...and woke the small tier, which the operator scales back to one replica; it serves short prompts again.
-        assert h.gateway.metric("kubellm_gateway_wakes_total", model_name="tiny-chat") >= 1
+        # (the wake is written --wake-gather-seconds after the request, counting the requests held with it)
+        h.wait(lambda: h.gateway.metric("kubellm_gateway_wakes_total", model_name="tiny-chat") >= 1, 10, "a wake")
         h.wait(lambda: get_llmd(api, ns, "tiny")["spec"]["replicas"] == 1, 30, "the small tier woken")
         h.wait(lambda: h.kubelets[0].serving(), 240, "the small tier's new runtime serving")
         h.wait(lambda: served_models(h.gateway)["tiny-chat"]["kubellm"]["ready_replicas"] == 1, 30, "small ready")
