@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kubellm import contract
-from kubellm.apikeys import ANONYMOUS, APIKeyAuth, load_api_keys
+from kubellm.apikeys import ANONYMOUS, CHALLENGE, MISSING_KEY_CODE, MISSING_KEY_MESSAGE, APIKeyAuth, load_api_keys
 from kubellm.gateway.errors import GatewayError
 from kubellm.gateway.route import features
 from kubellm.ratelimit import RateLimiter
@@ -78,12 +78,7 @@ class Access:
             return ANONYMOUS
         caller = self.auth.authenticate(authorization)
         if caller is None:
-            raise GatewayError(
-                401,
-                "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": 'Bearer realm="kubellm"'},
-            )
+            raise GatewayError(401, MISSING_KEY_MESSAGE, code=MISSING_KEY_CODE, headers=dict(CHALLENGE))
         return caller
 
     def limit(self, caller: str, kind: str, body: dict[str, Any]) -> None:

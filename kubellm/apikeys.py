@@ -16,6 +16,10 @@ from pathlib import Path
 
 ENV_VAR = "KUBELLM_API_KEYS"
 ANONYMOUS = "anonymous"
+# The 401 both the runtime and the gateway answer without a valid key.
+MISSING_KEY_MESSAGE = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+MISSING_KEY_CODE = "invalid_api_key"
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="kubellm"'}
 
 
 def key_id(key: str) -> str:

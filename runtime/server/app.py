@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSCloseCode, web
 from pydantic import BaseModel, ValidationError
 
-from kubellm.apikeys import ANONYMOUS, APIKeyAuth
+from kubellm.apikeys import ANONYMOUS, CHALLENGE, MISSING_KEY_CODE, MISSING_KEY_MESSAGE, APIKeyAuth
 
 from . import protocol as p
 from .errors import APIError, bad_request, from_http_exception, from_validation_error
@@ -157,12 +157,7 @@ class OpenAIServer:
         if not self.auth.is_exempt(path):
             caller = self.auth.authenticate(request.headers.get("Authorization"))
             if caller is None:
-                raise APIError(
-                    401,
-                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": 'Bearer realm="kubellm"'},
-                )
+                raise APIError(401, MISSING_KEY_MESSAGE, code=MISSING_KEY_CODE, headers=dict(CHALLENGE))
             request["caller"] = caller
         if path in PUBLIC_PATHS:
             return

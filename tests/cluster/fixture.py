@@ -11,6 +11,7 @@ minutes and must not count against the first test's timeout, and the log shows i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -77,34 +78,34 @@ def _control_plane(request: pytest.FixtureRequest, state_dir: Path, *, crds: boo
     return ControlPlane(binaries, config, state_dir).start()
 
 
-@pytest.fixture(scope="session")
-def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    control_plane = _control_plane(request, tmp_path_factory.mktemp("cluster"))
+@contextlib.contextmanager
+def _running(request: pytest.FixtureRequest, state_dir: Path, *, crds: bool = True) -> Iterator[ControlPlane]:
+    control_plane = _control_plane(request, state_dir, crds=crds)
     try:
         yield control_plane
     finally:
         control_plane.stop()
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    with _running(request, tmp_path_factory.mktemp("cluster")) as control_plane:
+        yield control_plane
 
 
 @pytest.fixture(scope="module")
 def private_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """A control plane of the test module's own, for tests that crash or restart its components (the session's
     cluster must stay undisturbed for everyone else)."""
-    control_plane = _control_plane(request, tmp_path_factory.mktemp("private-cluster"))
-    try:
+    with _running(request, tmp_path_factory.mktemp("private-cluster")) as control_plane:
         yield control_plane
-    finally:
-        control_plane.stop()
 
 
 @pytest.fixture(scope="module")
 def bare_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """A control plane of the test module's own without our CRDs, for what installs them itself (helm install)."""
-    control_plane = _control_plane(request, tmp_path_factory.mktemp("bare-cluster"), crds=False)
-    try:
+    with _running(request, tmp_path_factory.mktemp("bare-cluster"), crds=False) as control_plane:
         yield control_plane
-    finally:
-        control_plane.stop()
 
 
 @pytest.fixture
