@@ -1,5 +1,5 @@
-"""The operator SIGKILLed mid-reconcile and restarted converges: every LLMDeployment ends with exactly its own
-children, up to date, and nothing orphaned or duplicated."""
+"""The operator SIGKILLed (or SIGTERMed) mid-reconcile and restarted converges: every LLMDeployment ends with
+exactly its own children, up to date, and nothing orphaned or duplicated."""
 
 from __future__ import annotations
 
@@ -60,6 +60,57 @@ def _first_event(list_fn: Any, namespace: str, predicate: Any = None, timeout: i
     raise AssertionError(f"no matching object within {timeout} s")
 
 
+def _create(custom: Any, namespace: str, names: list[str]) -> None:
+    for name in names:
+        body = {
+            "apiVersion": c.API_VERSION,
+            "kind": c.KIND,
+            "metadata": {"name": name},
+            "spec": {"model": {"source": "builtin:smollm2-135m-instruct"}, "replicas": 2, "resources": {"gpus": 0}},
+        }
+        custom.create_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, body)
+
+
+def _converged(api: Any, namespace: str, names: list[str], max_num_seqs_32: bool) -> bool:
+    custom: Any = client.CustomObjectsApi(api)
+    apps: Any = client.AppsV1Api(api)
+    core: Any = client.CoreV1Api(api)
+    for name in names:
+        obj = custom.get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name)
+        status = obj.get("status") or {}
+        if status.get("observedGeneration") != obj["metadata"]["generation"] or status.get("readyReplicas") != 2:
+            return False
+        if max_num_seqs_32 and not _runs_32(core, apps.read_namespaced_deployment(name, namespace)):
+            return False
+    return True
+
+
+def _exactly_their_children(api: Any, namespace: str, names: list[str]) -> None:
+    """Every LLMDeployment has its own children, each once, owned by it; no half-done kopf progress is left."""
+    custom: Any = client.CustomObjectsApi(api)
+    owners = {
+        o["metadata"]["uid"]: o["metadata"]["name"]
+        for o in custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL)["items"]
+    }
+    expected_names = {
+        "ConfigMap": {f"{n}-engine" for n in names},
+        "Deployment": set(names),
+        "Service": set(names),
+        "PodDisruptionBudget": set(names),
+    }
+    for kind, objs in _managed(api, namespace).items():
+        got = [o.metadata.name for o in objs]
+        assert sorted(got) == sorted(expected_names[kind]), f"{kind}: duplicates or orphans: {got}"
+        for obj in objs:
+            (ref,) = obj.metadata.owner_references
+            assert owners.get(ref.uid) == ref.name, f"{kind} {obj.metadata.name} is owned by a missing object"
+    kept = (f"{c.KOPF_ANNOTATION_PREFIX}/last-handled-configuration", f"{c.KOPF_ANNOTATION_PREFIX}/kopf-managed")
+    for name in names:
+        obj = custom.get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name)
+        leftovers = [k for k in obj["metadata"].get("annotations", {}) if k.startswith(c.KOPF_ANNOTATION_PREFIX)]
+        assert not [k for k in leftovers if k not in kept], f"{name}: {leftovers}"
+
+
 def test_sigkill_mid_reconcile_then_restart_converges(
     k8s_cluster: Any, private_namespace: str, tmp_path: Path, operator_process_factory: Any
 ) -> None:
@@ -68,14 +119,7 @@ def test_sigkill_mid_reconcile_then_restart_converges(
     apps: Any = client.AppsV1Api(api)
     ns = private_namespace
     names = [f"m{i}" for i in range(COUNT)]
-    for name in names:
-        body = {
-            "apiVersion": c.API_VERSION,
-            "kind": c.KIND,
-            "metadata": {"name": name},
-            "spec": {"model": {"source": "builtin:smollm2-135m-instruct"}, "replicas": 2, "resources": {"gpus": 0}},
-        }
-        custom.create_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL, body)
+    _create(custom, ns, names)
 
     op = operator_process_factory(ns, tmp_path / "operator.log")
     # Kill on the first ConfigMap (a watch, so within milliseconds): its owner has the ConfigMap but not yet the
@@ -103,46 +147,44 @@ def test_sigkill_mid_reconcile_then_restart_converges(
 
     op.start()
     try:
-
-        def converged() -> bool:
-            for name in names:
-                obj = custom.get_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL, name)
-                status = obj.get("status") or {}
-                if status.get("observedGeneration") != obj["metadata"]["generation"]:
-                    return False
-                if status.get("readyReplicas") != 2:
-                    return False
-                if not _runs_32(core, apps.read_namespaced_deployment(name, ns)):
-                    return False
-            return True
-
-        wait_until(converged, timeout=120, what="every LLMDeployment converged after the restarts")
+        wait_until(
+            lambda: _converged(api, ns, names, max_num_seqs_32=True),
+            timeout=120,
+            what="every LLMDeployment converged after the restarts",
+        )
     finally:
         op.stop()
+    _exactly_their_children(api, ns, names)
+    api.close()
 
-    owners = {
-        o["metadata"]["uid"]: o["metadata"]["name"]
-        for o in custom.list_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL)["items"]
-    }
-    managed = _managed(api, ns)
-    expected_names = {
-        "ConfigMap": {f"{n}-engine" for n in names},
-        "Deployment": set(names),
-        "Service": set(names),
-        "PodDisruptionBudget": set(names),
-    }
-    for kind, objs in managed.items():
-        got = [o.metadata.name for o in objs]
-        assert sorted(got) == sorted(expected_names[kind]), f"{kind}: duplicates or orphans: {got}"
-        for obj in objs:
-            (ref,) = obj.metadata.owner_references
-            assert owners.get(ref.uid) == ref.name, f"{kind} {obj.metadata.name} is owned by a missing object"
-    # No half-done handler progress left behind in kopf's annotations.
-    for name in names:
-        annotations = custom.get_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL, name)["metadata"].get(
-            "annotations", {}
+
+def test_sigterm_mid_reconcile_exits_cleanly_then_restart_converges(
+    k8s_cluster: Any, private_namespace: str, tmp_path: Path, operator_process_factory: Any
+) -> None:
+    """SIGTERM (a rollout of the operator, a node drain) while it reconciles: it stops within its grace period with
+    status 0, and the next operator finishes the work: nothing half-made is left, nothing is made twice."""
+    api = k8s_cluster.api_client()
+    custom: Any = client.CustomObjectsApi(api)
+    ns = private_namespace
+    names = [f"t{i}" for i in range(COUNT // 2)]
+    _create(custom, ns, names)
+    op = operator_process_factory(ns, tmp_path / "operator.log")
+    op.start()
+    _first_event(client.CoreV1Api(api).list_namespaced_config_map, ns)
+    assert op.proc is not None
+    op.proc.terminate()
+    assert op.proc.wait(timeout=20) == 0, op.log_tail()
+    state = _managed(api, ns)
+    made = f"{len(state['ConfigMap'])} ConfigMaps, {len(state['Deployment'])} Deployments"
+    print(f"after SIGTERM: {made} of {len(names)}")
+    op.start()
+    try:
+        wait_until(
+            lambda: _converged(api, ns, names, max_num_seqs_32=False),
+            timeout=120,
+            what="every LLMDeployment converged after the restart",
         )
-        kept = (f"{c.KOPF_ANNOTATION_PREFIX}/last-handled-configuration", f"{c.KOPF_ANNOTATION_PREFIX}/kopf-managed")
-        leftovers = [k for k in annotations if k.startswith(c.KOPF_ANNOTATION_PREFIX) and k not in kept]
-        assert not leftovers, f"{name}: {leftovers}"
+    finally:
+        op.stop()
+    _exactly_their_children(api, ns, names)
     api.close()

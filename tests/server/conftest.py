@@ -145,7 +145,25 @@ class ServerProcess:
         return int(self.proc.returncode)
 
 
-BASE_ARGS = ["--model", MODEL, "--served-model-name", SERVED_NAME, "--max-model-len", "1024", "--drain-timeout", "20"]
+# float32 and plain weights whatever the CPU: greedy outputs are then batch invariant, which many tests here compare
+# exactly (a stream alone vs in a batch, preempted vs not, a token scored vs generated). An AVX-512 CPU with bf16
+# units would otherwise serve bfloat16 with int4 layers by default, whose kernels round differently at different
+# batch sizes (as vLLM's default kernels do); that path's numerics are tested against transformers in
+# tests/runtime/test_model_hf.py and tests/quantization/.
+BASE_ARGS = [
+    "--model",
+    MODEL,
+    "--served-model-name",
+    SERVED_NAME,
+    "--max-model-len",
+    "1024",
+    "--drain-timeout",
+    "20",
+    "--dtype",
+    "float32",
+    "--quantization",
+    "none",
+]
 
 
 @pytest.fixture(scope="session")

@@ -188,7 +188,7 @@ def test_constrained_and_free_requests_share_a_batch(server: Any) -> None:
         return alone, list(results)
 
     alone, results = asyncio.run(run())
-    # greedy free answers in a mixed batch equal the answer alone (batch invariance is the engine's promise)
+    # greedy free answers in a mixed batch equal the answer alone (batch invariance: the engine's promise in float32)
     assert results[0] == results[2] == alone
     for text in (results[1], results[3]):
         jsonschema.validate(json.loads(text), schema)
