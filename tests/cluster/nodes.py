@@ -14,6 +14,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubellm.runtime.download import PERMANENT_EXIT_CODE
+
 # kwok manages only nodes carrying this annotation, so a test may also create nodes it drives by hand.
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_ANNOTATION_VALUE = "fake"
@@ -265,8 +267,8 @@ spec:
 
 
 # The operator's model loader pods (a Job's) finish as soon as they run: a download of the source hf://kwok/fails
-# fails the way `kubellm download` fails for a repository that does not exist (exit 2, the cause in the
-# termination message); any other succeeds. (What a download does is tested on its own, tests/runtime.)
+# fails the way `kubellm download` fails for a repository that does not exist (its permanent exit code, the cause
+# in the termination message); any other succeeds. (What a download does is tested on its own, tests/runtime.)
 _LOADER_FAILS = "hf://kwok/fails"
 _LOADER_FINISH = """\
 apiVersion: kwok.x-k8s.io/v1alpha1
@@ -304,7 +306,7 @@ _LOADER_SUCCEED = _LOADER_FINISH.format(
     phase="Succeeded",
 )  # fmt: skip
 _LOADER_FAIL = _LOADER_FINISH.format(
-    outcome="fail", operator="In", fails=_LOADER_FAILS, code=2, reason="Error",
+    outcome="fail", operator="In", fails=_LOADER_FAILS, code=PERMANENT_EXIT_CODE, reason="Error",
     message=f'"RepositoryNotFoundError: {_LOADER_FAILS} does not exist"', phase="Failed",
 )  # fmt: skip
 
