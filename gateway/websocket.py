@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from kubellm.gateway.app import Gateway
     from kubellm.gateway.discovery import Endpoint, Model
 
+access_log = logging.getLogger("kubellm.gateway.access")
 # the client's handshake headers that belong to its own socket, not to the upstream one
 _HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "host"})
 
@@ -51,6 +53,7 @@ class SocketProxy:
         self.gateway, self.request, self.caller = gateway, request, caller
         self.model: Model | None = None
         self.relay: asyncio.Task[None] | None = None  # upstream -> client
+        self.replica: str | None = None  # the pod the socket goes to
 
     def _check(self, request_body: dict[str, Any]) -> Model:
         """The model a `create` names (the socket's own, once it has one), within the caller's rate limit."""
@@ -89,9 +92,24 @@ class SocketProxy:
                     await _send_error(client, gen_id, GatewayError(400, "the first message must be a create"))
                     continue
                 await upstream.send_str(msg.data)
+                if body is not None:
+                    self._log(gen_id)
         finally:
             if upstream is not None:
                 await upstream.close()
+
+    def _log(self, gen_id: str | None) -> None:
+        """One JSON line per generation sent upstream, beside the HTTP requests' (the runtime logs how it ended)."""
+        assert self.model is not None
+        line = {
+            "id": gen_id,
+            "route": self.request.path,
+            "model": self.model.served_name,
+            "websocket": True,
+            "replica": self.replica,
+            "caller": self.caller,
+        }
+        access_log.info(json.dumps(line))
 
     async def _connect(self, model: Model, client: web.WebSocketResponse) -> aiohttp.ClientWebSocketResponse:
         forwarder = self.gateway.forwarder
@@ -111,6 +129,7 @@ class SocketProxy:
             )
         except aiohttp.ClientError as exc:
             raise GatewayError(502, f"replica {ep.id} of {model.served_name!r} failed: {exc}") from exc
+        self.replica = ep.id
         self.relay = asyncio.create_task(self._relay_back(upstream, client, ep))
         return upstream
 

@@ -96,3 +96,8 @@ def test_websocket_chat_through_the_gateway(
         h.wait(lambda: "sock-chat" in served_models(h.gateway), 60, "the model in /v1/models")
         (pod,) = h.wait(lambda: h.kubelets[0].serving(), 240, "the runtime to serve")
         asyncio.run(_drive(h.gateway.url, pod.url("/metrics")))
+        # one access-log line per generation the gateway sent on (a, c, d; the refused x and b never went)
+        lines = [json.loads(line) for line in h.gateway.log_tail(100_000).splitlines() if line.startswith("{")]
+        sent = [line for line in lines if line.get("websocket")]
+        assert [line["id"] for line in sent] == ["a", "c", "d"], sent
+        assert {line["replica"] for line in sent} == {pod.name} and {line["model"] for line in sent} == {"sock-chat"}
