@@ -111,6 +111,20 @@ def _exactly_their_children(api: Any, namespace: str, names: list[str]) -> None:
         assert not [k for k in leftovers if k not in kept], f"{name}: {leftovers}"
 
 
+def _restart_until_converged(op: Any, api: Any, namespace: str, names: list[str], *, max_num_seqs_32: bool) -> None:
+    """Start the operator again, wait until every LLMDeployment converged, stop it, and check its children."""
+    op.start()
+    try:
+        wait_until(
+            lambda: _converged(api, namespace, names, max_num_seqs_32),
+            timeout=120,
+            what="every LLMDeployment converged after the restart",
+        )
+    finally:
+        op.stop()
+    _exactly_their_children(api, namespace, names)
+
+
 def test_sigkill_mid_reconcile_then_restart_converges(
     k8s_cluster: Any, private_namespace: str, tmp_path: Path, operator_process_factory: Any
 ) -> None:
@@ -145,16 +159,7 @@ def test_sigkill_mid_reconcile_then_restart_converges(
     print(f"second kill: {updated}/{COUNT} Deployments updated")
     assert updated < COUNT, "the second kill did not land mid-rollout: every Deployment was updated"
 
-    op.start()
-    try:
-        wait_until(
-            lambda: _converged(api, ns, names, max_num_seqs_32=True),
-            timeout=120,
-            what="every LLMDeployment converged after the restarts",
-        )
-    finally:
-        op.stop()
-    _exactly_their_children(api, ns, names)
+    _restart_until_converged(op, api, ns, names, max_num_seqs_32=True)
     api.close()
 
 
@@ -177,14 +182,5 @@ def test_sigterm_mid_reconcile_exits_cleanly_then_restart_converges(
     state = _managed(api, ns)
     made = f"{len(state['ConfigMap'])} ConfigMaps, {len(state['Deployment'])} Deployments"
     print(f"after SIGTERM: {made} of {len(names)}")
-    op.start()
-    try:
-        wait_until(
-            lambda: _converged(api, ns, names, max_num_seqs_32=False),
-            timeout=120,
-            what="every LLMDeployment converged after the restart",
-        )
-    finally:
-        op.stop()
-    _exactly_their_children(api, ns, names)
+    _restart_until_converged(op, api, ns, names, max_num_seqs_32=False)
     api.close()
