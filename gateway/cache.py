@@ -15,9 +15,17 @@ import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import ClientResponse, web
+
+if TYPE_CHECKING:
+    from kubellm.gateway.discovery import Model
+    from kubellm.gateway.metrics import GatewayMetrics
+    from kubellm.gateway.proxy import RequestRecord
 
 CACHE_HEADER = "x-kubellm-cache"  # hit | miss, on the answers of a model with the cache on
+CACHEABLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 UNKEYED_FIELDS = frozenset({"user"})
 
 
@@ -105,3 +113,51 @@ class Capture:
             self.overflowed, self.parts = True, []
         else:
             self.parts.append(chunk)
+
+
+class CacheGate:
+    """The forwarder's side of the cache: look a request up (setting up the capture of a miss), replay a hit, and
+    store a miss's answer once it was relayed complete."""
+
+    def __init__(self, cache: ResponseCache, metrics: GatewayMetrics) -> None:
+        self.cache, self.metrics = cache, metrics
+
+    def lookup(self, path: str, model: Model, body: bytes, record: RequestRecord) -> CachedAnswer | None:
+        """The cached answer of a deterministic request to a model with the cache on; on a miss, set up the capture
+        of the answer about to be relayed."""
+        if model.cache_ttl_seconds is None or path not in CACHEABLE_PATHS:
+            return None
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return None
+        key = cache_key(model.served_name, path, doc) if isinstance(doc, dict) else None
+        if key is None:
+            return None
+        hit = self.cache.get(key)
+        record.cache = "hit" if hit is not None else "miss"
+        record.headers[CACHE_HEADER] = record.cache
+        self.metrics.cache_requests.labels(model.served_name, record.cache).inc()
+        if hit is None:
+            record.capture = Capture(key, self.cache.max_entry_bytes, model.cache_ttl_seconds)
+        return hit
+
+    async def replay(self, request: web.Request, answer: CachedAnswer, record: RequestRecord) -> web.StreamResponse:
+        record.decision = "cache"
+        out = web.StreamResponse(status=200, headers={"Content-Type": answer.content_type, **record.headers})
+        if answer.content_type.startswith("text/event-stream"):
+            out.headers["Cache-Control"] = "no-cache"
+        await out.prepare(request)
+        for part in answer.writes():
+            await out.write(part)
+            record.bytes_out += len(part)
+        await out.write_eof()
+        return out
+
+    def store(self, record: RequestRecord, upstream: ClientResponse) -> None:
+        capture = record.capture
+        if capture is None or capture.overflowed or upstream.status != 200:
+            return
+        content_type = upstream.headers.get("Content-Type", "application/json")
+        self.cache.put(capture.key, content_type, b"".join(capture.parts), capture.ttl_seconds)
+        self.metrics.cache_bytes.set(self.cache.bytes)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from aiohttp import web
 
 from kubellm.gateway.access import TAIL_BYTES
 from kubellm.gateway.balance import Load, Pick, Ring, Strategy, pick_least, pick_prefix
-from kubellm.gateway.cache import CACHE_HEADER, CachedAnswer, Capture, ResponseCache, cache_key
+from kubellm.gateway.cache import CacheGate, Capture, ResponseCache
 from kubellm.gateway.discovery import Endpoint, Model, Registry
 from kubellm.gateway.errors import GatewayError
 from kubellm.gateway.hold import Holds, Waker
@@ -56,7 +55,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 REPLICA_HEADER = "x-kubellm-replica"
-CACHEABLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 @dataclass
@@ -114,7 +112,7 @@ class Forwarder:
         self._rings: dict[tuple[str, ...], Ring] = {}
         self._turn = 0
         self._session: aiohttp.ClientSession | None = None
-        self.cache = ResponseCache(settings.cache_max_bytes, settings.cache_max_entry_bytes)
+        self.cache = CacheGate(ResponseCache(settings.cache_max_bytes, settings.cache_max_entry_bytes), metrics)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -198,57 +196,13 @@ class Forwarder:
     ) -> web.StreamResponse | None:
         """The response relayed from a replica of `model` (or its error after a hold, or its cached answer); None
         only with `fall_through`, when the model has no ready replica or refused the request with a 429."""
-        cached = self._from_cache(request, model, body, record)
+        cached = self.cache.lookup(request.path, model, body, record)
         if cached is not None:
-            return await self._replay(request, cached, record)
+            return await self.cache.replay(request, cached, record)
         try:
             return await self._forward(request, model, body, key, record, fall_through)
         except _Refused:
             return None
-
-    # -- the response cache -------------------------------------------------------------------------------------
-
-    def _from_cache(
-        self, request: web.Request, model: Model, body: bytes, record: RequestRecord
-    ) -> CachedAnswer | None:
-        """The cached answer of a deterministic request to a model with the cache on; on a miss, set up the capture
-        of the answer about to be relayed."""
-        if model.cache_ttl_seconds is None or request.path not in CACHEABLE_PATHS:
-            return None
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            return None
-        key = cache_key(model.served_name, request.path, doc) if isinstance(doc, dict) else None
-        if key is None:
-            return None
-        hit = self.cache.get(key)
-        record.cache = "hit" if hit is not None else "miss"
-        record.headers[CACHE_HEADER] = record.cache
-        self.metrics.cache_requests.labels(model.served_name, record.cache).inc()
-        if hit is None:
-            record.capture = Capture(key, self.cache.max_entry_bytes, model.cache_ttl_seconds)
-        return hit
-
-    async def _replay(self, request: web.Request, answer: CachedAnswer, record: RequestRecord) -> web.StreamResponse:
-        record.decision = "cache"
-        out = web.StreamResponse(status=200, headers={"Content-Type": answer.content_type, **record.headers})
-        if answer.content_type.startswith("text/event-stream"):
-            out.headers["Cache-Control"] = "no-cache"
-        await out.prepare(request)
-        for part in answer.writes():
-            await out.write(part)
-            record.bytes_out += len(part)
-        await out.write_eof()
-        return out
-
-    def _store(self, record: RequestRecord, upstream: aiohttp.ClientResponse) -> None:
-        capture = record.capture
-        if capture is None or capture.overflowed or upstream.status != 200:
-            return
-        content_type = upstream.headers.get("Content-Type", "application/json")
-        self.cache.put(capture.key, content_type, b"".join(capture.parts), capture.ttl_seconds)
-        self.metrics.cache_bytes.set(self.cache.bytes)
 
     async def _forward(
         self,
@@ -399,7 +353,7 @@ class Forwarder:
                 del record.tail[:-TAIL_BYTES]
             await out.write_eof()
             finished = True
-            self._store(record, upstream)
+            self.cache.store(record, upstream)
             return out
         finally:
             if finished:
