@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import quants
+from transformers_oracle import greedy_reference
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.llm_engine import LLMEngine
@@ -178,9 +179,7 @@ def test_q4_k_m_serves_like_transformers(
     while engine.has_unfinished_requests():
         outputs += engine.step()
     ours_tokens = [t for out in outputs for c in out.outputs for t in c.token_ids]  # each step's new tokens
-    with torch.inference_mode():
-        ref_tokens = hf_q4_k_m.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
-    assert ours_tokens == ref_tokens[0, len(ids) :].tolist()
+    assert ours_tokens == greedy_reference(hf_q4_k_m, ids, 16)
 
 
 def q4_k_groups(gen: torch.Generator, rows: int, cols: int) -> tuple[Int4Groups, torch.Tensor]:
