@@ -3,7 +3,7 @@ the way ``transformers``' ``apply_chat_template`` renders it (sandboxed; ``raise
 a ``tojson`` that does not escape HTML).
 
 Built from a Hugging Face directory (``tokenizer.json`` + ``tokenizer_config.json`` [+ ``chat_template.jinja``])
-or from a GGUF file's vocabulary (:func:`kubellm.runtime.models.gguf.gguf_to_tokenizer`).
+or from a GGUF file's vocabulary (:func:`kubellm.runtime.models.gguf_tokenizer.gguf_to_tokenizer`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, f: Any, *, extra_eos_token_ids: Iterable[int] = ()) -> Tokenizer:
         """From an opened GGUF file (:class:`kubellm.runtime.models.gguf.GGUFFile`)."""
-        from .models.gguf import gguf_to_tokenizer, gguf_tokenizer_config
+        from .models.gguf_tokenizer import gguf_to_tokenizer, gguf_tokenizer_config
 
         config = gguf_tokenizer_config(f)
         special = {name: config[name] for name in SPECIAL_TOKEN_NAMES if name in config}

@@ -191,7 +191,8 @@ SAMPLES = {
 def test_the_estimate_stays_within_the_measured_band_of_a_real_tokenizer() -> None:
     """CHARS_PER_TOKEN against SmolLM2's own tokenizer (the bundled GGUF's vocabulary): the estimate is within 30%
     of the true count for English prose, code, YAML and a question, and the measured ratios bracket the constant."""
-    from kubellm.runtime.models.gguf import gguf_to_tokenizer, open_gguf
+    from kubellm.runtime.models.gguf import open_gguf
+    from kubellm.runtime.models.gguf_tokenizer import gguf_to_tokenizer
     from kubellm.runtime.models.loader import builtin_model_path
 
     tokenizer = gguf_to_tokenizer(open_gguf(builtin_model_path("smollm2-135m-instruct")))
