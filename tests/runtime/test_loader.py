@@ -556,5 +556,5 @@ def test_gguf_errors_name_the_key(tmp_path: Path) -> None:
         load_model(str(_metadata_only_gguf(tmp_path / "a.gguf", "gemma")), load_format="dummy")
     with pytest.raises(kgguf.GGUFError, match=r"'llama\.block_count' is missing"):
         load_model(str(_metadata_only_gguf(tmp_path / "b.gguf", "llama", block_count=False)), load_format="dummy")
-    with pytest.raises(kgguf.GGUFError, match=r"tokenizer\.ggml\.model 'llama' is not supported"):
-        load_model(str(_metadata_only_gguf(tmp_path / "c.gguf", "llama", tokenizer_model="llama")))
+    with pytest.raises(kgguf.GGUFError, match=r"tokenizer\.ggml\.model 'bert' is not supported"):
+        load_model(str(_metadata_only_gguf(tmp_path / "c.gguf", "llama", tokenizer_model="bert")))
