@@ -48,6 +48,8 @@ class ObjectMemory:
     last_resync: float = field(default_factory=time.monotonic)
     # A report with a scaling decision whose status write failed: written with the next tick, never lost.
     pending: ScalingReport | None = None
+    # A failed loader Job's cause, by the Job's uid: read once from its pods, not every tick.
+    loader_failures: dict[str, str] = field(default_factory=dict)
 
 
 def one(store: Iterable[Any] | None) -> Any | None:
@@ -56,15 +58,28 @@ def one(store: Iterable[Any] | None) -> Any | None:
     return None
 
 
-def observe_model(kube: Kube, owner: Owner, spec: LLMDeploymentSpec, jobs: Iterable[JobState]) -> ModelStatus:
+def observe_model(
+    kube: Kube,
+    owner: Owner,
+    spec: LLMDeploymentSpec,
+    jobs: Iterable[JobState],
+    failures: dict[str, str] | None = None,
+) -> ModelStatus:
     """The model cache now: the loader Job's state, with the progress its running pod last logged, or the cause
-    its failed pod left in its termination message (blocking calls: run it in a thread)."""
+    its failed pod left in its termination message (blocking calls: run it in a thread). ``failures`` remembers a
+    failed Job's cause by uid (a failed Job is final; one deleted and made again has a new uid)."""
     job = find_job(list(jobs), owner, spec)
+    if failures is not None and (job is None or not job.failed):
+        failures.clear()
+    if job is not None and job.failed and failures is not None and job.uid in failures:
+        return model_status(spec, job, None, failures[job.uid])
     progress, cause = None, None
     if job is not None and not job.complete:
         pods = kube.list("v1", "Pod", owner.namespace, f"{c.LABEL_JOB_NAME}={job.name}")
         if job.failed:
             cause = termination_message(pods)
+            if failures is not None and job.uid and cause is not None:
+                failures[job.uid] = cause
         running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
         if running:
             try:
@@ -228,7 +243,8 @@ class FleetLoop:
         model = None
         if spec.storage.model_cache is not None:
             try:
-                model = await asyncio.to_thread(observe_model, self.kube, owner, spec, self.jobs.get(key, ()))
+                jobs = self.jobs.get(key, ())
+                model = await asyncio.to_thread(observe_model, self.kube, owner, spec, jobs, memory.loader_failures)
             except Exception as exc:  # status.model stays as it was; the write (a scaling decision's) must not wait
                 log.warning("%s/%s: reading the model cache's loader failed: %s", namespace, name, exc)
         args2 = (self.kube, owner, ref.generation, spec, deployment, pods, last_seen, report)

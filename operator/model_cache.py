@@ -136,6 +136,7 @@ class JobState:
     """The observed part of a loader Job (kept in a kopf index)."""
 
     name: str
+    uid: str = ""
     active: int = 0
     complete: bool = False
     failed: bool = False
@@ -148,6 +149,7 @@ class JobState:
         failed = conditions.get("Failed", {})
         return cls(
             name=str((job.get("metadata") or {}).get("name", "")),
+            uid=str((job.get("metadata") or {}).get("uid", "")),
             active=int(status.get("active") or 0),
             complete=conditions.get("Complete", {}).get("status") == "True",
             failed=failed.get("status") == "True",
