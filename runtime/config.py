@@ -216,6 +216,15 @@ class EngineConfig:
         _check(self.nnodes == 1 or bool(self.master_addr), "master_addr", "is needed when nnodes > 1")
         _check(0 < self.master_port < 65536, "master_port", f"must be in [1, 65535], got {self.master_port}")
 
+    def resolve_max_model_len(self, max_position_embeddings: int) -> int:
+        """The context a replica serves: the setting, else the model's; never past the model's."""
+        resolved = self.max_model_len or max_position_embeddings
+        if resolved > max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({resolved}) exceeds the model's max_position_embeddings ({max_position_embeddings})"
+            )
+        return resolved
+
     @property
     def ranks_per_node(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size // self.nnodes

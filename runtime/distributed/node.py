@@ -21,16 +21,13 @@ log = logging.getLogger("kubellm.node")
 
 
 def _max_model_len(config: EngineConfig) -> int:
-    """What rank 0's engine resolves: the setting, else the model's context length."""
+    """What rank 0's engine resolves (the model's config is read only when the setting is not given)."""
     if config.max_model_len is not None:
         return config.max_model_len
     from ..models.loader import load_model
 
-    return int(
-        load_model(
-            config.model, load_format=config.load_format, revision=config.revision
-        ).config.max_position_embeddings
-    )
+    loaded = load_model(config.model, load_format=config.load_format, revision=config.revision)
+    return config.resolve_max_model_len(int(loaded.config.max_position_embeddings))
 
 
 async def serve_node(config: EngineConfig, host: str, port: int) -> int:

@@ -55,12 +55,7 @@ class LLMEngine:
         self.model_name = config.served_model_name or loaded.name
         self.tokenizer: Tokenizer | None = loaded.tokenizer
         self.generation_config = dict(loaded.generation_config)  # the model's sampling defaults, for the server
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
-        if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
-                f"({mc.max_position_embeddings})"
-            )
+        self.max_model_len = config.resolve_max_model_len(mc.max_position_embeddings)
         spec = None if config.speculative_config is None else SpeculativeConfig.from_dict(config.speculative_config)
         draft = None
         if spec is not None and spec.method == "draft_model":
