@@ -14,12 +14,11 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from kubellm import contract
 from kubellm.apikeys import ANONYMOUS, CHALLENGE, MISSING_KEY_CODE, MISSING_KEY_MESSAGE, APIKeyAuth, load_api_keys
 from kubellm.gateway.errors import GatewayError
-from kubellm.gateway.route import features
+from kubellm.gateway.route import Features
 from kubellm.ratelimit import RateLimiter
 
 # Probes and scrapes stay open (kubelets and Prometheus hold no key).
@@ -81,11 +80,12 @@ class Access:
             raise GatewayError(401, MISSING_KEY_MESSAGE, code=MISSING_KEY_CODE, headers=dict(CHALLENGE))
         return caller
 
-    def limit(self, caller: str, kind: str, body: dict[str, Any]) -> None:
-        """Admit one generation request of `caller` (charging its estimated prompt), or 429 with Retry-After."""
+    def limit(self, caller: str, estimate: Callable[[], Features]) -> None:
+        """Admit one generation request of `caller` (charging its prompt as `estimate` gives it, called only when
+        limits are on), or 429 with Retry-After."""
         if not self.limiter.enabled:
             return
-        wait = self.limiter.try_acquire(caller, features(kind, body).prompt_tokens)
+        wait = self.limiter.try_acquire(caller, estimate().prompt_tokens)
         if wait is not None:
             raise GatewayError(
                 429,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from kubellm.gateway.hold import Holds, Waker
 from kubellm.gateway.kube import Informer, Kube
 from kubellm.gateway.metrics import GatewayMetrics
 from kubellm.gateway.proxy import Forwarder, RequestRecord
+from kubellm.gateway.route import features, request_kind
 from kubellm.gateway.scrape import LoadScraper
 from kubellm.gateway.settings import GatewaySettings
 from kubellm.gateway.tiers import serve_route
@@ -227,20 +229,23 @@ class Gateway:
         record.model = served
         record.stream = body.get("stream") is True
         record.caller = request.get(CALLER, ANONYMOUS)
+        # the prompt estimated once, if at all: for the rate limit and for a route's rules
+        estimate = functools.cache(lambda: features(request_kind(body), body))
         if request.path in ("/v1/chat/completions", "/v1/completions"):
-            self.access.limit(record.caller, ROUTED[request.path], body)
+            self.access.limit(record.caller, estimate)
         model = self.registry.lookup(served)
         if model is None:
             route = self.registry.lookup_route(served)
             if route is None:
                 raise self.unknown(served)
             return await serve_route(
-                self.forwarder, self.registry, self.metrics, request, route, body, record, self.settings.prefix_chars
-            )
+                self.forwarder, self.registry, self.metrics, request, route, (body, estimate()), record,
+                self.settings.prefix_chars,
+            )  # fmt: skip
         key = None
         if model.strategy is Strategy.PREFIX_HASH:
             key = prefix_key(ROUTED[request.path], body, self.settings.prefix_chars)
-        return await self.forwarder.forward(request, model, raw, key, record)
+        return await self.forwarder.forward(request, model, (raw, body), key, record)
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         return await proxy_websocket(self, request, request.get(CALLER, ANONYMOUS))

@@ -122,16 +122,12 @@ class CacheGate:
     def __init__(self, cache: ResponseCache, metrics: GatewayMetrics) -> None:
         self.cache, self.metrics = cache, metrics
 
-    def lookup(self, path: str, model: Model, body: bytes, record: RequestRecord) -> CachedAnswer | None:
+    def lookup(self, path: str, model: Model, body: dict[str, Any], record: RequestRecord) -> CachedAnswer | None:
         """The cached answer of a deterministic request to a model with the cache on; on a miss, set up the capture
         of the answer about to be relayed."""
         if model.cache_ttl_seconds is None or path not in CACHEABLE_PATHS:
             return None
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            return None
-        key = cache_key(model.served_name, path, doc) if isinstance(doc, dict) else None
+        key = cache_key(model.served_name, path, body)
         if key is None:
             return None
         hit = self.cache.get(key)

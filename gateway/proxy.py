@@ -188,15 +188,17 @@ class Forwarder:
         self,
         request: web.Request,
         model: Model,
-        body: bytes,
+        upstream: tuple[bytes, dict[str, Any]],
         key: bytes | None,
         record: RequestRecord,
         *,
         fall_through: bool = False,
     ) -> web.StreamResponse | None:
         """The response relayed from a replica of `model` (or its error after a hold, or its cached answer); None
-        only with `fall_through`, when the model has no ready replica or refused the request with a 429."""
-        cached = self.cache.lookup(request.path, model, body, record)
+        only with `fall_through`, when the model has no ready replica or refused the request with a 429.
+        upstream: the body to send, as bytes and as the document they encode (the cache keys on the document)."""
+        body, document = upstream
+        cached = self.cache.lookup(request.path, model, document, record)
         if cached is not None:
             return await self.cache.replay(request, cached, record)
         try:

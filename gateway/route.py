@@ -210,6 +210,11 @@ def _requested(body: Mapping[str, Any]) -> int | None:
     return None
 
 
+def request_kind(body: Mapping[str, Any]) -> str:
+    """ "chat" for a body of messages, else "completions" (a prompt)."""
+    return "chat" if isinstance(body.get("messages"), list) else "completions"
+
+
 def features(kind: str, body: Mapping[str, Any]) -> Features:
     """kind: "chat" (messages) or "completions" (prompt: its text is the last user message; a batch of prompts
     counts its longest)."""

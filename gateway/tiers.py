@@ -24,15 +24,14 @@ from kubellm.gateway.discovery import Registry
 from kubellm.gateway.errors import GatewayError
 from kubellm.gateway.metrics import GatewayMetrics
 from kubellm.gateway.proxy import Forwarder, RequestRecord
-from kubellm.gateway.route import Route, Tier, classifier_messages, features
+from kubellm.gateway.route import Features, Route, Tier, classifier_messages, request_kind
 
 log = logging.getLogger("kubellm.gateway.tiers")
 TIER_HEADER = "x-kubellm-route-tier"
 DEPLOYMENT_HEADER = "x-kubellm-route-deployment"
 
 
-def _no_tier(route: Route, kind: str, body: dict[str, Any]) -> GatewayError:
-    f = features(kind, body)
+def _no_tier(route: Route, f: Features) -> GatewayError:
     return GatewayError(
         400,
         f"the request matches no tier of {route.model!r} (about {f.prompt_tokens} prompt tokens, max tokens "
@@ -87,16 +86,17 @@ async def serve_route(
     metrics: GatewayMetrics,
     request: web.Request,
     route: Route,
-    body: dict[str, Any],
+    request_body: tuple[dict[str, Any], Features],
     record: RequestRecord,
     prefix_chars: int,
 ) -> web.StreamResponse:
-    kind = "chat" if isinstance(body.get("messages"), list) else "completions"
+    """request_body: the parsed body and what the rules see of it (route.features of the body)."""
+    body, request_features = request_body
+    kind = request_kind(body)
     record.llm_route = route.model
-    request_features = features(kind, body)
     candidates = route.candidates(request_features)
     if not candidates:
-        raise _no_tier(route, kind, body)
+        raise _no_tier(route, request_features)
     chosen, first = candidates[0], "matched"
     if route.classifier is not None and len(candidates) > 1:
         options = [route.tiers[i] for i in candidates]
@@ -120,7 +120,8 @@ async def serve_route(
         for n, (i, tier, model) in enumerate(tiers):
             record.tier, reason = tier.name, first if i == chosen else "fallback"
             record.headers = {TIER_HEADER: tier.name, DEPLOYMENT_HEADER: model.name}
-            upstream = json.dumps({**body, "model": model.served_name}).encode()
+            document = {**body, "model": model.served_name}
+            upstream = (json.dumps(document).encode(), document)
             key = prefix_key(kind, body, prefix_chars) if model.strategy is Strategy.PREFIX_HASH else None
             last = n == len(tiers) - 1
             response = await forwarder.forward(request, model, upstream, key, record, fall_through=not last)

@@ -22,6 +22,7 @@ from aiohttp import WSMsgType, web
 
 from kubellm.gateway.errors import GatewayError
 from kubellm.gateway.proxy import HOP_BY_HOP
+from kubellm.gateway.route import features
 
 if TYPE_CHECKING:
     from kubellm.gateway.app import Gateway
@@ -69,7 +70,7 @@ class SocketProxy:
         model = self.gateway.registry.lookup(name)
         if model is None:
             raise self.gateway.unknown(name)
-        self.gateway.access.limit(self.caller, "chat", request_body)
+        self.gateway.access.limit(self.caller, lambda: features("chat", request_body))
         return model
 
     async def run(self, client: web.WebSocketResponse) -> None:
