@@ -7,15 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    502: "upstream_error",
-    503: "service_unavailable",
-}
+from kubellm.contract import error_type
 
 
 class GatewayError(Exception):
@@ -33,7 +25,7 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        kind = _TYPE_BY_STATUS.get(self.status, "invalid_request_error")
+        kind = error_type(self.status)
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:

@@ -52,6 +52,28 @@ METRIC_KV_USAGE: Final = "vllm:kv_cache_usage_perc"
 GATEWAY_PORT: Final = 8080
 METRIC_GATEWAY_HELD: Final = "kubellm_gateway_held_requests"
 
+# Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: the type each HTTP status answers with,
+# alike from the runtime and from the gateway in front of it.
+ERROR_TYPE_BY_STATUS: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPE_BY_STATUS.get(status, "invalid_request_error")
+
+
 # The config file `kubellm serve --config` reads: {"engine": {EngineConfig fields}, "server": {serve flags}}.
 CONFIG_ENGINE_SECTION: Final = "engine"
 CONFIG_SERVER_SECTION: Final = "server"

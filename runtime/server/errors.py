@@ -13,6 +13,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from kubellm.contract import error_type
+
 from .protocol import ErrorInfo, ErrorResponse
 
 # pydantic error types that mean "the value is of the right type but not allowed": a 400, as OpenAI answers.
@@ -36,20 +38,6 @@ _VALUE_ERROR_TYPES = frozenset(
     }
 )
 
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "internal_error",
-    503: "service_unavailable",
-}
-
 
 class APIError(Exception):
     """An error answered to the client; ``headers`` carries e.g. ``Retry-After`` or ``WWW-Authenticate``."""
@@ -69,7 +57,7 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _TYPE_BY_STATUS.get(status, "invalid_request_error")
+        self.type = type or error_type(status)
         self.headers = headers or {}
 
     def info(self) -> ErrorInfo:
