@@ -20,7 +20,8 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
-QUANTIZATIONS = ("auto", "none", "int4", "awq", "gptq", "int8", "fp8")  # runtime/quantization/registry.py
+# runtime/quantization/registry.py (the checkpoint formats and the online ones)
+QUANTIZATIONS = ("auto", "none", "int4", "awq", "gptq", "compressed-tensors", "int8", "fp8")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8", "fp8_e4m3")  # kernels/kv_quant.py (fp8 = fp8_e4m3, as in vLLM)
 
 
@@ -83,13 +84,13 @@ class EngineConfig:
     enforce_eager: bool = setting(False, "no CUDA graphs / compilation")
     load_format: str = setting("auto", "dummy: random weights of the model's shapes", choices=LOAD_FORMATS, cli=False)
     # the decoder linears' weight format (runtime/quantization/): int4 (CPU, quantized at load, and an int8 copy of
-    # the head for small batches), awq / gptq (the checkpoint's, from its quantization_config), int8 / fp8 (per
-    # output channel, quantized at load)
+    # the head for small batches), awq / gptq / compressed-tensors / fp8 (the checkpoint's, from its
+    # quantization_config), int8 / fp8 over a float checkpoint (per output channel, quantized at load)
     quantization: str = setting(
         "auto",
-        "auto: the checkpoint's quantization_config (awq, gptq), else int4 for a Q4_0/Q4_1 GGUF on an AVX-512 CPU; "
-        "int4: int4 weight-only linears and an int8 head (CPU); int8 / fp8: per-channel 8-bit weights quantized "
-        "at load",
+        "auto: the checkpoint's quantization_config (awq, gptq, compressed-tensors, fp8), else int4 for a "
+        "Q4_0/Q4_1 GGUF on an AVX-512 CPU; int4: int4 weight-only linears and an int8 head (CPU); int8 / fp8 over "
+        "a float checkpoint: per-channel 8-bit weights quantized at load",
         choices=QUANTIZATIONS,
     )
     seed: int = setting(0, "the engine's seed for unseeded requests", minimum=None)

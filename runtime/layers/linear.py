@@ -116,6 +116,7 @@ class Linear(nn.Module):
             target = self._parameters.get(param)
             tensor = tensor.dense(target.dtype if target is not None else torch.float32)
         self.method.prepare_load(self, param)
+        tensor = self.method.checkpoint_tensor(self, shard, param, tensor)
         layout = self.layouts.get(param)
         if layout is None:
             if self.method.ignores(self, param, tensor):

@@ -267,8 +267,10 @@ def _iter_safetensors(
                         tensor = f.get_tensor(name)
                         if name.startswith(_BARE_DECODER_PREFIXES):
                             name = f"model.{name}"
-                        # quantized checkpoints' packed codes, zero points and g_idx are integers: kept as they are
-                        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                        # quantized checkpoints' codes (packed int4, int8, fp8), zero points and g_idx: kept as
+                        # they are; fp8 is a floating-point dtype, its one byte tells it from the float weights
+                        floats = tensor.is_floating_point() and tensor.element_size() > 1
+                        if dtype is not None and floats and tensor.dtype != dtype:
                             tensor = tensor.to(dtype)
                         num_bytes += tensor.numel() * tensor.element_size()
                         progress.update()

@@ -55,6 +55,11 @@ class LinearMethod(ABC):
     def prepare_load(self, layer: Linear, param: str) -> None:  # noqa: B027 (optional hook)
         """Called before a checkpoint tensor is copied into ``param`` (online formats allocate it here, lazily)."""
 
+    def checkpoint_tensor(self, layer: Linear, shard: str, param: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The checkpoint tensor ``param`` of ``shard`` in the shape its layout expects (FP8 files store a
+        per-tensor scale as ``[]`` or ``[1]`` and a per-channel one as ``[N, 1]``; their methods hold ``[N]``)."""
+        return tensor
+
     def after_load(self, layer: Linear) -> None:  # noqa: B027 (optional hook)
         """Called after each checkpoint tensor is copied in (online formats quantize as soon as all are in)."""
 

@@ -61,9 +61,16 @@ def scaled_mm_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
 
 
-def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bf16 @ (weight [N, K] fp8 * scale [N]).T with per-token dynamic activation scales (GPU)."""
-    x_scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)  # [M, 1]
+def fp8_scaled_mm(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] bf16 @ (weight [N, K] fp8 * scale [N]).T with per-token dynamic activation scales (GPU), or a
+    checkpoint's static per-tensor ``input_scale`` (float32 scalar), repeated per row: the row-wise kernel takes
+    row-wise scales on both sides."""
+    if input_scale is None:
+        x_scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)  # [M, 1]
+    else:
+        x_scale = input_scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
     x_q = (x.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return torch._scaled_mm(
         x_q, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=x.dtype, use_fast_accum=False
@@ -120,6 +127,10 @@ class Int8Method(_PerChannelMethod):
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         super().process_weights_after_loading(layer)
+        self.prepare_kernels(layer)
+
+    def prepare_kernels(self, layer: Linear) -> None:
+        """Once :attr:`codes` and :attr:`scale` are set: the C++ kernel's group scales where it serves."""
         assert self.codes is not None and self.scale is not None
         fits = self.codes.device.type == "cpu" and layer.in_features % 32 == 0
         if self.group_scales is None and fits and cpu.load() is not None:
@@ -147,9 +158,14 @@ class Fp8Method(_PerChannelMethod):
     def __init__(self) -> None:
         super().__init__()
         self.use_scaled_mm = False
+        self.input_scale: torch.Tensor | None = None  # a checkpoint's static activation scale (float32 scalar)
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         super().process_weights_after_loading(layer)
+        self.prepare_kernels(layer)
+
+    def prepare_kernels(self, layer: Linear) -> None:
+        """Once :attr:`codes` and :attr:`scale` are set: whether the fp8 tensor cores serve this layer."""
         assert self.codes is not None
         n, k = self.codes.shape
         self.use_scaled_mm = scaled_mm_supported(self.codes.device) and n % 16 == 0 and k % 16 == 0
@@ -157,7 +173,9 @@ class Fp8Method(_PerChannelMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         assert self.codes is not None and self.scale is not None
         if self.use_scaled_mm and x.dtype == torch.bfloat16:
-            return fp8_scaled_mm(x, self.codes, self.scale)
+            return fp8_scaled_mm(x, self.codes, self.scale, self.input_scale)
+        # the dequant path computes in x's dtype: a static input_scale (activations rounded to fp8 on the tensor
+        # cores) does not apply here, as vLLM's W8A16 fp8 fallback ignores it
         return self.dequant_apply(x)
 
     def describe(self) -> str:

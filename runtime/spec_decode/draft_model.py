@@ -36,7 +36,7 @@ from ..engine.model_runner import ModelRunner
 from ..engine.scheduler import ScheduledSeq
 from ..engine.sequence import Sequence
 from ..engine.step_input import plan_step
-from ..quantization.registry import CHECKPOINT_FORMATS
+from ..quantization.registry import CHECKPOINT_ONLY_FORMATS
 
 if TYPE_CHECKING:
     from ..config import EngineConfig
@@ -112,8 +112,9 @@ class DraftModel:
             model=config.speculative_config["model"],
             speculative_config=None,
             num_gpu_blocks=num_blocks,
-            # the target's choice, except a checkpoint's own format (awq, gptq): the draft's checkpoint says its own
-            quantization="auto" if config.quantization in CHECKPOINT_FORMATS else config.quantization,
+            # the target's choice, except a checkpoint's own format (awq, gptq, ...): the draft's checkpoint says its
+            # own (fp8 is also an online format: a draft with its own fp8 config reads it, a float one is quantized)
+            quantization="auto" if config.quantization in CHECKPOINT_ONLY_FORMATS else config.quantization,
             chat_template=None,
             served_model_name=None,
         )

@@ -1,0 +1,273 @@
+"""FP8 and compressed-tensors checkpoints end to end, as test_checkpoints.py does for AWQ / GPTQ: a tiny random
+Llama built by transformers, its linears quantized in the test into each format's tensors (ckpt_writers.py,
+from the published layouts) and loaded by our engine from the directory. The oracle is transformers running the
+dequantized weights in float32: logits equal to float tolerance, greedy continuations equal (up to a near-tie);
+tensor parallelism (gloo, 2 ranks) gives TP 1's tokens; unsupported schemes and broken files are refused at start
+with the field or tensor named."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from quantization.ckpt_writers import FORMATS, write_checkpoint
+from quantization.test_checkpoints import TINY, draw_prompts, our_logits
+
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.engine.llm_engine import LLMEngine
+from kubellm.runtime.layers.linear import Linear
+from kubellm.runtime.llm import LLM
+from kubellm.runtime.quantization.base import LinearMethod
+from kubellm.runtime.quantization.compressed_tensors_methods import Int8CheckpointMethod, PackedW4Method
+from kubellm.runtime.quantization.fp8_checkpoint import Fp8BlockMethod, Fp8CheckpointMethod
+from kubellm.runtime.quantization.online import FP8
+from kubellm.runtime.quantization.registry import quant_config_for
+from kubellm.runtime.sampling_params import SamplingParams
+
+METHODS: dict[str, type[LinearMethod]] = {"fp8": Fp8CheckpointMethod, "fp8-block": Fp8BlockMethod,
+                                          "ct-w4a16": PackedW4Method, "ct-w8a8-int8": Int8CheckpointMethod,
+                                          "ct-fp8-block": Fp8BlockMethod, "ct-fp8": Fp8CheckpointMethod}  # fmt: skip
+KV = 1 << 22
+
+
+def method_of(name: str) -> type[LinearMethod]:
+    return next(m for prefix, m in sorted(METHODS.items(), key=lambda kv: -len(kv[0])) if name.startswith(prefix))
+
+
+def engine_for(path: Path, **kwargs: Any) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu", kv_cache_memory_bytes=KV, **kwargs))
+
+
+@pytest.fixture(scope="module", params=list(FORMATS))
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Any]:
+    path, model = write_checkpoint(request.param, tmp_path_factory.mktemp("ckpt") / request.param, TINY)
+    return request.param, path, model
+
+
+def greedy_tokens(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 8) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    ours: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            ours[delta.request_id] += delta.outputs[0].token_ids if delta.outputs else []
+    engine.block_manager.check_all_free()
+    return [ours[str(i)] for i in range(len(prompts))]
+
+
+def test_logits_and_greedy_tokens_equal_the_dequantized_float32_model(checkpoint: tuple[str, Path, Any]) -> None:
+    name, path, hf_model = checkpoint
+    engine = engine_for(path)
+    assert engine.quantization == FORMATS[name][0]["quant_method"]  # auto follows the checkpoint's config
+    linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * TINY["num_hidden_layers"]
+    assert all(type(m.method) is method_of(name) for m in linears), {type(m.method) for m in linears}
+    prompts = draw_prompts()
+    for prompt in prompts:
+        with torch.inference_mode():
+            expected = hf_model(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(our_logits(engine, prompt), expected, rtol=1e-4, atol=1e-4)
+    for i, (prompt, mine) in enumerate(zip(prompts, greedy_tokens(engine, prompts), strict=True)):
+        with torch.inference_mode():
+            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        reference = out[0, len(prompt) :].tolist()
+        if mine == reference:
+            continue
+        # the logits agree to 1e-4 (above): greedy tokens may part only at a near-tie of the reference's top two
+        k = next(j for j in range(len(mine)) if mine[j] != reference[j])
+        with torch.inference_mode():
+            top2 = hf_model(torch.tensor([prompt + mine[:k]])).logits[0, -1].topk(2).values
+        gap = float(top2[0] - top2[1])
+        print(f"prompt {i} parts from transformers at token {k}: reference top-2 gap {gap:.2e}")
+        assert gap < 1e-3, f"prompt {i}: divergence at token {k} is not a near-tie (gap {gap})"
+
+
+def test_fp8_weights_are_held_once_as_fp8_and_merged_shards_keep_their_own_scales(tmp_path: Path) -> None:
+    path, _ = write_checkpoint("fp8-tensor-static", tmp_path / "fp8", TINY)
+    engine = engine_for(path)
+    qkv = engine.model.layers[0].self_attn.qkv_proj
+    method = qkv.method
+    assert isinstance(method, Fp8CheckpointMethod) and method.codes is not None and method.scale is not None
+    assert method.codes.dtype == FP8 and method.scale.dtype == torch.float32
+    assert list(qkv.parameters()) == []  # the checkpoint tensors are dropped: the method's copy is the weight
+    from safetensors.torch import load_file
+
+    state = load_file(str(path / "model.safetensors"))
+    prefix = "model.layers.0.self_attn"
+    file_scales = [state[f"{prefix}.{p}.weight_scale"] for p in ("q_proj", "k_proj", "v_proj")]
+    rows = [TINY["num_attention_heads"] * TINY["head_dim"]] + [TINY["num_key_value_heads"] * TINY["head_dim"]] * 2
+    expected = torch.cat([s.float().expand(r) for s, r in zip(file_scales, rows, strict=True)])
+    assert len({float(s) for s in file_scales}) == 3  # v_proj is scaled up: the shards' scales differ
+    assert torch.equal(method.scale, expected)  # each shard's own scale, not requantized to a common one
+    input_scales = [state[f"{prefix}.{p}.input_scale"] for p in ("q_proj", "k_proj", "v_proj")]
+    assert method.input_scale is not None and float(method.input_scale) == max(float(s) for s in input_scales)
+
+
+@pytest.mark.parametrize("name", ["fp8-tensor-dynamic", "ct-w4a16-asym"])
+def test_tensor_parallel_2_equals_1(name: str, tmp_path: Path) -> None:
+    path, _ = write_checkpoint(name, tmp_path / name, TINY)
+    prompts = draw_prompts()
+
+    def greedy(tp: int) -> list[list[int]]:
+        llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=128, block_size=8,
+                  kv_cache_memory_bytes=KV, tensor_parallel_size=tp)  # fmt: skip
+        try:
+            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+            return [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+        finally:
+            llm.engine.runner.shutdown()
+
+    assert greedy(2) == greedy(1)
+
+
+def _ct(name: str) -> dict[str, Any]:
+    return copy.deepcopy(FORMATS[name][0])
+
+
+def _group0(qc: dict[str, Any]) -> dict[str, Any]:
+    return qc["config_groups"]["group_0"]
+
+
+def _refusals() -> list[tuple[dict[str, Any], str]]:
+    cases = []
+    w4a8 = _ct("ct-w4a16-sym")
+    _group0(w4a8)["input_activations"] = _ct("ct-w8a8-int8")["config_groups"]["group_0"]["input_activations"]
+    cases.append((w4a8, r"'quantization_config\.config_groups\.group_0\.input_activations' .*W4A8"))
+    sparse = _ct("ct-w4a16-sym")
+    sparse["sparsity_config"] = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"]}
+    cases.append((sparse, r"'quantization_config\.sparsity_config' .*2:4"))
+    marlin = _ct("ct-w4a16-sym")
+    marlin["format"] = "marlin-24"
+    cases.append((marlin, r"'quantization_config\.format' is 'marlin-24'"))
+    actorder = _ct("ct-w4a16-sym")
+    _group0(actorder)["weights"]["actorder"] = "group"
+    cases.append((actorder, r"'quantization_config\.config_groups\.group_0\.weights\.actorder' is 'group'"))
+    static_int8 = _ct("ct-w8a8-int8")
+    _group0(static_int8)["input_activations"].update(dynamic=False, strategy="tensor")
+    cases.append((static_int8, r"'quantization_config\.config_groups\.group_0\.input_activations\.dynamic'"))
+    two_groups = _ct("ct-w8a8-int8")
+    two_groups["config_groups"]["group_1"] = _group0(two_groups)
+    cases.append((two_groups, r"'quantization_config\.config_groups' is 2: exactly one"))
+    head = _ct("ct-fp8-dynamic")
+    head["ignore"] = []
+    cases.append((head, r"'quantization_config\.ignore' is \[\]: the head \(lm_head\) is a target"))
+    layer = _ct("ct-fp8-dynamic")
+    layer["ignore"] = ["lm_head", "re:.*layers\\.1\\.mlp\\.down_proj"]
+    cases.append((layer, r"'quantization_config\.ignore' .*leaves model\.layers\.1\.mlp\.down_proj unquantized"))
+    kv = _ct("ct-fp8-dynamic")
+    kv["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
+    cases.append((kv, r"'quantization_config\.kv_cache_scheme'"))
+    three_bits = _ct("ct-w4a16-sym")
+    _group0(three_bits)["weights"]["num_bits"] = 3
+    cases.append((three_bits, r"'quantization_config\.config_groups\.group_0\.weights\.num_bits' is 3"))
+    fp8_scheme = {"quant_method": "fp8", "activation_scheme": "per-tensor"}
+    cases.append((fp8_scheme, r"'quantization_config\.activation_scheme' is 'per-tensor'"))
+    fp8_block = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128]}
+    cases.append((fp8_block, r"'quantization_config\.weight_block_size' must be two positive integers"))
+    fp8_skip = {"quant_method": "fp8", "ignored_layers": ["model.layers.0.mlp.down_proj"]}
+    cases.append((fp8_skip, r"'quantization_config\.ignored_layers' .*only lm_head"))
+    return cases
+
+
+@pytest.mark.parametrize(("qc", "message"), _refusals())
+def test_an_unsupported_scheme_is_refused_naming_the_config_field(qc: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        quant_config_for(qc["quant_method"], {"quantization_config": qc})
+
+
+def test_ignore_patterns_and_targets_that_cover_the_decoder_are_accepted() -> None:
+    qc = _ct("ct-w8a8-int8")
+    qc["ignore"] = ["re:.*lm_head"]
+    _group0(qc)["targets"] = ["re:.*self_attn\\.(q|k|v|o)_proj$", "re:.*mlp\\.(gate|up|down)_proj$"]
+    assert quant_config_for("compressed-tensors", {"quantization_config": qc}) is not None
+    _group0(qc)["targets"] = ["re:.*self_attn\\.(q|k|v|o)_proj$"]
+    with pytest.raises(ValueError, match=r"targets' .*model\.layers\.0\.mlp\.gate_proj is not a target"):
+        quant_config_for("compressed-tensors", {"quantization_config": qc})
+
+
+def test_a_quantization_flag_that_contradicts_the_checkpoint_fails_at_start(tmp_path: Path) -> None:
+    path, _ = write_checkpoint("ct-w8a8-int8", tmp_path / "ct", TINY)
+    with pytest.raises(ValueError, match=r"quantization 'int8' does not match .*quant_method' is 'compressed-tensors'"):
+        engine_for(path, quantization="int8")
+    fp8_path, _ = write_checkpoint("fp8-channel", tmp_path / "fp8", TINY)
+    with pytest.raises(ValueError, match=r"quantization 'awq' does not match .*quant_method' is 'fp8'"):
+        engine_for(fp8_path, quantization="awq")
+    with pytest.raises(ValueError, match=r"quantization 'compressed-tensors' needs a checkpoint quantized so"):
+        quant_config_for("compressed-tensors", {})
+    assert engine_for(fp8_path, quantization="fp8").quantization == "fp8"  # the flag may repeat the format
+
+
+@pytest.mark.parametrize(
+    ("name", "drop", "message"),
+    [
+        ("fp8-tensor-static", "model.layers.1.self_attn.k_proj.input_scale", r"self_attn\.qkv_proj\.k\.input_scale"),
+        ("fp8-channel", "model.layers.0.mlp.down_proj.weight_scale", r"mlp\.down_proj\.weight_scale"),
+        ("fp8-block", "model.layers.0.mlp.up_proj.weight_scale_inv", r"gate_up_proj\.up\.weight_scale_inv"),
+        ("ct-w4a16-asym", "model.layers.1.mlp.gate_proj.weight_zero_point", r"gate\.weight_zero_point"),
+        ("ct-w8a8-int8", "model.layers.0.self_attn.o_proj.weight_scale", r"o_proj\.weight_scale"),
+    ],
+)
+def test_a_missing_scale_tensor_is_named(name: str, drop: str, message: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path, _ = write_checkpoint(name, tmp_path / name, TINY)
+    state = load_file(str(path / "model.safetensors"))
+    del state[drop]
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"checkpoint is missing 1 tensors.*{message}"):
+        engine_for(path)
+
+
+def test_wrong_codes_and_scale_shapes_are_named(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path, _ = write_checkpoint("fp8-channel", tmp_path / "fp8", TINY)
+    state = load_file(str(path / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"
+    state[f"{name}.weight"] = state[f"{name}.weight"].float()  # a float matrix where the format stores fp8
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"down_proj\.weight: weight: checkpoint dtype is torch.float32, expected"):
+        engine_for(path)
+    state[f"{name}.weight"] = state[f"{name}.weight"].to(FP8)
+    state[f"{name}.weight_scale"] = torch.ones(3)
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"down_proj\.weight_scale: weight_scale: checkpoint has shape \(3,\)"):
+        engine_for(path)
+
+
+def test_the_config_files_of_published_checkpoints_are_read() -> None:
+    """quantization_config blocks as published checkpoints carry them (abridged from their config.json)."""
+    w4a16 = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "ignore": ["lm_head"],
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "input_activations": None,
+                "weights": {
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "group",
+                    "group_size": 128,
+                    "dynamic": False,
+                    "actorder": "weight",
+                    "observer": "minmax",
+                },
+            }
+        },
+        "kv_cache_scheme": None,
+        "quantization_status": "compressed",
+        "global_compression_ratio": 1.9,
+    }
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    for qc in (w4a16, fp8):
+        assert quant_config_for(qc["quant_method"], {"quantization_config": json.loads(json.dumps(qc))}) is not None
+    with pytest.raises(ValueError, match=r"'quantization_config\.fmt' is 'e5m2'"):
+        quant_config_for("fp8", {"quantization_config": {**fp8, "fmt": "e5m2"}})
