@@ -21,6 +21,7 @@ from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.llm_engine import LLMEngine
 from kubellm.runtime.layers.linear import Linear
 from kubellm.runtime.llm import LLM
+from kubellm.runtime.quantization import w4
 from kubellm.runtime.quantization.base import LinearMethod
 from kubellm.runtime.quantization.compressed_tensors_methods import Int8CheckpointMethod, PackedW4Method
 from kubellm.runtime.quantization.fp8_checkpoint import Fp8BlockMethod, Fp8CheckpointMethod
@@ -85,6 +86,33 @@ def test_logits_and_greedy_tokens_equal_the_dequantized_float32_model(checkpoint
         gap = float(top2[0] - top2[1])
         print(f"prompt {i} parts from transformers at token {k}: reference top-2 gap {gap:.2e}")
         assert gap < 1e-3, f"prompt {i}: divergence at token {k} is not a near-tie (gap {gap})"
+
+
+@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block", "ct-w4a16-asym", "ct-w8a8-int8"])
+def test_bfloat16_serving_stays_within_bf16_rounding(name: str, tmp_path: Path) -> None:
+    """bf16 activations take the formats' bf16 kernels (torch's int8 / int4 CPU matmuls, fp8 widened to bf16).
+    Bound: bf16 keeps 8 significant bits (relative rounding 2^-9 per operation); two layers of it move these
+    logits (|logit| < 1) by ~5e-3 here, so 3e-2 is a few times that, far below any layout error (>= 0.1)."""
+    path, hf_model = write_checkpoint(name, tmp_path / name, TINY)
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", device="cpu", kv_cache_memory_bytes=KV))
+    for prompt in draw_prompts(2):
+        with torch.inference_mode():
+            expected = hf_model(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(our_logits(engine, prompt).float(), expected, rtol=0, atol=3e-2)
+
+
+def test_w4a16_without_the_avx512_int4_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An AVX2-only CPU (CI) serves W4A16 with the torch reference over the repacked layout, not torch's int4
+    kernel: the same logits."""
+    monkeypatch.setattr(w4, "cpu_int4_is_fast", lambda: False)
+    path, hf_model = write_checkpoint("ct-w4a16-asym", tmp_path / "w4", TINY)
+    engine = engine_for(path)
+    methods = [m.method for m in engine.model.modules() if isinstance(m, Linear)]
+    assert all(isinstance(m, PackedW4Method) and m.int4pack is None and m.w4 is not None for m in methods)
+    for prompt in draw_prompts(2):
+        with torch.inference_mode():
+            expected = hf_model(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(our_logits(engine, prompt), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_fp8_weights_are_held_once_as_fp8_and_merged_shards_keep_their_own_scales(tmp_path: Path) -> None:
