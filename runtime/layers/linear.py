@@ -56,7 +56,8 @@ class Linear(nn.Module):
     """y = x @ W.T (+ b), W in the representation of ``quant``'s method (default: a plain matrix).
 
     ``input_slice`` (start, checkpoint in_features): this layer holds columns [start, start + in_features) of the
-    checkpoint's matrix, a row-parallel shard (its caller all-reduces the partial outputs)."""
+    checkpoint's matrix, a row-parallel shard (its caller all-reduces the partial outputs). ``names``: the Hugging
+    Face module names of the checkpoint matrices it holds (a format may leave some unquantized)."""
 
     weight: nn.Parameter | None  # the dense methods' [N, K] (None once packed or quantized; absent for AWQ/GPTQ)
 
@@ -68,6 +69,7 @@ class Linear(nn.Module):
         *,
         input_slice: tuple[int, int] | None = None,
         quant: QuantConfig | None = None,
+        names: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -77,7 +79,8 @@ class Linear(nn.Module):
         self.shard_offsets: dict[str, tuple[int, int]] = {"": (0, out_features)}
         self.shard_rows: dict[str, tuple[int, int]] = {"": (0, out_features)}
         self.layouts: dict[str, ParamLayout] = {}
-        self.method: LinearMethod = quant.linear_method() if quant is not None else DenseMethod()
+        method = quant.linear_method_for(names) if quant is not None else None
+        self.method: LinearMethod = method if method is not None else DenseMethod()
         self.method.create_weights(self)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         if bias:
@@ -201,13 +204,14 @@ class MergedLinear(Linear):
         *,
         shard_rows: dict[str, tuple[int, int]] | None = None,
         quant: QuantConfig | None = None,
+        names: tuple[str, ...] = (),
     ) -> None:
         offsets: dict[str, tuple[int, int]] = {}
         total = 0
         for name, size in shard_sizes.items():
             offsets[name] = (total, size)
             total += size
-        super().__init__(in_features, total, bias, quant=quant)
+        super().__init__(in_features, total, bias, quant=quant, names=names)
         self.shard_offsets = offsets
         self.shard_rows = {name: (shard_rows or {}).get(name, (0, size)) for name, size in shard_sizes.items()}
 

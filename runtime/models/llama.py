@@ -38,6 +38,8 @@ class LlamaAttention(nn.Module):
         backend: AttentionBackend,
         tp: TensorParallel,
         quant: QuantConfig | None = None,
+        *,
+        prefix: str,
     ) -> None:
         super().__init__()
         heads = tp.heads(config.num_attention_heads, config.num_key_value_heads)  # this rank's
@@ -54,6 +56,7 @@ class LlamaAttention(nn.Module):
             bias=config.attention_bias,
             shard_rows={"q": (heads.q_start * d, config.num_attention_heads * d), "k": kv_rows, "v": kv_rows},
             quant=quant,
+            names=tuple(f"{prefix}.{p}_proj" for p in "qkv"),
         )
         # row-parallel: this rank's heads are its columns of o_proj
         self.o_proj = Linear(
@@ -61,6 +64,7 @@ class LlamaAttention(nn.Module):
             config.hidden_size,
             input_slice=(heads.q_start * d, config.num_attention_heads * d),
             quant=quant,
+            names=(f"{prefix}.o_proj",),
         )
         self.tp = tp
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
@@ -94,16 +98,23 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(
-        self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel, quant: QuantConfig | None = None
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        tp: TensorParallel,
+        quant: QuantConfig | None = None,
+        *,
+        prefix: str,
     ) -> None:
         super().__init__()
         full = config.intermediate_size
         size = full // tp.size  # this rank's slice of the intermediate size
         rows = (tp.rank * size, full)
         self.gate_up_proj = MergedLinear(
-            config.hidden_size, {"gate": size, "up": size}, shard_rows={"gate": rows, "up": rows}, quant=quant
-        )
-        self.down_proj = Linear(size, config.hidden_size, input_slice=rows, quant=quant)
+            config.hidden_size, {"gate": size, "up": size}, shard_rows={"gate": rows, "up": rows}, quant=quant,
+            names=(f"{prefix}.gate_proj", f"{prefix}.up_proj"),
+        )  # fmt: skip
+        self.down_proj = Linear(size, config.hidden_size, input_slice=rows, quant=quant, names=(f"{prefix}.down_proj",))
         self.act = SiluAndMul(backend)
         self.tp = tp
 
@@ -119,10 +130,13 @@ class LlamaDecoderLayer(nn.Module):
         backend: AttentionBackend,
         tp: TensorParallel,
         quant: QuantConfig | None = None,
+        *,
+        prefix: str,
     ) -> None:
+        """``prefix``: the layer's Hugging Face module name (its linears' names for a format's ignore list)."""
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, backend, tp, quant)
-        self.mlp = LlamaMLP(config, backend, tp, quant)
+        self.self_attn = LlamaAttention(config, rotary, backend, tp, quant, prefix=f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, backend, tp, quant, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
@@ -174,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         needs_embedding = stage.is_first or (stage.is_last and tied)
         self.embed_tokens = VocabParallelEmbedding(vocab, hidden, tp) if needs_embedding else None
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, backend, tp, quant)
+            LlamaDecoderLayer(config, self.rotary, backend, tp, quant, prefix=f"model.layers.{i}")
             if stage.layer_start <= i < stage.layer_end
             else nn.Identity()
             for i in range(config.num_hidden_layers)

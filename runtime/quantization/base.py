@@ -94,6 +94,12 @@ class QuantConfig(ABC):
     def linear_method(self) -> LinearMethod:
         """A fresh method for one decoder linear (the embedding, norms and head stay unquantized)."""
 
+    def linear_method_for(self, names: tuple[str, ...]) -> LinearMethod | None:
+        """The method of the decoder linear that holds the checkpoint matrices ``names`` (Hugging Face module
+        names, one per merged shard: ``model.layers.0.self_attn.q_proj``, ...; empty where unknown), or None
+        where the checkpoint leaves that linear unquantized (its ignore list): a plain matrix then."""
+        return self.linear_method()
+
     def check_device(self, device: torch.device) -> None:  # noqa: B027 (optional check)
         """Raise ValueError naming the setting when this format cannot run on ``device``."""
 

@@ -15,6 +15,8 @@ over the shard's rows: a per-channel scale ``[N]``, which the fp8 and int8 kerne
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -72,3 +74,24 @@ def drop(layer: Linear) -> None:
     for name in layer.layouts:
         if name != "bias":
             setattr(layer, name, None)
+
+
+def module_matches(pattern: str, name: str) -> bool:
+    """compressed-tensors' module matching (vLLM's too): "re:" a regex (``re.match``), "Linear" any linear, else
+    a module name, whole or its tail (``lm_head``, ``model.layers.0.mlp.down_proj``)."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return pattern == "Linear" or name == pattern or name.endswith("." + pattern)
+
+
+def is_quantized(names: tuple[str, ...], quantized: Callable[[str], bool], fields: str) -> bool:
+    """Whether the linear holding the checkpoint matrices ``names`` is quantized (True where ``names`` is unknown);
+    ValueError naming ``fields`` when its merged shards (q/k/v, gate/up) disagree: one layer has one format."""
+    flags = {name: quantized(name) for name in names}
+    if len(set(flags.values())) > 1:
+        plain = [n for n, q in flags.items() if not q]
+        raise ValueError(
+            f"config fields {fields} leave {plain} unquantized but not the rest of {list(flags)}: matrices merged "
+            "into one layer must be quantized alike"
+        )
+    return all(flags.values())

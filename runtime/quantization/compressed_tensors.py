@@ -11,38 +11,25 @@ says how the tensors are stored. The schemes read here, as vLLM's compressed-ten
     int-quantized    W8A8    int8 weights, channel or tensor, symmetric; activations dynamic per token (or none)
     float-quantized  FP8     fp8 weights, tensor / channel / block; activations dynamic, static per tensor, or none
 
-Every decoder linear must be in the one config group (``targets``) and the head outside it (``ignore``);
-anything else here (2:4 sparsity, W4A8, act-order groups, several groups, a quantized KV cache or head) is
-refused at start with the config field that asks for it.
+A decoder linear that no target matches, or that ``ignore`` lists, is left a plain matrix (the file stores its
+float ``weight``), as compressed-tensors applies the group; q/k/v (gate/up) are one layer here, so they must be
+quantized alike. The head must stay outside the group. Anything else here (2:4 sparsity, W4A8, act-order groups,
+several groups, a quantized KV cache or head) is refused at start with the config field that asks for it.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from .base import LinearMethod, QuantConfig
+from .checkpoint_params import is_quantized, module_matches
 from .compressed_tensors_methods import Int8CheckpointMethod, PackedW4Method
 from .fp8_checkpoint import Fp8BlockMethod, Fp8CheckpointMethod, read_block_size
 
 Q = "quantization_config"
 FORMATS = ("pack-quantized", "int-quantized", "float-quantized")
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-SAMPLE_LAYERS = 512  # decoder layers an ignore / targets regex is tried on (more than any model here has)
 ORDER_ONLY_ACTORDER = (None, False, "weight", "static")  # reorders at quantization only: storage is unchanged
-
-
-def _decoder_names() -> list[str]:
-    return [f"model.layers.{i}.{p}" for i in range(SAMPLE_LAYERS) for p in PROJECTIONS]
-
-
-def _matches(pattern: str, name: str) -> bool:
-    """compressed-tensors' module matching: "re:" a regex (re.match), "Linear" a class, else a module name."""
-    if pattern.startswith("re:"):
-        return re.match(pattern[3:], name) is not None
-    return pattern == "Linear" or name == pattern or name.endswith("." + pattern)
 
 
 def _fail(field: str, value: Any, why: str) -> ValueError:
@@ -131,30 +118,30 @@ def _fp8(weights: _Args, acts: _Args | None, field: str) -> Callable[[], LinearM
 SCHEMES = {"pack-quantized": _w4a16, "int-quantized": _int8, "float-quantized": _fp8}
 
 
-def _check_coverage(qc: dict[str, Any], targets: Any, field: str) -> None:
-    """Every decoder linear is a target and not ignored; the head is not quantized."""
+def _read_patterns(qc: dict[str, Any], targets: Any, field: str) -> tuple[list[str], list[str]]:
+    """(targets, ignore) as lists of module patterns; the head must not be quantized."""
     ignore = qc.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
         raise _fail(f"{Q}.ignore", ignore, "must be a list of module names or 're:' patterns")
     if not isinstance(targets, list) or not all(isinstance(p, str) for p in targets):
         raise _fail(f"{field}.targets", targets, "must be a list of module names, 're:' patterns or 'Linear'")
-    names = _decoder_names()
-    ignored = next((n for n in names if any(_matches(p, n) for p in ignore)), None)
-    if ignored is not None:
-        raise _fail(f"{Q}.ignore", ignore, f"it leaves {ignored} unquantized; every decoder linear must be quantized")
-    missed = next((n for n in names if not any(_matches(p, n) for p in targets)), None)
-    if missed is not None:
-        raise _fail(f"{field}.targets", targets, f"{missed} is not a target; every decoder linear must be")
-    if any(_matches(p, "lm_head") for p in targets) and not any(_matches(p, "lm_head") for p in ignore):
+    head_targeted = any(module_matches(p, "lm_head") for p in targets)
+    if head_targeted and not any(module_matches(p, "lm_head") for p in ignore):
         raise _fail(f"{Q}.ignore", ignore, "the head (lm_head) is a target; a quantized head is not supported")
+    return targets, ignore
 
 
 class CompressedTensorsConfig(QuantConfig):
     name = "compressed-tensors"
     from_checkpoint = True
 
-    def __init__(self, make: Callable[[], LinearMethod]) -> None:
+    def __init__(
+        self, make: Callable[[], LinearMethod], targets: list[str], ignore: list[str], fields: str = ""
+    ) -> None:
         self.make = make  # a fresh method of the config group's scheme
+        self.targets = targets
+        self.ignore = ignore
+        self.fields = fields  # the config fields that choose the quantized modules, for errors
 
     @classmethod
     def from_config(cls, qc: dict[str, Any]) -> CompressedTensorsConfig:
@@ -177,11 +164,20 @@ class CompressedTensorsConfig(QuantConfig):
             raise _fail(fmt_field, fmt, f"supported formats: {', '.join(FORMATS)}")
         if group.get("output_activations") is not None:
             raise _fail(f"{field}.output_activations", group["output_activations"], "output quantization")
-        _check_coverage(qc, group.get("targets"), field)
+        targets, ignore = _read_patterns(qc, group.get("targets"), field)
         weights = _Args(group.get("weights"), f"{field}.weights")
         acts_args = group.get("input_activations")
         acts = None if acts_args is None else _Args(acts_args, f"{field}.input_activations")
-        return cls(SCHEMES[fmt](weights, acts, field))
+        fields = f"'{field}.targets' / '{Q}.ignore'"
+        return cls(SCHEMES[fmt](weights, acts, field), targets, ignore, fields)
+
+    def _quantized(self, name: str) -> bool:
+        """As compressed-tensors applies a config group: a module matched by a target and by no ignore entry."""
+        targeted = any(module_matches(p, name) for p in self.targets)
+        return targeted and not any(module_matches(p, name) for p in self.ignore)
 
     def linear_method(self) -> LinearMethod:
         return self.make()
+
+    def linear_method_for(self, names: tuple[str, ...]) -> LinearMethod | None:
+        return self.make() if is_quantized(names, self._quantized, self.fields) else None

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import LinearMethod, ParamLayout, QuantConfig
-from .checkpoint_params import ROW_SCALE, LazyParams, drop, row_scale
+from .checkpoint_params import ROW_SCALE, LazyParams, drop, is_quantized, module_matches, row_scale
 from .dense import DENSE
 from .online import FP8, Fp8Method
 
@@ -154,9 +154,12 @@ class Fp8CheckpointConfig(QuantConfig):
     name = "fp8"
     from_checkpoint = True
 
-    def __init__(self, static_input: bool = False, block: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, static_input: bool = False, block: tuple[int, int] | None = None, skipped: list[str] | None = None
+    ) -> None:
         self.static_input = static_input
         self.block = block
+        self.skipped = skipped or []  # module names the file leaves unquantized (lm_head, ...)
 
     @classmethod
     def from_config(cls, qc: dict[str, Any]) -> Fp8CheckpointConfig:
@@ -168,22 +171,27 @@ class Fp8CheckpointConfig(QuantConfig):
             )
         if qc.get("fmt", "e4m3") != "e4m3":
             raise ValueError(f"config field 'quantization_config.fmt' is {qc['fmt']!r}: fp8 is supported as e4m3")
+        skipped: list[str] = []
         for key in ("ignored_layers", "modules_to_not_convert"):
-            skipped = qc.get(key) or []
-            if not isinstance(skipped, list) or any(str(s).rsplit(".", 1)[-1] != "lm_head" for s in skipped):
-                raise ValueError(
-                    f"config field 'quantization_config.{key}' is {skipped!r}: fp8 is supported with every decoder "
-                    "linear quantized (only lm_head may be left out)"
-                )
+            names = qc.get(key) or []
+            if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
+                raise ValueError(f"config field 'quantization_config.{key}' must be a list of module names")
+            skipped += names
         block = qc.get("weight_block_size")
         if block is None:
-            return cls(scheme == "static")
+            return cls(scheme == "static", skipped=skipped)
         if scheme == "static":
             raise ValueError(
                 "config field 'quantization_config.activation_scheme' is 'static' with 'weight_block_size': "
                 "block-wise fp8 is supported with dynamic activations"
             )
-        return cls(False, read_block_size(block, "quantization_config.weight_block_size"))
+        return cls(False, read_block_size(block, "quantization_config.weight_block_size"), skipped)
+
+    def linear_method_for(self, names: tuple[str, ...]) -> LinearMethod | None:
+        """A linear that ``ignored_layers`` (``modules_to_not_convert``) names is stored as a plain matrix."""
+        fields = "'quantization_config.ignored_layers' / 'modules_to_not_convert'"
+        quantized = is_quantized(names, lambda n: not any(module_matches(p, n) for p in self.skipped), fields)
+        return self.linear_method() if quantized else None
 
     def linear_method(self) -> LinearMethod:
         if self.block is not None:

@@ -166,19 +166,24 @@ FORMATS: dict[str, tuple[dict[str, Any], Quantizer]] = {
 }  # fmt: skip
 
 
-def write_checkpoint(name: str, path: Path, tiny: dict[str, Any]) -> tuple[Path, torch.nn.Module]:
-    """(checkpoint directory, the transformers Llama holding its dequantized weights) of format ``name``."""
+def write_checkpoint(
+    name: str, path: Path, tiny: dict[str, Any], *, plain: tuple[str, ...] = (), qc: dict[str, Any] | None = None
+) -> tuple[Path, torch.nn.Module]:
+    """(checkpoint directory, the transformers Llama holding its dequantized weights) of format ``name``.
+    ``plain``: module names (``model.layers.1.mlp.down_proj``) written as float matrices, as a file whose
+    config ignores them stores them; ``qc``: the quantization_config to write instead of the format's."""
     import transformers
     from safetensors.torch import save_file
 
-    qc, quantize = FORMATS[name]
+    default_qc, quantize = FORMATS[name]
+    qc = default_qc if qc is None else qc
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny)).eval()
     state: dict[str, torch.Tensor] = {}
     for param_name, tensor in model.state_dict().items():
         module, _, kind = param_name.rpartition(".")
         projection = module.rsplit(".", 1)[-1]
-        if projection not in PROJECTIONS or kind != "weight":
+        if projection not in PROJECTIONS or kind != "weight" or module in plain:
             state[param_name] = tensor.contiguous()
             continue
         packed, dense = quantize(tensor.float() * SPREAD.get(projection, 1.0))

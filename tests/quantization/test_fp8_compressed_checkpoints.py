@@ -24,6 +24,7 @@ from kubellm.runtime.llm import LLM
 from kubellm.runtime.quantization import w4
 from kubellm.runtime.quantization.base import LinearMethod
 from kubellm.runtime.quantization.compressed_tensors_methods import Int8CheckpointMethod, PackedW4Method
+from kubellm.runtime.quantization.dense import DenseMethod
 from kubellm.runtime.quantization.fp8_checkpoint import Fp8BlockMethod, Fp8CheckpointMethod
 from kubellm.runtime.quantization.online import FP8
 from kubellm.runtime.quantization.registry import quant_config_for
@@ -184,9 +185,6 @@ def _refusals() -> list[tuple[dict[str, Any], str]]:
     head = _ct("ct-fp8-dynamic")
     head["ignore"] = []
     cases.append((head, r"'quantization_config\.ignore' is \[\]: the head \(lm_head\) is a target"))
-    layer = _ct("ct-fp8-dynamic")
-    layer["ignore"] = ["lm_head", "re:.*layers\\.1\\.mlp\\.down_proj"]
-    cases.append((layer, r"'quantization_config\.ignore' .*leaves model\.layers\.1\.mlp\.down_proj unquantized"))
     kv = _ct("ct-fp8-dynamic")
     kv["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
     cases.append((kv, r"'quantization_config\.kv_cache_scheme'"))
@@ -197,8 +195,8 @@ def _refusals() -> list[tuple[dict[str, Any], str]]:
     cases.append((fp8_scheme, r"'quantization_config\.activation_scheme' is 'per-tensor'"))
     fp8_block = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128]}
     cases.append((fp8_block, r"'quantization_config\.weight_block_size' must be two positive integers"))
-    fp8_skip = {"quant_method": "fp8", "ignored_layers": ["model.layers.0.mlp.down_proj"]}
-    cases.append((fp8_skip, r"'quantization_config\.ignored_layers' .*only lm_head"))
+    fp8_skip = {"quant_method": "fp8", "ignored_layers": "lm_head"}
+    cases.append((fp8_skip, r"'quantization_config\.ignored_layers' must be a list of module names"))
     return cases
 
 
@@ -208,14 +206,47 @@ def test_an_unsupported_scheme_is_refused_naming_the_config_field(qc: dict[str, 
         quant_config_for(qc["quant_method"], {"quantization_config": qc})
 
 
-def test_ignore_patterns_and_targets_that_cover_the_decoder_are_accepted() -> None:
-    qc = _ct("ct-w8a8-int8")
-    qc["ignore"] = ["re:.*lm_head"]
-    _group0(qc)["targets"] = ["re:.*self_attn\\.(q|k|v|o)_proj$", "re:.*mlp\\.(gate|up|down)_proj$"]
-    assert quant_config_for("compressed-tensors", {"quantization_config": qc}) is not None
-    _group0(qc)["targets"] = ["re:.*self_attn\\.(q|k|v|o)_proj$"]
-    with pytest.raises(ValueError, match=r"targets' .*model\.layers\.0\.mlp\.gate_proj is not a target"):
-        quant_config_for("compressed-tensors", {"quantization_config": qc})
+PLAIN = ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj")
+
+
+def _ignoring(name: str) -> dict[str, Any]:
+    """The format's config with PLAIN left unquantized: by ignore entries (a name, a regex), or for fp8 by
+    ignored_layers; compressed-tensors' targets also leave out layer 1's down_proj (the file stores it plain)."""
+    qc = _ct(name)
+    if qc["quant_method"] == "fp8":
+        return {**qc, "ignored_layers": ["lm_head", *PLAIN]}
+    qc["ignore"] = ["re:.*lm_head", "re:model\\.layers\\.0\\.mlp\\.(gate|up)_proj", PLAIN[2]]
+    _group0(qc)["targets"] = ["re:.*self_attn\\.[qkvo]_proj$", "re:.*mlp\\.(gate|up)_proj$", "layers.0.mlp.down_proj"]
+    return qc
+
+
+@pytest.mark.parametrize("name", ["ct-w8a8-int8", "ct-w4a16-sym", "fp8-channel"])
+def test_linears_the_config_leaves_out_are_served_plain(name: str, tmp_path: Path) -> None:
+    qc = _ignoring(name)
+    untargeted = () if qc["quant_method"] == "fp8" else ("model.layers.1.mlp.down_proj",)
+    path, hf_model = write_checkpoint(name, tmp_path / name, TINY, plain=PLAIN + untargeted, qc=qc)
+    engine = engine_for(path)
+    modules = dict(engine.model.named_modules())
+    dense = [modules[n] for n in ("layers.0.mlp.gate_up_proj", "layers.1.self_attn.o_proj")]
+    dense += [modules[n.removeprefix("model.")] for n in untargeted]
+    assert all(type(m.method) is DenseMethod for m in dense)
+    quantized = [m for m in engine.model.modules() if isinstance(m, Linear) and not any(m is d for d in dense)]
+    assert len(quantized) == 4 * TINY["num_hidden_layers"] - len(dense)
+    assert all(type(m.method) is method_of(name) for m in quantized)
+    for prompt in draw_prompts(2):
+        with torch.inference_mode():
+            expected = hf_model(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(our_logits(engine, prompt), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merged_shards_quantized_differently_are_refused(tmp_path: Path) -> None:
+    qc = _ct("ct-fp8-dynamic")
+    qc["ignore"] = ["lm_head", "model.layers.1.self_attn.k_proj"]
+    path, _ = write_checkpoint(
+        "ct-fp8-dynamic", tmp_path / "ct", TINY, plain=("model.layers.1.self_attn.k_proj",), qc=qc
+    )
+    with pytest.raises(ValueError, match=r"ignore' leave \['model\.layers\.1\.self_attn\.k_proj'\] unquantized but"):
+        engine_for(path)
 
 
 def test_a_quantization_flag_that_contradicts_the_checkpoint_fails_at_start(tmp_path: Path) -> None:

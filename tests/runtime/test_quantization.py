@@ -125,9 +125,8 @@ def test_resolve_quantization() -> None:
     assert resolve_quantization("none", CPU, frozenset({"Q4_1"})) == "none"
     with pytest.raises(ValueError, match="CPU path"):
         resolve_quantization("int4", torch.device("cuda"), frozenset())
-    with pytest.raises(
-        ValueError, match=r"^quantization must be one of auto, none, int4, awq, gptq, int8, fp8, got 'q3'"
-    ):
+    choices = "auto, none, int4, awq, gptq, compressed-tensors, int8, fp8"
+    with pytest.raises(ValueError, match=rf"^quantization must be one of {choices}, got 'q3'"):
         EngineConfig(quantization="q3")
 
 
