@@ -104,8 +104,9 @@ def ct_w4a16(w: torch.Tensor, *, symmetric: bool, group_size: int | None = W4_GR
     return tensors, dense
 
 
-def ct_int8(w: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127).to(torch.bfloat16)  # [N, 1], the model's dtype
+def ct_int8(w: torch.Tensor, *, per_tensor: bool = False) -> tuple[dict, torch.Tensor]:
+    top = w.abs().amax().reshape(1) if per_tensor else w.abs().amax(dim=1, keepdim=True)
+    scale = (top / 127).to(torch.bfloat16)  # [N, 1] or [1], in the model's dtype
     q = torch.clamp(torch.round(w / scale.float()), -127, 127)
     return {"weight": q.to(torch.int8), "weight_scale": scale}, q * scale.float()
 
@@ -149,6 +150,10 @@ FORMATS: dict[str, tuple[dict[str, Any], Quantizer]] = {
     "ct-w8a8-int8": (
         _group(_args(8, "int", "channel"), _args(8, "int", "token", **DYNAMIC), "int-quantized"),
         ct_int8,
+    ),
+    "ct-w8a8-int8-tensor": (
+        _group(_args(8, "int", "tensor"), _args(8, "int", "token", **DYNAMIC), "int-quantized"),
+        lambda w: ct_int8(w, per_tensor=True),
     ),
     "ct-fp8-dynamic": (
         _group(_args(8, "float", "channel"), _args(8, "float", "token", **DYNAMIC), "float-quantized"),

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from quantization.ckpt_writers import FORMATS, write_checkpoint
+from quantization.ckpt_writers import FORMATS, fp8_blocks, fp8_per_tensor, write_checkpoint
 from quantization.test_checkpoints import TINY, draw_prompts, our_logits
 
 from kubellm.runtime.config import EngineConfig
@@ -26,7 +26,7 @@ from kubellm.runtime.quantization.base import LinearMethod
 from kubellm.runtime.quantization.compressed_tensors_methods import Int8CheckpointMethod, PackedW4Method
 from kubellm.runtime.quantization.dense import DenseMethod
 from kubellm.runtime.quantization.fp8_checkpoint import Fp8BlockMethod, Fp8CheckpointMethod
-from kubellm.runtime.quantization.online import FP8
+from kubellm.runtime.quantization.online import FP8, scaled_mm_supported
 from kubellm.runtime.quantization.registry import quant_config_for
 from kubellm.runtime.sampling_params import SamplingParams
 
@@ -330,3 +330,34 @@ def test_the_config_files_of_published_checkpoints_are_read() -> None:
         assert quant_config_for(qc["quant_method"], {"quantization_config": json.loads(json.dumps(qc))}) is not None
     with pytest.raises(ValueError, match=r"'quantization_config\.fmt' is 'e5m2'"):
         quant_config_for("fp8", {"quantization_config": {**fp8, "fmt": "e5m2"}})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp8_checkpoint_layers_on_a_gpu_track_their_reference() -> None:
+    """sm89+: row-wise _scaled_mm with the file's static input scale (the activations rounded to e4m3 exactly as
+    the reference rounds them, so only accumulation order and the bf16 output differ); block-wise: the weight
+    widened per matmul."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(256, 512, device=device, generator=gen) * 0.05
+    x = torch.randn(37, 512, device=device, generator=gen).to(torch.bfloat16)
+    static = {"quant_method": "fp8", "activation_scheme": "static"}
+    block = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    for qc, quantize in ((static, fp8_per_tensor), (block, fp8_blocks)):
+        config = quant_config_for("fp8", {"quantization_config": qc})
+        assert config is not None
+        tensors, dense = quantize(w, **({"static": True} if qc is static else {"block": 128}))
+        layer = Linear(512, 256, quant=config).to(device=device, dtype=torch.bfloat16)
+        for param, tensor in tensors.items():
+            layer.load_weight(param, tensor)
+        layer.process_weights_after_loading()
+        xr = x.float()
+        if qc is static:
+            if not scaled_mm_supported(device):
+                continue
+            assert "scaled_mm" in repr(layer)
+            s = tensors["input_scale"].float()
+            xr = (xr / s).clamp(-448.0, 448.0).to(FP8).float() * s
+        ref = xr @ dense.t()
+        assert float((layer(x).float() - ref).norm() / ref.norm()) < 1e-2
