@@ -15,7 +15,8 @@ Served by online fp8's method (online.py): row-wise ``torch._scaled_mm`` on sm89
 activation dtype per matmul (held once, as fp8). Per-tensor scales become per-row ones (checkpoint_params.py:
 each merged shard keeps its own scale exactly). With static scales, q/k/v (gate/up) share one input, so the
 largest of their input scales quantizes it (vLLM does the same). Block-wise weights are dequantized per matmul
-(no block-scaled kernel here yet).
+(no block-scaled kernel here yet). The linears ``ignored_layers`` (``modules_to_not_convert``) names are plain
+matrices in the file and are served so; the head is never quantized here.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Fp8CheckpointMethod(Fp8Method):
     def describe(self) -> str:
         if self.codes is None:
             return ""
-        return "fp8 e4m3 checkpoint" + (" static" if self.static_input else "") + (" scaled_mm" * self.use_scaled_mm)
+        static = " static" if self.static_input else ""
+        return f"fp8 e4m3 checkpoint{static}" + (" scaled_mm" if self.use_scaled_mm else "")
 
 
 class Fp8BlockMethod(LinearMethod):

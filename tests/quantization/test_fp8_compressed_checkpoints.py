@@ -137,7 +137,7 @@ def test_fp8_weights_are_held_once_as_fp8_and_merged_shards_keep_their_own_scale
     assert method.input_scale is not None and float(method.input_scale) == max(float(s) for s in input_scales)
 
 
-@pytest.mark.parametrize("name", ["fp8-tensor-dynamic", "ct-w4a16-asym"])
+@pytest.mark.parametrize("name", ["fp8-tensor-dynamic", "fp8-block", "ct-w4a16-asym"])
 def test_tensor_parallel_2_equals_1(name: str, tmp_path: Path) -> None:
     path, _ = write_checkpoint(name, tmp_path / name, TINY)
     prompts = draw_prompts()
