@@ -10,6 +10,7 @@ says how the tensors are stored. The schemes read here, as vLLM's compressed-ten
     pack-quantized   W4A16   int4 weights, group or channel, symmetric or not; no activation quantization
     int-quantized    W8A8    int8 weights, channel or tensor, symmetric; activations dynamic per token (or none)
     float-quantized  FP8     fp8 weights, tensor / channel / block; activations dynamic, static per tensor, or none
+    naive-quantized          int8 or fp8 by the weights' type (the format the other two alias)
 
 A decoder linear that no target matches, or that ``ignore`` lists, is left a plain matrix (the file stores its
 float ``weight``), as compressed-tensors applies the group; q/k/v (gate/up) are one layer here, so they must be
@@ -28,7 +29,7 @@ from .compressed_tensors_methods import Int8CheckpointMethod, PackedW4Method
 from .fp8_checkpoint import Fp8BlockMethod, Fp8CheckpointMethod, read_block_size
 
 Q = "quantization_config"
-FORMATS = ("pack-quantized", "int-quantized", "float-quantized")
+FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
 ORDER_ONLY_ACTORDER = (None, False, "weight", "static")  # reorders at quantization only: storage is unchanged
 
 
@@ -115,7 +116,13 @@ def _fp8(weights: _Args, acts: _Args | None, field: str) -> Callable[[], LinearM
     return lambda: Fp8BlockMethod(block, "weight_scale", block_field)
 
 
-SCHEMES = {"pack-quantized": _w4a16, "int-quantized": _int8, "float-quantized": _fp8}
+def _naive(weights: _Args, acts: _Args | None, field: str) -> Callable[[], LinearMethod]:
+    """naive-quantized: the codes in the dtype of their type (the library's int- and float-quantized formats are
+    its aliases), so int8 or fp8 by ``weights.type``."""
+    return (_fp8 if weights.type == "float" else _int8)(weights, acts, field)
+
+
+SCHEMES = {"pack-quantized": _w4a16, "int-quantized": _int8, "float-quantized": _fp8, "naive-quantized": _naive}
 
 
 def _read_patterns(qc: dict[str, Any], targets: Any, field: str) -> tuple[list[str], list[str]]:

@@ -326,8 +326,14 @@ def test_the_config_files_of_published_checkpoints_are_read() -> None:
         "global_compression_ratio": 1.9,
     }
     fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-    for qc in (w4a16, fp8):
-        assert quant_config_for(qc["quant_method"], {"quantization_config": json.loads(json.dumps(qc))}) is not None
+    # the older naive-quantized format (int- and float-quantized are its aliases): the weights' type decides
+    naive_fp8 = _ct("ct-fp8-dynamic") | {"format": "naive-quantized"}
+    naive_int8 = _ct("ct-w8a8-int8") | {"format": "naive-quantized"}
+    expected = [(w4a16, PackedW4Method), (fp8, Fp8BlockMethod), (naive_fp8, Fp8CheckpointMethod),
+                (naive_int8, Int8CheckpointMethod)]  # fmt: skip
+    for qc, method in expected:
+        config = quant_config_for(qc["quant_method"], {"quantization_config": json.loads(json.dumps(qc))})
+        assert config is not None and type(config.linear_method()) is method
     with pytest.raises(ValueError, match=r"'quantization_config\.fmt' is 'e5m2'"):
         quant_config_for("fp8", {"quantization_config": {**fp8, "fmt": "e5m2"}})
 
