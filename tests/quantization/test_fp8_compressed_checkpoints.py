@@ -206,6 +206,14 @@ def test_an_unsupported_scheme_is_refused_naming_the_config_field(qc: dict[str, 
         quant_config_for(qc["quant_method"], {"quantization_config": qc})
 
 
+def test_an_unsupported_scheme_fails_the_engine_at_start(tmp_path: Path) -> None:
+    qc = _ct("ct-w4a16-sym")
+    _group0(qc)["weights"]["actorder"] = "group"
+    path, _ = write_checkpoint("ct-w4a16-sym", tmp_path / "ct", TINY, qc=qc)
+    with pytest.raises(ValueError, match=r"'quantization_config\.config_groups\.group_0\.weights\.actorder'"):
+        engine_for(path)
+
+
 PLAIN = ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj")
 
 
