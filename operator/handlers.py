@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,8 @@ from kubellm.operator.loop import FleetLoop, observe_model, one
 from kubellm.operator.metrics import Scraper
 from kubellm.operator.model_cache import JobState
 from kubellm.operator.peering import Leadership
-from kubellm.operator.reconcile import Existing, parse_or_error, reapply_one, reconcile
+from kubellm.operator.priority import WritePriority
+from kubellm.operator.reconcile import Existing, ReconcileOutcome, parse_or_error, reapply_one, reconcile
 from kubellm.operator.resources import Owner
 from kubellm.operator.settings import Settings
 from kubellm.operator.status import DeploymentState, PodSummary, summarize_pod
@@ -117,6 +119,7 @@ def configure(
     settings.watching.client_timeout = 330
     memo.settings = operator_settings
     memo.kube = Kube(make_api_client(pool_size=operator_settings.max_workers))
+    memo.write_priority = WritePriority()
     memo.scraper = Scraper(
         timeout_seconds=operator_settings.scrape_timeout_seconds, concurrency=operator_settings.scrape_concurrency
     )
@@ -140,6 +143,11 @@ async def start_loop(
     assert llmds_by_key is not None and pods_by_owner is not None
     assert deployments_by_owner is not None and pdbs_by_owner is not None and statefulsets_by_owner is not None
     assert jobs_by_owner is not None
+    # Every blocking API call (the handlers' and the loop's asyncio.to_thread) runs on the loop's default executor:
+    # size it as the settings say. asyncio's own default, min(32, CPUs + 4), is 6 threads on a 2-core node, which
+    # queued 200 objects created at once behind 6 calls in flight.
+    workers = ThreadPoolExecutor(max_workers=memo.settings.max_workers, thread_name_prefix="kubellm-api")
+    asyncio.get_running_loop().set_default_executor(workers)
     loop = FleetLoop(
         settings=memo.settings,
         kube=memo.kube,
@@ -151,6 +159,7 @@ async def start_loop(
         pdbs=pdbs_by_owner,
         statefulsets=statefulsets_by_owner,
         jobs=jobs_by_owner,
+        priority=memo.write_priority,
     )
     memo.loop_task = asyncio.create_task(loop.run(), name="kubellm fleet loop")
 
@@ -230,6 +239,7 @@ async def workload_changed(
     scheduled.add(key)
     try:
         await asyncio.sleep(STATUS_COALESCE_SECONDS)
+        await memo.write_priority.refresh_turn()
     finally:
         scheduled.discard(key)  # events from here on schedule a write of their own
     ref: LLMDeploymentRef | None = one(llmds_by_key.get(key))
@@ -327,7 +337,7 @@ async def job_changed(
     await asyncio.wait_for(asyncio.to_thread(work), memo.settings.handler_timeout_seconds)
 
 
-def reconcile_handler(
+async def reconcile_handler(
     name: str,
     namespace: str | None,
     uid: str,
@@ -348,9 +358,15 @@ def reconcile_handler(
     owner = Owner(name=name, namespace=namespace, uid=uid)
     indices = (pdbs_by_owner, deployments_by_owner, statefulsets_by_owner, jobs_by_owner)
     existing = Existing.from_indices((namespace, name), *indices)
-    outcome = reconcile(memo.kube, owner, spec, int(meta.get("generation", 0)), memo.settings, existing)
-    pods = list(pods_by_owner.get((namespace, name), ()))
-    write_outcome(memo.kube, owner, outcome, pods, seen(meta.get("resourceVersion"), status))
+
+    def work() -> ReconcileOutcome:
+        outcome = reconcile(memo.kube, owner, spec, int(meta.get("generation", 0)), memo.settings, existing)
+        pods = list(pods_by_owner.get((namespace, name), ()))
+        write_outcome(memo.kube, owner, outcome, pods, seen(meta.get("resourceVersion"), status))
+        return outcome
+
+    async with memo.write_priority.reconcile():
+        outcome = await asyncio.to_thread(work)
     if outcome.error is not None:
         # Not retried by kopf: the status shows it, and the periodic resync (or the next spec change) tries again.
         raise kopf.PermanentError(f"invalid spec: {outcome.error}" if outcome.invalid_spec else outcome.error)

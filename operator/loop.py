@@ -29,6 +29,7 @@ from kubellm.operator.groups import workload_state
 from kubellm.operator.metrics import Scraper
 from kubellm.operator.model_cache import JobState, find_job, model_status, parse_progress, termination_message
 from kubellm.operator.peering import Leadership
+from kubellm.operator.priority import WritePriority
 from kubellm.operator.reconcile import Existing, parse_or_error, reconcile
 from kubellm.operator.resources import Owner
 from kubellm.operator.scaling import AutoscaleMemory, PostEvent, autoscale
@@ -102,6 +103,7 @@ class FleetLoop:
     pdbs: Mapping[Any, Any]
     statefulsets: Mapping[Any, Any]
     jobs: Mapping[Any, Any]
+    priority: WritePriority = field(default_factory=WritePriority)
     memory: dict[str, ObjectMemory] = field(default_factory=dict)
 
     async def run(self) -> None:
@@ -130,6 +132,7 @@ class FleetLoop:
             self.leadership.peers.clear()
 
     async def tick(self) -> None:
+        await self.priority.refresh_turn()  # a burst's reconciles first
         refs = [(key, ref) for key, store in list(self.llmds.items()) if (ref := one(store)) is not None]
         for uid in set(self.memory) - {ref.uid for _, ref in refs}:
             del self.memory[uid]  # deleted: its loop state goes with it

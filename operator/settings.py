@@ -54,7 +54,7 @@ class Settings:
     handler_retries: int = 10
     handler_backoff_seconds: float = 2.0
     handler_timeout_seconds: float = 120.0
-    # Threads for synchronous Kubernetes API calls.
+    # Threads for blocking Kubernetes API calls (the event loop's default executor), and as many pooled connections.
     max_workers: int = 16
     # kopf's liveness endpoint (empty: none), e.g. http://0.0.0.0:8080/healthz
     liveness_endpoint: str = ""
