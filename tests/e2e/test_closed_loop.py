@@ -17,21 +17,16 @@ under load and a scale-down after it.
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from e2e.kubelet import RuntimeKubelet
 from e2e.load import StreamingLoad
-from e2e.observer import GROUP, PLURAL, VERSION, Observer, Snapshot
+from e2e.loop_run import loop_run, served_name
 from e2e.operator_process import OperatorProcess
-from e2e.procs import marked_processes, wait_for
 from e2e.workload import TARGET_QUEUE_DEPTH, closed_loop_spec
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
@@ -49,74 +44,37 @@ def _wall(iso: str) -> float:
     return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
-def _events(api: Any, namespace: str) -> list[Any]:
-    from kubernetes import client
-
-    core: Any = client.CoreV1Api(api)
-    items = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}").items
-    return [e for e in items if e.involved_object.kind == "LLMDeployment"]
-
-
 def test_runtime_queue_drives_scale_up_and_back_down(
     k8s_cluster: Any, k8s_namespace: str, run_tag: str, e2e_operator: OperatorProcess, tmp_path: Path
 ) -> None:
-    from kubernetes import client
-
-    api = k8s_cluster.api_client()
-    custom: Any = client.CustomObjectsApi(api)
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMDeployment", "metadata": {"name": NAME}, "spec": SPEC}
-    custom.create_namespaced_custom_object(GROUP, VERSION, k8s_namespace, PLURAL, body)
-    ns = k8s_namespace
-    runtime_tag = f"{run_tag}-runtime"
-    kubelet = RuntimeKubelet(api, ns, NAME, tmp_path, k8s_cluster.env(), tag=runtime_tag, max_pods=3)
-    observer = Observer(api, ns, NAME)
-
-    def wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-        def checked() -> Any:
-            kubelet.check()  # a runtime that died on its own fails the wait at once
-            return predicate()
-
-        try:
-            return wait_for(checked, timeout=timeout, what=what, interval=0.25)
-        except AssertionError as exc:
-            last = observer.latest()
-            raise AssertionError(
-                f"{exc}\nlast snapshot: {last}\n--- kubelet\n{kubelet.report()}\n"
-                f"--- operator\n{e2e_operator.log_tail()}"
-            ) from None
-
-    def latest() -> Snapshot:
-        snap = observer.latest()
-        assert snap is not None, f"no snapshot of the LLMDeployment yet: {observer.errors[-3:]}"
-        return snap
-
+    run_args = (k8s_cluster, k8s_namespace, NAME, SPEC, e2e_operator, tmp_path)
     t0 = time.monotonic()
     phases: dict[str, float] = {}  # seconds since the LLMDeployment was created, printed for the CI log
 
     def mark(phase: str) -> None:
         phases[phase] = round(time.monotonic() - t0, 1)
 
-    with kubelet, observer:
+    with loop_run(*run_args, tag=f"{run_tag}-runtime", max_pods=3) as run:
         # 1. One replica: its runtime loads the model and serves; the operator scrapes it.
-        (pod1,) = wait(lambda: kubelet.serving(), 180, "the first replica's runtime to serve /metrics")
-        wait(
-            lambda: latest().metrics.get("podsScraped") == 1 and latest().metrics.get("podsFailed") == 0,
+        (pod1,) = run.wait(lambda: run.kubelet.serving(), 180, "the first replica's runtime to serve /metrics")
+        run.wait(
+            lambda: run.latest().metrics.get("podsScraped") == 1 and run.latest().metrics.get("podsFailed") == 0,
             30,
             "the operator to scrape the first replica",
         )
-        assert latest().spec_replicas == 1 and latest().deployment_replicas == 1
+        assert run.latest().spec_replicas == 1 and run.latest().deployment_replicas == 1
         mark("replica 1 scraped")
-        # The served name is in the mounted config file (the ConfigMap), which the runtime reports back.
-        with urllib.request.urlopen(pod1.url("/v1/models"), timeout=10) as response:
-            served_name = json.load(response)["data"][0]["id"]
 
         # 2. Load on pod 1 until the operator scales up. Pods seen from now on wait for release() (image pull).
-        kubelet.hold()
-        load = StreamingLoad(pod1.url("/v1"), served_name, concurrency=CONCURRENCY, max_tokens=MAX_TOKENS).start()
+        run.kubelet.hold()
+        load = StreamingLoad(pod1.url("/v1"), served_name(pod1), concurrency=CONCURRENCY, max_tokens=MAX_TOKENS).start()
         try:
-            up = wait(
+            up = run.wait(
                 lambda: (
-                    (s := latest()).spec_replicas == 2 and s.deployment_replicas == 2 and s.desired_replicas == 2 and s
+                    (s := run.latest()).spec_replicas == 2
+                    and s.deployment_replicas == 2
+                    and s.desired_replicas == 2
+                    and s
                 ),
                 120,
                 "a scale-up to 2 replicas under load",
@@ -128,25 +86,25 @@ def test_runtime_queue_drives_scale_up_and_back_down(
         assert not load.stats.errors, load.stats
         # What the operator scraped: replica 1 busy (its two sequences running) with a queue over the target. The
         # evaluation that decided wrote its metrics with the decision, just after the scale itself: wait for it.
-        up_decisions = wait(lambda: latest().decisions, 30, "the scale-up decision (and its metrics) in status")
-        scraped = [s.metrics for s in observer.timeline if s.metrics]
+        up_decisions = run.wait(lambda: run.latest().decisions, 30, "the scale-up decision (and its metrics) in status")
+        scraped = [s.metrics for s in run.observer.timeline if s.metrics]
         assert max(m.get("queueDepth", 0) for m in scraped) > TARGET_QUEUE_DEPTH, scraped
         assert max(m.get("runningRequests", 0) for m in scraped) == SPEC["engine"]["maxNumSeqs"], scraped
         decision = up_decisions[-1]
         assert (decision["fromReplicas"], decision["toReplicas"]) == (1, 2), up_decisions
         assert "queue" in decision["reason"], decision
-        scaled_up = wait(lambda: [e for e in _events(api, ns) if e.reason == "ScaledUp"], 30, "a ScaledUp Event")
+        scaled_up = run.wait(lambda: run.events("ScaledUp"), 30, "a ScaledUp Event")
         assert any("queue" in (e.message or "") for e in scaled_up), [e.message for e in scaled_up]
 
         # 3. The new pod is Ready (kwok) but its runtime is held back: its scrape fails. Wait for an evaluation
         # after the load is gone (nothing waiting or running) and past the scale-down window: the loop would scale
         # down now if it trusted the one replica it can see; it must hold at 2.
-        pod2_name = wait(
-            lambda: next((p.name for p in kubelet.live() if p.name != pod1.name), None), 60, "the second pod"
+        pod2_name = run.wait(
+            lambda: next((p.name for p in run.kubelet.live() if p.name != pod1.name), None), 60, "the second pod"
         )
 
         def idle_evaluation_past_window() -> bool:
-            snap = latest()
+            snap = run.latest()
             if snap.spec_replicas != 2 or snap.deployment_replicas != 2:
                 raise AssertionError(
                     f"replicas moved to {snap.spec_replicas} (Deployment: {snap.deployment_replicas}) while pod "
@@ -165,19 +123,19 @@ def test_runtime_queue_drives_scale_up_and_back_down(
                 and time.time() >= stopped_wall + SCALE_DOWN_WINDOW_S + 2 * EVALUATION_PERIOD_S
             )
 
-        wait(idle_evaluation_past_window, 60, "an idle evaluation with a failed scrape, past the scale-down window")
+        run.wait(idle_evaluation_past_window, 60, "an idle evaluation with a failed scrape, past the scale-down window")
         mark("held at 2 past the window")
-        held = observer.since(up.at)
+        held = run.observer.since(up.at)
         assert all(s.spec_replicas == 2 and s.deployment_replicas == 2 for s in held), [
             (s.spec_replicas, s.deployment_replicas) for s in held
         ]
-        assert not any(p.proc is not None for p in kubelet.live() if p.name == pod2_name), "pod 2 was not held"
+        assert not any(p.proc is not None for p in run.kubelet.live() if p.name == pod2_name), "pod 2 was not held"
 
         # 4. The runtime starts; once the operator scrapes it, the idle loop scales back down to minReplicas.
-        kubelet.release()
-        down = wait(
+        run.kubelet.release()
+        down = run.wait(
             lambda: (
-                (s := latest()).spec_replicas == 1
+                (s := run.latest()).spec_replicas == 1
                 and s.deployment_replicas == 1
                 and s.desired_replicas == 1
                 # the decision is recorded just after the scale write itself
@@ -188,22 +146,19 @@ def test_runtime_queue_drives_scale_up_and_back_down(
             "a scale-down to minReplicas after the second runtime serves, recorded in status",
         )
         mark("scaled down")
-        pod2 = kubelet.pods[pod2_name]
+        pod2 = run.kubelet.pods[pod2_name]
         assert pod2.serving_at is not None, "scaled down before the second replica's runtime ever served metrics"
         # The operator scrapes pod 2 before it scales down; the kubelet's probe may see it a poll or two later.
-        first_down = next(s for s in observer.since(up.at) if s.spec_replicas == 1)
+        first_down = next(s for s in run.observer.since(up.at) if s.spec_replicas == 1)
         assert first_down.at + 2.0 >= pod2.serving_at, (first_down.at, pod2.serving_at)
         decision = down.decisions[-1]
         assert (decision["fromReplicas"], decision["toReplicas"]) == (2, 1), down.decisions
-        wait(lambda: [e for e in _events(api, ns) if e.reason == "ScaledDown"], 30, "a ScaledDown Event")
+        run.wait(lambda: run.events("ScaledDown"), 30, "a ScaledDown Event")
         # One replica is left, and only its runtime runs.
-        wait(lambda: len(kubelet.live()) == 1, 60, "the removed pod's runtime to stop")
-        gone = [p for p in kubelet.pods.values() if p.stopped_at is not None]
-        wait(lambda: all(p.proc is None or p.proc.poll() is not None for p in gone), 30, "stopped runtimes to exit")
-        assert not kubelet.errors, kubelet.errors
+        run.wait(lambda: len(run.kubelet.live()) == 1, 60, "the removed pod's runtime to stop")
+        gone = [p for p in run.kubelet.pods.values() if p.stopped_at is not None]
+        run.wait(lambda: all(p.proc is None or p.proc.poll() is not None for p in gone), 30, "stopped runtimes to exit")
+        assert not run.kubelet.errors, run.kubelet.errors
 
     mark("runtimes stopped")
     print(f"phases (s since create): {phases}; load: {load.stats}")
-    assert kubelet.all_exited(), kubelet.report()
-    assert marked_processes(runtime_tag) == [], "runtime processes outlived the test"
-    api.close()
