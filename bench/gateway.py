@@ -2,11 +2,13 @@
 for PrefixHash and LeastLoad (through the gateway) against plain round-robin (client-side rotation over the pods,
 what a Service does) and a single replica; and the latency the gateway adds, on /tokenize (cheap on the runtime).
 
-    PYTHONPATH=tests python -P bench/gateway.py [--sessions 12] [--turns 4] [--replicas 4]
+    PYTHONPATH=tests python -P bench/gateway.py [--sessions 8] [--turns 4] [--replicas 4]
 
 Setup as tests/gateway: the test control plane, `kubellm operator`, one real `kubellm serve` (SmolLM2-135M, CPU) per
-pod on its loopback IP, `kubellm gateway`. Each mode gets a system prompt of its own, so no mode reuses another's
-cached blocks. Hit rate: the runtimes' vllm:prefix_cache_hits / vllm:prefix_cache_queries over the mode (all pods).
+pod on its loopback IP, `kubellm gateway`. Each mode gets a system prompt and documents of its own, so no mode
+reuses another's cached blocks; a session opens with a document of its own that its later turns repeat (a shared
+system prompt is short), so where a session's turns land decides the hit rate. Hit rate: the runtimes'
+vllm:prefix_cache_hits / vllm:prefix_cache_queries over the mode (all pods).
 Writes bench/results/gateway-<machine>.json and prints a table.
 """
 
@@ -86,6 +88,8 @@ async def run_chats(base_urls: list[str], args: argparse.Namespace, seed: int) -
 
     rng = random.Random(seed)
     system = " ".join(rng.choice(WORDS) for _ in range(args.system_words))
+    # each session's own document, which every later turn of it repeats: the prefix a replica can reuse
+    documents = [" ".join(rng.choice(WORDS) for _ in range(args.context_words)) for _ in range(args.sessions)]
     clients = [openai.AsyncOpenAI(base_url=u, api_key="unused", max_retries=0, timeout=600) for u in base_urls]
     turn_counter = 0
     ttfts: list[float] = []
@@ -96,7 +100,9 @@ async def run_chats(base_urls: list[str], args: argparse.Namespace, seed: int) -
         messages: list[dict[str, str]] = [{"role": "system", "content": system}]
         async with gate:
             for t in range(args.turns):
-                messages.append({"role": "user", "content": f"Session {i} turn {t}: " + " ".join(rng.sample(WORDS, 6))})
+                opening = f"Session {i}. Read this document: {documents[i]}\n" if t == 0 else ""
+                question = f"Turn {t}: " + " ".join(rng.sample(WORDS, 6))
+                messages.append({"role": "user", "content": opening + question})
                 client = clients[turn_counter % len(clients)]
                 turn_counter += 1
                 start, first, text = time.monotonic(), None, ""
@@ -243,10 +249,11 @@ def measure(args: argparse.Namespace, cp: ControlPlane, tmp: Path, tag: str) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--sessions", type=int, default=12)
+    parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=4, help="sessions in flight at once")
-    parser.add_argument("--system-words", type=int, default=300)
+    parser.add_argument("--system-words", type=int, default=30, help="the system prompt all sessions share")
+    parser.add_argument("--context-words", type=int, default=250, help="each session's own opening document")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rate", type=float, default=100.0, help="requests/s for the added-latency run")
     parser.add_argument("--latency-requests", type=int, default=1000)
@@ -270,6 +277,7 @@ def main() -> int:
             if op is not None:
                 op.stop()
             cp.stop()
+    load_at_end = os.getloadavg()[0]
     if marked_processes(tag):
         print(f"processes left behind: {marked_processes(tag)}", file=sys.stderr)
         return 1
@@ -279,12 +287,14 @@ def main() -> int:
             "cores": os.cpu_count(),
             "platform": platform.platform(),
             "load_avg_1m_at_start": round(load_at_start, 2),
+            "load_avg_1m_at_end": round(load_at_end, 2),
         },
         "workload": {
             "model": "builtin:smollm2-135m-instruct, CPU, maxNumSeqs 4, 64 MiB KV cache per replica, OMP_NUM_THREADS 1",
             "replicas": args.replicas,
             "chat": f"{args.sessions} sessions x {args.turns} turns, {args.concurrency} sessions at once, a shared "
-            f"{args.system_words}-word system prompt per mode, max_tokens {args.max_tokens}, streaming",
+            f"{args.system_words}-word system prompt per mode, each session opening with a {args.context_words}-word "
+            f"document of its own (repeated by its later turns), max_tokens {args.max_tokens}, streaming",
             "round_robin": "client-side rotation over the pods (what a Service does)",
             "added_latency": "POST /tokenize through the gateway vs straight to one pod, open loop",
         },
