@@ -1,6 +1,7 @@
 """PURE: the autoscaling decision. (observation, policy, history) -> decision, with its reason in words.
 
     load        = max(waiting / targetQueueDepth, kv_usage / targetKVCacheUtilization)   summed over replicas
+                  (waiting: the runtimes' queues plus the requests the gateways hold for want of a Ready replica)
     recommended = current                     if |load / current - 1| <= tolerance
                   ceil(load)                  otherwise          (= ceil(current * ratio), ratio = load / current)
     stabilized  = scale up only to the LOWEST recommendation of the scale-up window,
@@ -9,7 +10,8 @@
     to zero     = only with minReplicas 0, once the recommendation has been 0 for scaleToZeroAfterSeconds
 
 Replicas that are not Ready, or whose scrape failed, count as idle for scaling up (they will absorb load soon)
-and block scaling down (no data is never a reason to remove capacity). Pods Pending for lack of GPUs block
+and block scaling down (no data is never a reason to remove capacity). With no metrics at all it holds, unless the
+gateways hold requests for it: that queue alone then sizes a scale-up. Pods Pending for lack of GPUs block
 scaling up: more replicas would only queue behind the same missing GPUs.
 """
 
@@ -40,6 +42,7 @@ class Observation:
     failed_scrapes: int = 0  # Ready pods whose scrape failed or timed out
     not_ready: int = 0  # pods that exist but are not Ready (starting, or Pending)
     pending_unschedulable: int = 0  # pods Pending because no node has the resources (GPUs)
+    held: float = 0.0  # requests the gateways hold for it (no Ready replica to take them): queued load too
 
     @property
     def total_waiting(self) -> float:
@@ -148,7 +151,7 @@ def decide(obs: Observation, policy: Policy, history: Sequence[Recommendation]) 
     steps: list[str] = []
     limited: str | None = None
 
-    if not obs.samples:
+    if not obs.samples and obs.held <= 0:
         # No metrics at all: hold, except to bring replicas back inside [min, max].
         desired = min(max(current, policy.min_replicas), policy.max_replicas)
         why = f"no metrics from any Ready pod ({obs.failed_scrapes} scrape(s) failed): holding"
@@ -157,13 +160,15 @@ def decide(obs: Observation, policy: Policy, history: Sequence[Recommendation]) 
         return Decision(current, desired, why, None, tuple(kept), None)
 
     # Replicas without a sample count as idle (denominator), never as busy.
-    counted = max(current, len(obs.samples))
-    queue_load = obs.total_waiting / policy.target_queue_depth
+    counted = max(current, len(obs.samples), 1)
+    waiting = obs.total_waiting + obs.held
+    queue_load = waiting / policy.target_queue_depth
     kv_load = sum(s.kv_cache_usage for s in obs.samples) / policy.target_kv_cache_utilization
     load = max(queue_load, kv_load)
     ratio = load / counted
+    held = f" ({obs.held:g} held at the gateway)" if obs.held else ""
     steps.append(
-        f"queue {obs.total_waiting / counted:.2f}/replica (target {policy.target_queue_depth:g}), "
+        f"queue {waiting / counted:.2f}/replica{held} (target {policy.target_queue_depth:g}), "
         f"KV {100 * sum(s.kv_cache_usage for s in obs.samples) / counted:.0f}%/replica "
         f"(target {100 * policy.target_kv_cache_utilization:.0f}%): ratio {ratio:.2f}"
     )

@@ -29,6 +29,7 @@ import kopf
 from kubellm.operator import constants as c
 from kubellm.operator.apply import Kube, make_api_client
 from kubellm.operator.drift import controller_owner, foreign_writes, write_key
+from kubellm.operator.gateway_load import GatewayLoad
 from kubellm.operator.groups import StatefulSetState, workload_state
 from kubellm.operator.loop import FleetLoop, observe_model, one
 from kubellm.operator.metrics import Scraper
@@ -148,6 +149,7 @@ async def start_loop(
     # queued 200 objects created at once behind 6 calls in flight.
     workers = ThreadPoolExecutor(max_workers=memo.settings.max_workers, thread_name_prefix="kubellm-api")
     asyncio.get_running_loop().set_default_executor(workers)
+    urls = memo.settings.gateway_metrics_urls
     loop = FleetLoop(
         settings=memo.settings,
         kube=memo.kube,
@@ -160,6 +162,7 @@ async def start_loop(
         statefulsets=statefulsets_by_owner,
         jobs=jobs_by_owner,
         priority=memo.write_priority,
+        gateway=GatewayLoad(urls, timeout_seconds=memo.settings.scrape_timeout_seconds) if urls else None,
     )
     memo.loop_task = asyncio.create_task(loop.run(), name="kubellm fleet loop")
 

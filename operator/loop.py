@@ -24,6 +24,7 @@ from typing import Any
 from kubellm.operator import constants as c
 from kubellm.operator.apply import Kube
 from kubellm.operator.autoscaler import wake_replicas
+from kubellm.operator.gateway_load import GatewayLoad
 from kubellm.operator.group_restart import group_actions
 from kubellm.operator.groups import workload_state
 from kubellm.operator.metrics import Scraper
@@ -104,6 +105,7 @@ class FleetLoop:
     statefulsets: Mapping[Any, Any]
     jobs: Mapping[Any, Any]
     priority: WritePriority = field(default_factory=WritePriority)
+    gateway: GatewayLoad | None = None  # the gateways' held requests (settings.gateway_metrics_urls)
     memory: dict[str, ObjectMemory] = field(default_factory=dict)
 
     async def run(self) -> None:
@@ -137,7 +139,10 @@ class FleetLoop:
         for uid in set(self.memory) - {ref.uid for _, ref in refs}:
             del self.memory[uid]  # deleted: its loop state goes with it
         self.kube.forget_except({key for key, _ in refs})
-        results = await asyncio.gather(*(self.refresh(key, ref) for key, ref in refs), return_exceptions=True)
+        held = await self.gateway.held() if self.gateway is not None else {}
+        results = await asyncio.gather(
+            *(self.refresh(key, ref, held.get(key, 0.0)) for key, ref in refs), return_exceptions=True
+        )
         for (key, _), result in zip(refs, results, strict=True):
             if isinstance(result, Exception):
                 log.warning("refreshing %s/%s failed: %s", key[0], key[1], result)
@@ -188,7 +193,7 @@ class FleetLoop:
                 note = {c.ANNOTATION_GROUP_COMPLETE: "true"}
             await asyncio.to_thread(self.kube.annotate, "v1", "Pod", ns, action.pod, action.uid, note)
 
-    async def refresh(self, key: tuple[str, str], ref: Any) -> None:
+    async def refresh(self, key: tuple[str, str], ref: Any, held: float = 0.0) -> None:
         namespace, name = key
         spec, _error = parse_or_error(ref.spec)
         if spec is None or ref.deleting:
@@ -226,6 +231,7 @@ class FleetLoop:
                 scraper=self.scraper,
                 logger=log,
                 now=now_iso(),
+                held=held,
             )
             previous = parse_status(ref.status).metrics
             interval = self.settings.metrics_status_interval_seconds

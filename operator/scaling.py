@@ -64,11 +64,13 @@ async def autoscale(
     scraper: Scraper,
     logger: logging.Logger,
     now: str,
+    held: float = 0.0,
 ) -> tuple[ScalingReport, LLMDeploymentSpec]:
     """Scrape, decide, and (builtin mode) scale. Returns the report and the spec as it is after scaling.
 
     stored: the history as status has it (used when memory has none: after a restart or a failover).
-    resource_version: the LLMDeployment's as observed; the scale write is conditional on it (scale_if)."""
+    resource_version: the LLMDeployment's as observed; the scale write is conditional on it (scale_if).
+    held: the requests the gateways hold for it (gateway_load.py), queued load no runtime reports."""
     auto = spec.autoscaling
     live = [p for p in pods if not p.terminating]
     ready = [p for p in live if p.ready and p.ip]
@@ -101,12 +103,13 @@ async def autoscale(
         failed_scrapes=len(result.failures),
         not_ready=sum(1 for p in live if not p.ready and not p.unschedulable_message),
         pending_unschedulable=sum(1 for p in live if p.unschedulable_message),
+        held=held,
     )
     decision = decide(observation, policy, expand(memory.segments, clock))
     recommended = decision.history[-1].replicas if decision.ratio is not None and decision.history else None
     if spec.replicas > 0:
         memory.segments = record(memory.segments, recommended, clock, policy.window)
-    message = decision.reason if active else f"no metrics from {len(ready)} Ready pod(s): holding"
+    message = decision.reason if active or held > 0 else f"no metrics from {len(ready)} Ready pod(s): holding"
     entry = None
     if decision.changed:
         failure = await _scale(kube, owner, decision, resource_version, post_event, logger)

@@ -44,6 +44,10 @@ class Settings:
     # Metric scraping: per-pod timeout and the most scrapes in flight at once (all LLMDeployments together).
     scrape_timeout_seconds: float = 2.0
     scrape_concurrency: int = 32
+    # The gateways' /metrics, comma-separated (empty: no gateway). A host may name a headless Service: every address
+    # it resolves to is one gateway pod, scraped each tick for the requests it holds per LLMDeployment
+    # (kubellm_gateway_held_requests), which the autoscaler adds to the queue (held for want of a Ready replica).
+    gateway_metrics_urls: tuple[str, ...] = ()
     # How long a replica may take to load its model before the startup probe gives up on it.
     startup_timeout_seconds: int = 1800
     # Time a terminating replica gets to finish in-flight requests (terminationGracePeriodSeconds).
@@ -127,6 +131,16 @@ def _text(var: str, raw: str) -> str:
     return raw.strip()
 
 
+def _urls(var: str, raw: str) -> tuple[str, ...]:
+    urls = tuple(u.strip() for u in raw.split(",") if u.strip())
+    for url in urls:
+        if not re.fullmatch(r"https?://[^/\s:,]+(:\d+)?(/\S*)?", url):
+            raise SettingsError(
+                f"{var}: {url!r} is not an http(s) URL such as http://kubellm-gateway-pods.kubellm:8080/metrics"
+            )
+    return urls
+
+
 def _json_object(var: str, raw: str) -> dict[str, Any]:
     try:
         value = json.loads(raw) if raw.strip() else {}
@@ -159,6 +173,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "metrics_status_interval_seconds": _number(float),
     "scrape_timeout_seconds": _number(float),
     "scrape_concurrency": _number(int),
+    "gateway_metrics_urls": _urls,
     "startup_timeout_seconds": _number(int),
     "drain_seconds": _number(int),
     "prestop_sleep_seconds": _number(int),

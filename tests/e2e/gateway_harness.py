@@ -98,10 +98,11 @@ def harness(
     tmp_path: Path,
     instances: list[str],
     *gateway_args: str,
+    gateway_port: int | None = None,
 ) -> Iterator[tuple[Harness, Any]]:
     api = k8s_cluster.api_client()
     env = {**k8s_cluster.env(), "KUBELLM_E2E_RUN": f"{run_tag}-gateway"}
-    gateway = GatewayProcess(namespace, env, tmp_path / "gateway.log", *gateway_args)
+    gateway = GatewayProcess(namespace, env, tmp_path / "gateway.log", *gateway_args, port=gateway_port)
     kubelets = [
         RuntimeKubelet(api, namespace, name, tmp_path, k8s_cluster.env(), tag=f"{run_tag}-runtime", max_pods=2)
         for name in instances

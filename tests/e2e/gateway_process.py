@@ -15,10 +15,12 @@ from .procs import die_with_parent, wait_for
 
 
 class GatewayProcess:
-    def __init__(self, namespace: str, env: dict[str, str], log_path: Path, *args: str) -> None:
+    def __init__(
+        self, namespace: str, env: dict[str, str], log_path: Path, *args: str, port: int | None = None
+    ) -> None:
         self.namespace, self.log_path, self.args = namespace, log_path, list(args)
         self.env = {**env, "PYTHONSAFEPATH": "1"}
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -65,6 +65,38 @@ def test_gateway_renders_deployment_service_pdb_and_least_privilege_rbac(helm: H
     assert not by_kind(one, "PodDisruptionBudget")
 
 
+def test_the_operator_reads_every_gateway_pods_held_requests(helm: Helm) -> None:
+    """With the gateway on, the operator's KUBELLM_GATEWAY_METRICS_URLS names a headless Service over the gateway's
+    pods (each resolves to its own address) on the port the gateway listens on, and its NetworkPolicy lets it in."""
+    from kubellm.operator.settings import Settings
+
+    manifests = helm.render(set_values=["gateway.enabled=true", "networkPolicy.enabled=true"], namespace="infra")
+    (gateway,) = by_kind(_gateway_objects(manifests), "Deployment")
+    (pods_service,) = [m for m in by_kind(manifests, "Service") if m["metadata"]["name"] == f"{GATEWAY}-pods"]
+    assert pods_service["spec"]["clusterIP"] == "None"
+    assert pods_service["spec"]["selector"] == gateway["spec"]["selector"]["matchLabels"]
+    (operator,) = [m for m in by_kind(manifests, "Deployment") if m["metadata"]["name"] == "kubellm"]
+    env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    port = gateway["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert pods_service["spec"]["ports"][0]["port"] == port
+    expected = (f"http://{GATEWAY}-pods.infra.svc:{port}/metrics",)
+    assert (
+        Settings.from_env({"KUBELLM_GATEWAY_METRICS_URLS": env["KUBELLM_GATEWAY_METRICS_URLS"]}).gateway_metrics_urls
+        == expected
+    )
+    (policy,) = [m for m in by_kind(manifests, "NetworkPolicy") if m["metadata"]["name"] == "kubellm"]
+    allowed = [rule for rule in policy["spec"]["egress"] if rule.get("to") and rule["ports"][0]["port"] == port]
+    assert allowed and allowed[0]["to"][0]["podSelector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+    off = helm.render()
+    env_off = {e["name"] for e in one_deployment(off)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "KUBELLM_GATEWAY_METRICS_URLS" not in env_off
+
+
+def one_deployment(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = by_kind(manifests, "Deployment")
+    return deployment
+
+
 def test_namespaced_mode_gives_the_gateway_roles_in_the_watched_namespaces_only(helm: Helm) -> None:
     values = ["gateway.enabled=true", "watchNamespaces={team-a,team-b}"]
     manifests = _gateway_objects(helm.render(set_values=values))

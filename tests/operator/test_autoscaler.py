@@ -221,3 +221,24 @@ def test_a_wake_asks_for_what_the_held_queue_needs() -> None:
     external = auto.model_copy(update={"mode": "external"})
     assert wake_replicas(external, 1000) == 1  # another autoscaler owns the replicas: only the documented 0 -> 1
     assert wake_replicas(AutoscalingSpec(), 1000) == 1  # autoscaling off
+
+
+def test_requests_held_at_the_gateway_scale_up_replicas_that_are_not_ready() -> None:
+    """Two replicas starting (no metrics yet) and 20 requests held at the gateway: the held queue alone sizes the
+    scale-up (20 / 4 = 5), within the step limit; nothing held and no metrics: hold."""
+    starting = Observation(time=0.0, current_replicas=2, samples=(), not_ready=2, held=20)
+    up = decide(starting, POLICY, [])
+    assert (up.current_replicas, up.desired_replicas) == (2, 5), up.reason
+    assert "20 held at the gateway" in up.reason and up.reason.startswith("scale up 2 -> 5")
+    quiet = decide(Observation(time=0.0, current_replicas=2, samples=(), not_ready=2), POLICY, [])
+    assert quiet.desired_replicas == 2 and "no metrics" in quiet.reason
+    # never down on held load: 1 held for 3 starting replicas holds (scale-down is blocked without metrics)
+    few = decide(Observation(time=0.0, current_replicas=3, samples=(), not_ready=3, held=1), POLICY, [])
+    assert few.desired_replicas == 3, few.reason
+
+
+def test_held_requests_add_to_the_runtimes_queue() -> None:
+    # one Ready replica with 4 waiting (at target) and 8 more held while a second replica starts: 12 / 4 = 3
+    obs = Observation(time=0.0, current_replicas=2, samples=_pods(1, waiting=4.0), not_ready=1, held=8)
+    assert decide(obs, POLICY, []).desired_replicas == 3
+    assert decide(Observation(0.0, 2, _pods(1, waiting=4.0), not_ready=1), POLICY, []).desired_replicas == 2

@@ -55,6 +55,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if not .Values.watchNamespaces }}true{{ end -}}
 {{- end -}}
 
+{{/* The headless Service naming every gateway pod (the operator reads each one's held requests). */}}
+{{- define "kubellm.gatewayPodsService" -}}
+{{- printf "%s-gateway-pods" (include "kubellm.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end -}}
+
 {{/* Selector labels of the gateway's pods. */}}
 {{- define "kubellm.gatewaySelectorLabels" -}}
 app.kubernetes.io/name: {{ include "kubellm.name" . }}
