@@ -70,17 +70,48 @@ def score_tokens(logits: torch.Tensor, targets: list[int], num_top: int) -> list
     ]
 
 
-def _token_counts(token_lists: list[Seq[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[num_rows, vocab_size] counts of each token id in each row's list."""
-    width = max((len(t) for t in token_lists), default=0)
-    # pad with vocab_size: counted in an extra column that is dropped
-    padded = torch.full((len(token_lists), max(width, 1)), vocab_size, dtype=torch.int64)
-    for i, tokens in enumerate(token_lists):
-        if tokens:
-            padded[i, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.int64)
-    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32)
-    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
-    return counts[:, :vocab_size].to(device)
+def _seen_entries(
+    token_lists: Seq[Seq[int]], row_ids: list[int], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse counts of the tokens of row ``row_ids[j]`` in ``token_lists[j]``: (j [N], row [N], token id [N],
+    count [N] float32), one entry per distinct (row, token) pair. O(tokens), not O(rows x vocab): one flat tensor
+    and one sort, no Python loop over tokens."""
+    flat: list[int] = []
+    lengths: list[int] = []
+    for tokens in token_lists:
+        flat.extend(tokens)
+        lengths.append(len(tokens))
+    sub = torch.repeat_interleave(torch.arange(len(token_lists)), torch.tensor(lengths, dtype=torch.int64))
+    keys = sub * vocab_size + torch.tensor(flat, dtype=torch.int64)  # (j, token) as one sortable key
+    unique, counts = torch.unique(keys, return_counts=True)
+    sub = unique // vocab_size
+    row = torch.tensor(row_ids, dtype=torch.int64)[sub]
+    return sub.to(device), row.to(device), (unique % vocab_size).to(device), counts.float().to(device)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition (tokens of the prompt and the output), then presence and frequency (output tokens only), on
+    the entries of the tokens each row has seen; every other entry is untouched (the dense form would leave it
+    unchanged too). Each entry gets the dense form's float32 ops in its order, so the result is bit-identical to
+    it (tests/runtime/test_sampler_penalties.py), at a cost that grows with the tokens seen, not rows x vocab."""
+    vocab_size = logits.shape[1]
+    device = logits.device
+    rep_rows = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep_rows:  # a row with penalty 1.0 would be unchanged: l / 1 == l * 1 == l
+        seen = [[*rows[i].prompt_token_ids, *rows[i].output_token_ids] for i in rep_rows]
+        sub, row, tok, _ = _seen_entries(seen, rep_rows, vocab_size, device)
+        rep = torch.tensor([rows[i].params.repetition_penalty for i in rep_rows], device=device)[sub]
+        picked = logits[row, tok]
+        logits = logits.index_put((row, tok), torch.where(picked > 0, picked / rep, picked * rep))
+    pen_rows = [i for i, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
+    if pen_rows:  # a row without them would be unchanged: l - 0 * c - 0 * 1 == l
+        outputs = [rows[i].output_token_ids for i in pen_rows]
+        sub, row, tok, counts = _seen_entries(outputs, pen_rows, vocab_size, device)
+        freq = torch.tensor([rows[i].params.frequency_penalty for i in pen_rows], device=device)[sub]
+        pres = torch.tensor([rows[i].params.presence_penalty for i in pen_rows], device=device)[sub]
+        # the dense form's order: l - freq * count - pres * (count > 0), each op in float32
+        logits = logits.index_put((row, tok), logits[row, tok] - freq * counts - pres)
+    return logits
 
 
 class Sampler:
@@ -99,23 +130,13 @@ class Sampler:
         """logits: [num_rows, vocab_size] float32 (modified in place) -> one token per row."""
         num_rows, vocab_size = logits.shape
         assert num_rows == len(rows), (num_rows, len(rows))
-        device = logits.device
         params = [r.params for r in rows]
 
         # 0. grammars
         self._apply_grammars(logits, rows)
 
         # 1. penalties
-        if any(p.repetition_penalty != 1.0 for p in params):
-            seen = _token_counts([[*r.prompt_token_ids, *r.output_token_ids] for r in rows], vocab_size, device) > 0
-            rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-            penalized = torch.where(logits > 0, logits / rep, logits * rep)
-            logits = torch.where(seen, penalized, logits)
-        if any(p.presence_penalty or p.frequency_penalty for p in params):
-            counts = _token_counts([r.output_token_ids for r in rows], vocab_size, device)
-            freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-            pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-            logits = logits - freq * counts - pres * (counts > 0).float()
+        logits = apply_penalties(logits, rows)
 
         # 2. token controls, then min_tokens: EOS and stop ids cannot be sampled yet
         logits = _apply_token_controls(logits, rows)
