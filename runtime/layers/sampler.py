@@ -28,6 +28,7 @@ import torch
 
 from ..outputs import TokenLogprob
 from ..sampling_params import SamplingParams
+from .top_k_top_p import apply_top_k_top_p
 
 if TYPE_CHECKING:  # xgrammar is imported only when a batch holds a constrained row (the engine runs without it)
     from ..structured_outputs.state import GrammarState
@@ -218,21 +219,7 @@ class Sampler:
         params = [r.params for r in rows]
         temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
         logits = logits / temperature
-        top_ks = [p.top_k for p in params]
-        if any(k > 0 for k in top_ks):
-            vocab_size = logits.shape[1]
-            ks = [min(k, vocab_size) if k > 0 else vocab_size for k in top_ks]
-            top_vals = logits.topk(max(ks), dim=-1).values  # [R, max_k], descending
-            kth = top_vals.gather(1, torch.tensor(ks, device=device)[:, None] - 1)  # [R, 1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            # drop a token when the tokens ranked above it already reach top_p (the best one always stays)
-            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-            drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
+        logits = apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
         probs = logits.softmax(dim=-1)
         if any(p.min_p > 0.0 for p in params):
             min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
