@@ -249,11 +249,11 @@ def main() -> int:
 
 def print_table(variants: dict[str, list[dict[str, Any]]]) -> None:
     cols = (*PARTS, "rest", "step", "sample_min", "step_min")
-    print(f"\n{'variant':<20}{'config':<9}{'batch':>6} {'mode':<10}" + "".join(f"{c:>9}" for c in cols) + "   (ms)")
+    print(f"\n{'variant':<20}{'config':<9}{'batch':>6} {'mode':<10}" + "".join(f"{c:>11}" for c in cols) + "   (ms)")
     for name, rows in variants.items():
         for r in rows:
             head = f"{name:<20}{r['config']:<9}{r['batch']:>6} {r['mode']:<10}"
-            print(head + "".join(f"{r[c]:>9.2f}" for c in cols))
+            print(head + "".join(f"{r[c]:>11.2f}" for c in cols))
 
 
 if __name__ == "__main__":

@@ -156,10 +156,13 @@ class Sampler:
         logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
 
         # 4. choose: greedy rows keep the argmax; random rows race (verifying rows: accept or draw the rest)
-        token_ids = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if random_rows:
-            token_ids[random_rows] = self._sample(logits[random_rows], [rows[i] for i in random_rows])
+        if len(random_rows) == num_rows:  # no row to gather, no argmax to throw away
+            token_ids = self._sample(logits, rows)
+        else:
+            token_ids = logits.argmax(dim=-1)
+            if random_rows:
+                token_ids[random_rows] = self._sample(logits[random_rows], [rows[i] for i in random_rows])
         chosen = token_ids.tolist()
         accepted = [r.draft_token_id is not None and chosen[i] == r.draft_token_id for i, r in enumerate(rows)]
 
@@ -225,9 +228,15 @@ class Sampler:
             min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
             probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         race = torch.empty_like(probs)
+        # the unseeded rows draw in one go from the engine's stream, a seeded row from its own (the same numbers
+        # whether it runs alone or in any batch). The draws cover the whole vocabulary, the sampler's largest
+        # cost, and stay so: drawing fewer would change every seeded request's tokens.
         unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-        if unseeded:
-            race[unseeded] = torch.empty_like(probs[unseeded]).exponential_(generator=self._generator(device))
+        if len(unseeded) == len(rows):
+            race.exponential_(generator=self._generator(device))  # the same numbers, drawn in place
+        elif unseeded:
+            shape = (len(unseeded), probs.shape[1])
+            race[unseeded] = probs.new_empty(shape).exponential_(generator=self._generator(device))
         for i, r in enumerate(rows):
             if r.generator is not None:
                 race[i].exponential_(generator=r.generator)
