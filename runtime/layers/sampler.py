@@ -1,5 +1,7 @@
 """Sampler: logits processors, greedy / random sampling and logprobs for a batch of rows, each with its own
-SamplingParams. Everything works on whole [num_rows, vocab] tensors; Python only loops over rows.
+SamplingParams. Everything works on whole [num_rows, vocab] tensors, except the penalties (on the entries of the
+tokens each row has seen) and top-p where top-k bounds a row (on its kept tokens: top_k_top_p.py); Python only
+loops over rows.
 
 Order: grammar bitmask (structured outputs: one bitmask for the constrained rows, applied in one op; free rows
 untouched) -> penalties (repetition, presence, frequency) -> logit_bias, allowed_token_ids, bad_words ->
