@@ -34,12 +34,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[floa
     if all(p >= 1.0 for p in top_ps):
         return logits
     top_p = torch.tensor(top_ps, device=device)[:, None]
+    if top_vals is None or top_ids is None:
+        return _top_p_sorted(logits, top_p)
+    # from here on ``logits`` is this function's own tensor (top-k's masked copy)
     slow = torch.ones(len(top_ps), dtype=torch.bool, device=device)
-    if top_vals is not None and top_ids is not None:
-        num_kept = (logits != NEG_INF).sum(dim=-1)  # [R]
-        width = max(1, int(num_kept.max()))
-        if width <= top_vals.shape[1]:  # every row's kept tokens are among its top-k values
-            logits, slow = _top_p_of_kept(logits, top_vals[:, :width], top_ids[:, :width], top_p)
+    num_kept = (logits != NEG_INF).sum(dim=-1)  # [R]
+    width = max(1, int(num_kept.max()))
+    if width <= top_vals.shape[1]:  # every row's kept tokens are among its top-k candidates
+        logits, slow = _top_p_of_kept(logits, top_vals[:, :width], top_ids[:, :width], top_p)
     if bool(slow.any()):
         rows = slow.nonzero().squeeze(1)
         logits[rows] = _top_p_sorted(logits[rows], top_p[rows])

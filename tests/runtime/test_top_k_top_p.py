@@ -53,9 +53,11 @@ def test_bit_identical_to_the_sorting_form() -> None:
     rng = random.Random(seed)
     for _ in range(200):
         logits, top_ks, top_ps = random_batch(rng)
+        original = logits.clone()
         expected = written_form(logits.clone(), top_ks, top_ps)
-        got = apply_top_k_top_p(logits.clone(), top_ks, top_ps)
+        got = apply_top_k_top_p(logits, top_ks, top_ps)
         assert torch.equal(got, expected), (top_ks, top_ps)
+        assert torch.equal(logits, original)  # a new tensor: the caller's is left as it was
 
 
 def test_distinct_values_are_decided_without_the_sort_and_ties_at_the_cut_are_not() -> None:
