@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
 import shutil
@@ -69,6 +70,11 @@ class ClusterConfig:
     node_pools: tuple[nodes.NodePool, ...] = nodes.DEFAULT_NODE_POOLS
     crds_dir: Path | None = REPO_ROOT / "crds"
     start_timeout_s: float = 120.0
+    # Set for a real node (tests/cluster/realnode.py): an address of this host that the node's pods can reach. The
+    # apiserver then listens on every address, names this one and the `kubernetes` Service IP in its serving
+    # cert, keeps the `kubernetes` endpoints with the lease reconciler and dials kubelets by InternalIP. Unset, the
+    # control plane stays on loopback as before.
+    advertise_address: str | None = None
 
     def __post_init__(self) -> None:
         nodes.layout(self.pod_cidr, self.node_pools)  # validates pod_cidr and that the nodes fit
@@ -174,6 +180,13 @@ class ControlPlane:
         return self.config.pod_cidr
 
     @property
+    def pki(self) -> pki.Pki:
+        """The certificates (a real node's client cert is signed with its CA); only once started."""
+        if self._pki is None:
+            raise ControlPlaneError("the control plane is not started: no certificates yet")
+        return self._pki
+
+    @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports.apiserver}"
 
@@ -265,7 +278,7 @@ class ControlPlane:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)  # a failed attempt's data: etcd would refuse it
         (self.state_dir / "logs").mkdir(exist_ok=True)
-        self._pki = pki.generate(self.state_dir / "pki")
+        self._pki = pki.generate(self.state_dir / "pki", extra_ips=self._in_cluster_ips())
         self._write_kubeconfig()
         self._mark("certificates", t0)
 
@@ -424,8 +437,7 @@ class ControlPlane:
             [
                 str(self.binaries.kube_apiserver),
                 f"--etcd-servers=http://127.0.0.1:{self.ports.etcd_client}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                *self._apiserver_address_flags(),
                 f"--secure-port={self.ports.apiserver}",
                 f"--cert-dir={self.state_dir / 'apiserver'}",
                 f"--tls-cert-file={p.serving_cert}",
@@ -442,11 +454,27 @@ class ControlPlane:
                 # As OpenShift has it: setting ownerReferences needs `delete` on the object, and blockOwnerDeletion
                 # `update` on the owner's finalizers subresource. (PodSecurity is on by default; namespaces opt in.)
                 "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
-                # The apiserver's own Endpoints for `kubernetes` would point at loopback, which validation refuses.
-                "--endpoint-reconciler-type=none",
                 "--profiling=false",
             ],
         )
+
+    def _in_cluster_ips(self) -> tuple[str, ...]:
+        """The serving cert's extra IPs for a real node: its advertise address and the `kubernetes` Service IP."""
+        if self.config.advertise_address is None:
+            return ()
+        return (self.config.advertise_address, str(ipaddress.ip_network(self.config.service_cidr)[1]))
+
+    def _apiserver_address_flags(self) -> list[str]:
+        if self.config.advertise_address is None:
+            # The apiserver's own Endpoints for `kubernetes` would point at loopback, which validation refuses.
+            return ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none"]
+        return [
+            "--bind-address=0.0.0.0",  # loopback for the tests, the advertise address for the node's pods
+            f"--advertise-address={self.config.advertise_address}",
+            "--endpoint-reconciler-type=lease",
+            # A real kubelet registers its hostname first; the node's IP is what reaches it (logs, port-forward).
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
 
     def _component_flags(self, name: str, port: int) -> list[str]:
         return [

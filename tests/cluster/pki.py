@@ -82,8 +82,10 @@ def _issue(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def generate(folder: Path) -> Pki:
-    """Writes a fresh PKI into folder (created 0700). P-256 keys: quick to generate, accepted everywhere."""
+def generate(folder: Path, extra_ips: tuple[str, ...] = ()) -> Pki:
+    """Writes a fresh PKI into folder (created 0700). P-256 keys: quick to generate, accepted everywhere.
+    extra_ips: more IP SANs for the serving cert (a real node's pods reach the apiserver by the `kubernetes`
+    Service IP and by its advertise address)."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     pem = serialization.Encoding.PEM
 
@@ -105,6 +107,7 @@ def generate(folder: Path) -> Pki:
             x509.DNSName("kubernetes.default.svc"),
             x509.DNSName("kubernetes.default.svc.cluster.local"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
         ],
     )
 
@@ -137,4 +140,26 @@ def generate(folder: Path) -> Pki:
             folder / "sa.pub",
             sa_key.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo),
         ),
+    )
+
+
+def issue_client(pki: Pki, folder: Path, name: str, *, common_name: str, organization: str) -> tuple[Path, Path]:
+    """A client cert signed by the cluster's CA (e.g. a kubelet's: O=system:nodes, CN=system:node:<node>);
+    returns (cert, key) written as folder/<name>.crt and .key."""
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{pki.ca_key} is not the EC key generate() writes")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+    cert = _issue(subject, key, ca.subject, ca_key, usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return (
+        _write(folder / f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM)),
+        _write(folder / f"{name}.key", _key_pem(key), 0o600),
     )
