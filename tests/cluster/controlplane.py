@@ -472,8 +472,11 @@ class ControlPlane:
             "--bind-address=0.0.0.0",  # loopback for the tests, the advertise address for the node's pods
             f"--advertise-address={self.config.advertise_address}",
             "--endpoint-reconciler-type=lease",
-            # A real kubelet registers its hostname first; the node's IP is what reaches it (logs, port-forward).
+            # A real kubelet registers its hostname first; the node's IP is what reaches it (logs, port-forward),
+            # with a client cert from the CA its x509 authentication trusts.
             "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={self.pki.admin_cert}",
+            f"--kubelet-client-key={self.pki.admin_key}",
         ]
 
     def _component_flags(self, name: str, port: int) -> list[str]:

@@ -1,5 +1,5 @@
-"""Its cgroups, and taking a real node down so that the host is as it was (see realnode.py), from its node-state.json alone, so
-that `python -m cluster down` can do it for a node another process started."""
+"""A real node's cgroups, and taking the node down so that the host is as it was (see realnode.py) from its
+node-state.json alone, so that `python -m cluster down` can do it for a node another process started."""
 
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from cluster import images
 from cluster.nodeparts import NodeParts, NodeUnavailable, provision_node
 
 from node.harness import NodeCluster, log, start_node_cluster
@@ -32,3 +34,20 @@ def node_cluster(
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def debian_base(request: pytest.FixtureRequest, node_parts: NodeParts) -> str:
+    """The local Debian base image's name (mmdebstrap, once per package list; cached in buildah's storage)."""
+    start = time.monotonic()
+    name = images.debian_base(log=log(request))
+    log(request)(f"base image {name} ready in {time.monotonic() - start:.1f} s")
+    return name
+
+
+@pytest.fixture(scope="session")
+def probe_image(request: pytest.FixtureRequest, debian_base: str) -> images.Image:
+    context = Path(__file__).parent / "testdata" / "probe"
+    image = images.build("probe", context / "Dockerfile", context, build_args={"BASE_IMAGE": debian_base})
+    log(request)(f"image {image.name}: " + (f"built in {image.built_s} s" if image.built_s else "cached"))
+    return image
