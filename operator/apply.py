@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,16 @@ def newer(a: JSON, b: JSON | None) -> JSON:
     except ValueError:
         return a
     return b if vb > va else a
+
+
+def in_cluster_server(environ: Mapping[str, str]) -> str | None:
+    """The API server's URL inside a pod, from the `kubernetes` Service's address the kubelet gives every pod (what
+    client-go and the kubernetes client's in-cluster config use); None outside a pod."""
+    host = environ.get("KUBERNETES_SERVICE_HOST")
+    if not host:
+        return None
+    port = environ.get("KUBERNETES_SERVICE_PORT") or "443"
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
 def make_api_client(pool_size: int = 16) -> client.ApiClient:

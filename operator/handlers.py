@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 import kopf
 
 from kubellm.operator import constants as c
-from kubellm.operator.apply import Kube, make_api_client
+from kubellm.operator.apply import Kube, in_cluster_server, make_api_client
 from kubellm.operator.drift import controller_owner, foreign_writes, write_key
 from kubellm.operator.gateway_load import GatewayLoad
 from kubellm.operator.groups import StatefulSetState, workload_state
@@ -169,7 +171,13 @@ async def start_loop(
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     # A custom registry has no default login: in a pod, the service account; elsewhere, $KUBECONFIG.
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    info = kopf.login_with_service_account(**kwargs)
+    if info is None:
+        return kopf.login_with_kubeconfig(**kwargs)
+    # kopf names the server https://kubernetes.default.svc, which only cluster DNS resolves (a real node's pod
+    # without it failed every request); the Service's address from the pod's environment needs none.
+    server = in_cluster_server(os.environ)
+    return dataclasses.replace(info, server=server) if server else info
 
 
 async def close(memo: kopf.Memo, **_: Any) -> None:

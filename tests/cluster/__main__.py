@@ -2,8 +2,9 @@
 
 provision  build or fetch the binaries into the cache (CI runs it before the tests, so the build shows apart)
 up         start a control plane in the background (state in ~/.cache/kubellm/cluster/); prints the KUBECONFIG
+           --real-node: with a real node beside it (containerd, kubelet, kube-proxy; see realnode.py), no kwok nodes
 env        prints `export KUBECONFIG=...` for the running one: eval "$(python -m cluster env)"
-down       stop it
+down       stop it (and its real node, leaving the host as it was)
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import time
 from pathlib import Path
 
 from .controlplane import ClusterConfig, ControlPlane, stop_from_state
-from .provision import BinariesUnavailable, ensure_binaries, provision
+from .nodeconfig import NodeNetwork
+from .nodeparts import provision_node
+from .nodeteardown import teardown
+from .provision import Binaries, BinariesUnavailable, ensure_binaries, provision
+from .realnode import STATE_FILE, RealNode
 
 
 def state_dir() -> Path:
@@ -46,6 +51,8 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     stop_from_state(folder)  # leftovers of a half-dead cluster
     binaries = ensure_binaries()
+    if args.real_node:
+        return _up_with_node(args, folder, binaries)
     # A fresh cluster each time: the old certificates and etcd data belong to processes that are gone.
     for sub in ("etcd", "pki", "logs"):
         _remove_tree(folder / sub)
@@ -63,7 +70,35 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up_with_node(args: argparse.Namespace, folder: Path, binaries: Binaries) -> int:
+    parts = provision_node()
+    for sub in ("etcd", "pki", "logs", "node"):
+        _remove_tree(folder / sub)
+    network = NodeNetwork.pick()
+    config = ClusterConfig(
+        pod_cidr=args.pod_cidr, crds_dir=args.crds_dir, node_pools=(), advertise_address=network.host_ip
+    )
+    control_plane = ControlPlane(binaries, config, folder, tie_to_parent=False).start()
+    try:
+        node = RealNode(control_plane, parts, network, folder / "node", tie_to_parent=False).start()
+    except BaseException:
+        control_plane.stop()
+        raise
+    print(
+        f"control plane up: {control_plane.server}; real node {node.name} ({network.node_ip}, pods {network.pod_cidr}) "
+        f"up in {node.startup_seconds['ready']} s; logs in {folder / 'logs'} and {folder / 'node' / 'logs'}",
+        file=sys.stderr,
+    )
+    print(control_plane.kubeconfig)
+    return 0
+
+
 def _down(_: argparse.Namespace) -> int:
+    node_state = state_dir() / "node" / STATE_FILE
+    if node_state.exists():
+        teardown(json.loads(node_state.read_text()))
+        node_state.unlink()
+        print("real node down", file=sys.stderr)
     stopped = stop_from_state(state_dir())
     print(f"stopped {', '.join(stopped)}" if stopped else "no cluster running", file=sys.stderr)
     return 0
@@ -97,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="start a control plane in the background and print its KUBECONFIG")
     up.add_argument("--pod-cidr", default=ClusterConfig.pod_cidr, help="loopback range for pod IPs")
     up.add_argument("--crds-dir", type=Path, default=ClusterConfig.crds_dir, help="CRD YAMLs to apply (default crds/)")
+    up.add_argument("--real-node", action="store_true", help="with a real node (root; hack/node-deps.sh's packages)")
     up.set_defaults(func=_up)
     commands.add_parser("down", help="stop the control plane started by up").set_defaults(func=_down)
     commands.add_parser("env", help="print `export KUBECONFIG=...`").set_defaults(func=_env)

@@ -1,5 +1,6 @@
 """Fixtures for the real node (tests/cluster/realnode.py): its parts provisioned once per session (skips, or fails
-in CI, where the node cannot run), and a control plane in in-cluster mode with one real node, per test module."""
+in CI, where the node cannot run), a control plane in in-cluster mode with one real node per test module (with or
+without our CRDs), and the images built here for it (tests/cluster/images.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from cluster import images
 from cluster.nodeparts import NodeParts, NodeUnavailable, provision_node
+from cluster.provision import REPO_ROOT
 
 from node.harness import NodeCluster, log, start_node_cluster
 
@@ -36,6 +38,18 @@ def node_cluster(
         cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def bare_node_cluster(
+    request: pytest.FixtureRequest, node_parts: NodeParts, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NodeCluster]:
+    """The same without our CRDs, for what installs them itself (helm install)."""
+    cluster = start_node_cluster(request, node_parts, tmp_path_factory.mktemp("bare-node-cluster"), crds=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def debian_base(request: pytest.FixtureRequest, node_parts: NodeParts) -> str:
     """The local Debian base image's name (mmdebstrap, once per package list; cached in buildah's storage)."""
@@ -49,5 +63,19 @@ def debian_base(request: pytest.FixtureRequest, node_parts: NodeParts) -> str:
 def probe_image(request: pytest.FixtureRequest, debian_base: str) -> images.Image:
     context = Path(__file__).parent / "testdata" / "probe"
     image = images.build("probe", context / "Dockerfile", context, build_args={"BASE_IMAGE": debian_base})
+    log(request)(f"image {image.name}: " + (f"built in {image.built_s} s" if image.built_s else "cached"))
+    return image
+
+
+@pytest.fixture(scope="session")
+def operator_image(request: pytest.FixtureRequest, debian_base: str) -> images.Image:
+    """Dockerfile.runtime's operator target itself, on the local Debian base (its PYTHON_IMAGE build argument)."""
+    image = images.build(
+        "operator",
+        REPO_ROOT / "Dockerfile.runtime",
+        REPO_ROOT,
+        target="operator",
+        build_args={"PYTHON_IMAGE": debian_base},
+    )
     log(request)(f"image {image.name}: " + (f"built in {image.built_s} s" if image.built_s else "cached"))
     return image

@@ -35,14 +35,22 @@ def log(request: pytest.FixtureRequest) -> Callable[[str], None]:
     return lambda message: reporter.write_line(f"[node] {message}")
 
 
-def start_node_cluster(request: pytest.FixtureRequest, parts: NodeParts, state_dir: Path) -> NodeCluster:
-    """A fresh control plane in in-cluster mode and one real node (the caller stops both)."""
+def start_node_cluster(
+    request: pytest.FixtureRequest, parts: NodeParts, state_dir: Path, *, crds: bool = True
+) -> NodeCluster:
+    """A fresh control plane in in-cluster mode and one real node (the caller stops both). crds: apply the
+    repository's CRDs at start (False for tests that `helm install` them)."""
     binaries = request.config.stash.get(_binaries_key, None) or _provision(request.config)
     if isinstance(binaries, BinariesUnavailable):
         pytest.skip(f"no Kubernetes binaries: {binaries}")
     network = NodeNetwork.pick()
     # No kwok nodes: every pod lands on the real node.
-    config = ClusterConfig(pod_cidr=_random_loopback_pod_cidr(), node_pools=(), advertise_address=network.host_ip)
+    config = ClusterConfig(
+        pod_cidr=_random_loopback_pod_cidr(),
+        node_pools=(),
+        advertise_address=network.host_ip,
+        crds_dir=ClusterConfig.crds_dir if crds else None,
+    )
     control_plane = ControlPlane(binaries, config, state_dir / "control-plane").start()
     try:
         node = RealNode(control_plane, parts, network, state_dir / "node").start()
