@@ -15,15 +15,41 @@ from cluster.provision import REPO_ROOT
 
 from node.harness import NodeCluster, log, start_node_cluster
 
+_parts_key = pytest.StashKey[NodeParts | NodeUnavailable]()
+
+
+def _provision(config: pytest.Config) -> NodeParts | NodeUnavailable:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(message: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"[node] {message}")
+
+    start = time.monotonic()
+    result: NodeParts | NodeUnavailable
+    try:
+        result = provision_node(log=say)
+    except NodeUnavailable as exc:
+        result = exc
+        say(f"no real node here: {exc}")
+    else:
+        say(f"node parts ready in {time.monotonic() - start:.1f} s")
+    config.stash[_parts_key] = result
+    return result
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Provisioned after collection, like the control plane's binaries: a cold kubelet build takes minutes and must
+    not count against the first node test's timeout."""
+    if not session.config.option.collectonly and any(item.get_closest_marker("node") for item in session.items):
+        _provision(session.config)
+
 
 @pytest.fixture(scope="session")
 def node_parts(request: pytest.FixtureRequest) -> NodeParts:
-    start = time.monotonic()
-    try:
-        parts = provision_node(log=log(request))
-    except NodeUnavailable as exc:
-        pytest.skip(f"no real node here: {exc}")
-    log(request)(f"node parts ready in {time.monotonic() - start:.1f} s")
+    parts = request.config.stash.get(_parts_key, None) or _provision(request.config)
+    if isinstance(parts, NodeUnavailable):
+        pytest.skip(f"no real node here: {parts}")
     return parts
 
 
