@@ -70,7 +70,17 @@ def _buildah_env() -> dict[str, str]:
     }
 
 
+# buildah (containers/image) keeps its blob-info cache in /var/lib/containers/cache whatever its config says: run it in
+# a mount namespace of its own with a tmpfs over /var/lib (its storage lives under the cache, not there).
+_PRIVATE_VAR_LIB = [
+    *("unshare", "--mount", "--propagation=private", "--"),
+    *("sh", "-c", 'mount -t tmpfs kubellm-buildah /var/lib && exec "$@"', "sh"),
+]
+
+
 def _run(cmd: list[str], *, cwd: Path | None = None, log: Log = _log_stderr) -> str:
+    if cmd[0] == "buildah":
+        cmd = [*_PRIVATE_VAR_LIB, *cmd]
     result = subprocess.run(cmd, cwd=cwd, env=_buildah_env(), capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise ImageBuildError(
@@ -111,8 +121,11 @@ def content_key(dockerfile: Path, context: Path, target: str | None, build_args:
 
 
 def _exists(name: str) -> bool:
-    result = subprocess.run(["buildah", "inspect", "--type=image", name], env=_buildah_env(), capture_output=True)
-    return result.returncode == 0
+    try:
+        _run(["buildah", "inspect", "--type=image", name])
+    except ImageBuildError:
+        return False
+    return True
 
 
 def debian_base(log: Log = _log_stderr) -> str:
@@ -172,3 +185,8 @@ def build(
             if stale != archive:
                 stale.unlink()  # one archive per image: the cache does not grow with every edit
         return Image(name, archive, round(time.monotonic() - start, 1))
+
+
+def remove(name: str) -> None:
+    """Removes an image from buildah's storage (a test's throwaway build)."""
+    _run(["buildah", "rmi", "--force", name])
