@@ -21,13 +21,15 @@ def _in_ci() -> bool:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """In CI (CI=true) a skipped `k8s` test fails the run: CI must really exercise the control plane."""
+    """In CI (CI=true) a skipped `k8s` or `node` test fails the run: CI must really exercise the control plane and
+    the real node."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    if report.skipped and _in_ci() and item.get_closest_marker("k8s") is not None and not hasattr(report, "wasxfail"):
+    marker = next((m for m in ("k8s", "node") if item.get_closest_marker(m) is not None), None)
+    if report.skipped and _in_ci() and marker is not None and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
-        report.longrepr = f"k8s test skipped in CI (CI=true), which fails the run: {reason}"
+        report.longrepr = f"{marker} test skipped in CI (CI=true), which fails the run: {reason}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

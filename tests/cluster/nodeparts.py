@@ -3,7 +3,7 @@
     bin/node            hack/node built once: kubelet and kube-proxy v1.37.2 (it dispatches on argv[0]'s basename)
     bin/kubelet,        symlinks to node
     bin/kube-proxy
-    node/pause.tar      the sandbox image: hack/node/pause.c built statically, as an OCI archive
+    node/pause.tar      the sandbox image: hack/node/pause/pause.c built statically, as an OCI archive
     node/.stamp.json    the key each part was built from (apart from bin/.stamp.json: the control plane's key
                         and start must not change because a node exists)
 
@@ -37,9 +37,9 @@ from .provision import (
     _log_stderr,
     cache_dir,
 )
-from .provision import _run as _run_or_raise
 
 NODE_DIR = REPO_ROOT / "hack" / "node"
+PAUSE_SOURCE = NODE_DIR / "pause" / "pause.c"  # not beside main.go: Go refuses C files in a package without cgo
 NODE_NAMES = ("kubelet", "kube-proxy")
 PAUSE_IMAGE = "registry.k8s.io/pause:kubellm"
 # What the node needs from the host's packages (hack/node-deps.sh installs them).
@@ -51,6 +51,13 @@ HOW_TO_PROVIDE = "run `hack/node-deps.sh` as root (Debian packages), then `make 
 
 class NodeUnavailable(BinariesUnavailable):
     """The real node cannot run here: a system package or root is missing, or a build failed."""
+
+
+def _run_or_raise(cmd: list[str], *, cwd: Path | None = None) -> None:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr)[-4000:]
+        raise NodeUnavailable(f"`{' '.join(cmd)}` failed ({result.returncode}):\n{tail}\n{HOW_TO_PROVIDE}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,7 @@ def _node_key() -> str:
 
 
 def _pause_key() -> str:
-    return hashlib.sha256((NODE_DIR / "pause.c").read_bytes() + PAUSE_IMAGE.encode()).hexdigest()[:16]
+    return hashlib.sha256((PAUSE_SOURCE).read_bytes() + PAUSE_IMAGE.encode()).hexdigest()[:16]
 
 
 def _system_tools() -> dict[str, Path]:
@@ -104,10 +111,10 @@ def _build_node(bin_dir: Path, log: Log) -> None:
 
 
 def _build_pause(node_dir: Path, log: Log) -> None:
-    log("building the pause image (hack/node/pause.c, static)")
+    log("building the pause image (hack/node/pause/pause.c, static)")
     with tempfile.TemporaryDirectory(prefix="kubellm-pause-") as tmp:
         binary = Path(tmp) / "pause"
-        _run_or_raise(["gcc", "-O2", "-static", "-s", "-o", str(binary), str(NODE_DIR / "pause.c")])
+        _run_or_raise(["gcc", "-O2", "-static", "-s", "-o", str(binary), str(PAUSE_SOURCE)])
         layer = [oci.File("pause", binary.read_bytes(), 0o755)]
         oci.write_archive(node_dir / "pause.tar", PAUSE_IMAGE, layer, entrypoint=["/pause"], user="65535:65535")
 

@@ -113,7 +113,7 @@ class RealNode:
 
     def load_image(self, archive: Path) -> None:
         """Imports an OCI or docker archive into the node's containerd (no registry: pods use pullPolicy Never)."""
-        self.ctr("images", "import", "--no-unpack=false", str(archive))
+        self.ctr("images", "import", str(archive))
 
     # -- internals -----------------------------------------------------------------------------------------------
 
@@ -138,10 +138,10 @@ class RealNode:
         self._wait(lambda: (self.state_dir / "holder.ready").exists(), 30, "the node's namespaces")
 
     def _wire_network(self) -> None:
-        n, assert_holder = self.network, self._holder
-        assert assert_holder is not None
+        n, holder = self.network, self._holder
+        assert holder is not None
         host = [
-            ["ip", "link", "add", n.host_veth, "type", "veth", "peer", "name", "eth0", "netns", str(assert_holder.pid)],
+            ["ip", "link", "add", n.host_veth, "type", "veth", "peer", "name", "eth0", "netns", str(holder.pid)],
             ["ip", "addr", "add", f"{n.host_ip}/{n.link_prefix}", "dev", n.host_veth],
             ["ip", "link", "set", n.host_veth, "up"],
             ["ip", "route", "add", n.pod_cidr, "via", n.node_ip, "dev", n.host_veth],
