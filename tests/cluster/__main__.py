@@ -19,7 +19,7 @@ from pathlib import Path
 from .controlplane import ClusterConfig, ControlPlane, stop_from_state
 from .nodeconfig import NodeNetwork
 from .nodeparts import provision_node
-from .nodeteardown import teardown
+from .nodeteardown import teardown, unregister
 from .provision import Binaries, BinariesUnavailable, ensure_binaries, provision
 from .realnode import STATE_FILE, RealNode
 
@@ -96,7 +96,9 @@ def _up_with_node(args: argparse.Namespace, folder: Path, binaries: Binaries) ->
 def _down(_: argparse.Namespace) -> int:
     node_state = state_dir() / "node" / STATE_FILE
     if node_state.exists():
-        teardown(json.loads(node_state.read_text()))
+        state = json.loads(node_state.read_text())
+        teardown(state)
+        unregister(state["name"])
         node_state.unlink()
         print("real node down", file=sys.stderr)
     stopped = stop_from_state(state_dir())

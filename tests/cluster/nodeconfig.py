@@ -75,13 +75,23 @@ class NodeNetwork:
         return f"kubellm-node-{self.index}"
 
 
+# The node's standard folders, as its components see them in its mount namespace: bind mounts of folders under its
+# state folder on the host (data stays on disk; unix socket paths stay short, as they must: 104 bytes at most).
+NODE_BIND_MOUNTS = {
+    "/var/lib/kubelet": "kubelet",
+    "/var/lib/containerd": "containerd",
+    "/var/log/pods": "pod-logs",
+}
+CONTAINERD_SOCKET = Path("/run/containerd/containerd.sock")  # on the node's private /run
+
+
 @dataclass(frozen=True)
 class NodePaths:
     root: Path  # the node's state folder on the host
 
     @property
     def containerd_socket(self) -> Path:
-        return self.root / "containerd" / "containerd.sock"
+        return CONTAINERD_SOCKET
 
     @property
     def kubeconfig(self) -> Path:
@@ -93,10 +103,10 @@ class NodePaths:
 
 def containerd_config(paths: NodePaths, network: NodeNetwork, pause_image: str, cni_bin_dir: Path) -> str:
     # containerd 1.6's config v2. Its state (shim sockets, sandbox netns mounts) goes under /run, a tmpfs of the
-    # node's mount namespace; its root (content, snapshots) under the node's folder.
+    # node's mount namespace; its root (content, snapshots) is bind-mounted from the node's folder.
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     return f"""version = 2
-root = "{paths.root / "containerd" / "root"}"
+root = "/var/lib/containerd"
 state = "/run/containerd"
 oom_score = 0
 
@@ -174,7 +184,6 @@ def kubelet_config(paths: NodePaths, network: NodeNetwork, ca_cert: Path) -> str
         "failSwapOn": False,
         "resolvConf": "",  # no cluster DNS; pods get no resolv.conf from the host
         "clusterDomain": CLUSTER_DOMAIN,
-        "podLogsDir": str(paths.root / "pod-logs"),
         "podCIDR": network.pod_cidr,
         "maxPods": 30,
         "registerNode": True,

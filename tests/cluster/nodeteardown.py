@@ -4,6 +4,7 @@ node-state.json alone, so that `python -m cluster down` can do it for a node ano
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .controlplane import _terminate, wait_until
+from .provision import cache_dir
 
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
 
@@ -33,6 +35,14 @@ def _holder_namespaces(holder: dict[str, Any] | None) -> set[str]:
     return {ns for ns in found if ns} - host
 
 
+# What runs in the node's own namespaces: containerd's shims outlive it, the rest are transient children. A
+# namespace's inode number can be reused once it is gone, so a stale record must not make us kill anything else.
+NODE_NAMESPACE_EXES = frozenset(
+    {"containerd", "containerd-shim-runc-v2", "runc", "ctr", "node", "xtables-nft-multi", "xtables-legacy-multi"}
+    | {"bridge", "host-local", "portmap", "loopback"}
+)
+
+
 def _node_pids(namespaces: set[str], cgroup_name: str, spare: set[int]) -> list[int]:
     """Processes in the node's namespaces (containerd's shims) or under its cgroup root (the containers)."""
     pids = []
@@ -40,7 +50,8 @@ def _node_pids(namespaces: set[str], cgroup_name: str, spare: set[int]) -> list[
         if not entry.name.isdigit() or int(entry.name) in spare:
             continue
         pid = int(entry.name)
-        if {_readlink(f"/proc/{pid}/ns/mnt"), _readlink(f"/proc/{pid}/ns/net")} & namespaces:
+        in_namespaces = {_readlink(f"/proc/{pid}/ns/mnt"), _readlink(f"/proc/{pid}/ns/net")} & namespaces
+        if in_namespaces and os.path.basename(_readlink(f"/proc/{pid}/exe") or "") in NODE_NAMESPACE_EXES:
             pids.append(pid)
             continue
         with contextlib.suppress(OSError):
@@ -93,6 +104,47 @@ def _remove_cgroups(cgroup_name: str) -> None:
         return not _cgroup_dirs(cgroup_name)
 
     wait_until(removed, timeout=30, what=f"the node's cgroups /{cgroup_name} to be removable", interval=0.1)
+
+
+def registry_dir() -> Path:
+    """~/.cache/kubellm/nodes/: one <node>.json per node started on this host, removed when it is stopped; what a
+    killed test process leaves there is torn down by the next node's start (sweep_stale)."""
+    return cache_dir().parent / "nodes"
+
+
+def register(state: dict[str, Any]) -> None:
+    folder = registry_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{state['name']}.tmp"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(folder / f"{state['name']}.json")
+
+
+def unregister(name: str) -> None:
+    (registry_dir() / f"{name}.json").unlink(missing_ok=True)
+
+
+def _holder_alive(holder: dict[str, Any] | None) -> bool:
+    if holder is None or holder.get("net") is None:
+        return False
+    return _readlink(f"/proc/{holder['pid']}/ns/net") == holder["net"]
+
+
+def sweep_stale() -> list[str]:
+    """Tears down every registered node whose holder is gone (its test process was killed: shims, containers, the
+    veth and the cgroups outlive it); returns their names. A node whose holder runs is left alone."""
+    swept = []
+    for path in sorted(registry_dir().glob("*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if _holder_alive(state.get("holder")):
+            continue
+        teardown(state)
+        path.unlink(missing_ok=True)
+        swept.append(state["name"])
+    return swept
 
 
 def teardown(state: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@ network and a mount namespace of their own (layout in nodeconfig.py). Started by
 
     holder      `unshare --net --mount` running `sleep`: owns both namespaces; its mount namespace has tmpfs over
                 /run, /var/lib and /var/log (where containerd, the CNI plugins and the kubelet would write on the
-                host) and the kubelet's sysctls bind-mounted over /proc/sys
+                host), the node's standard folders (/var/lib/kubelet, /var/lib/containerd, /var/log/pods)
+                bind-mounted from its state folder, and the kubelet's sysctls bind-mounted over /proc/sys
     containerd, kubelet, kube-proxy
                 `nsenter` into the holder's namespaces (it execs: the pid is the component's)
 
@@ -27,7 +28,7 @@ from . import nodeconfig, pki
 from .controlplane import ControlPlane, ControlPlaneError, _die_with_parent, _Process, _tail, _terminate, wait_until
 from .nodeconfig import NodeNetwork, NodePaths
 from .nodeparts import PAUSE_IMAGE, NodeParts
-from .nodeteardown import create_cgroups, teardown
+from .nodeteardown import create_cgroups, register, sweep_stale, teardown, unregister
 
 # Tmpfs in the node's mount namespace, over the host folders its components write to by default.
 PRIVATE_TMPFS = ("/run", "/var/lib", "/var/log")
@@ -57,6 +58,8 @@ class RealNode:
 
     def start(self) -> RealNode:
         t0 = time.monotonic()
+        for name in sweep_stale():
+            print(f"[node] tore down {name}, left running by a process that died", flush=True)
         for sub in ("logs", "sysctl", "containerd", "cni/net.d", "cni/ipam", "pod-logs", "kubelet"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         try:
@@ -83,6 +86,7 @@ class RealNode:
         for process in reversed(self._processes):
             _terminate(process.popen.pid, process.popen)  # ours: reaped here, not left as zombies
         teardown(self._state())
+        unregister(self.name)
         if self._holder is not None:
             _terminate(self._holder.pid, self._holder)
         self._processes.clear()
@@ -97,6 +101,15 @@ class RealNode:
         self.stop()
 
     # -- what tests use ------------------------------------------------------------------------------------------
+
+    def crash(self) -> None:
+        """SIGKILLs the holder and the components, as the kernel does when the process that started them dies
+        (they are tied to it): what they started (shims, containers) keeps running, as after a real crash."""
+        for popen in [p.popen for p in self._processes] + ([self._holder] if self._holder else []):
+            popen.kill()
+            popen.wait()
+        self._processes.clear()
+        self._holder = None
 
     def in_node(self, *argv: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
         """Runs argv in the node's network and mount namespaces."""
@@ -121,6 +134,8 @@ class RealNode:
         sysctl_dir = self.state_dir / "sysctl"
         lines = ["set -e"]
         lines += [f"mount -t tmpfs -o mode=0755 kubellm-node {path}" for path in PRIVATE_TMPFS]
+        for target, source in nodeconfig.NODE_BIND_MOUNTS.items():
+            lines += [f"mkdir -p {target}", f"mount --bind {self.state_dir / source} {target}"]
         for key, value in nodeconfig.KUBELET_SYSCTLS.items():
             (sysctl_dir / key.replace("/", ".")).write_text(value + "\n")
             lines.append(f"mount --bind {sysctl_dir / key.replace('/', '.')} /proc/sys/{key}")
@@ -136,6 +151,7 @@ class RealNode:
         )
         self._write_state()
         self._wait(lambda: (self.state_dir / "holder.ready").exists(), 30, "the node's namespaces")
+        self._write_state()  # again: the holder's namespaces are its own only now
 
     def _wire_network(self) -> None:
         n, holder = self.network, self._holder
@@ -178,7 +194,6 @@ class RealNode:
                 str(self.parts.kubelet),
                 f"--config={self.paths.file('kubelet.yaml')}",
                 f"--kubeconfig={self.paths.kubeconfig}",
-                f"--root-dir={self.state_dir / 'kubelet'}",
                 f"--hostname-override={self.name}",
                 f"--node-ip={self.network.node_ip}",
                 "--node-labels=kubellm.io/real-node=true",
@@ -237,7 +252,10 @@ class RealNode:
         }
 
     def _write_state(self) -> None:
-        (self.state_dir / STATE_FILE).write_text(json.dumps(self._state(), indent=2) + "\n")
+        state = self._state()
+        (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        if (self.state_dir / "holder.ready").exists():  # before, the holder's namespaces may still be the host's
+            register(state)
 
 
 def _proc_entry(name: str, pid: int) -> dict[str, object]:

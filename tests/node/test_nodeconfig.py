@@ -38,7 +38,10 @@ def test_the_components_configs_keep_the_host_untouched(tmp_path: Path) -> None:
     cri = containerd["plugins"]["io.containerd.grpc.v1.cri"]
     assert cri["restrict_oom_score_adj"] and cri["netns_mounts_under_state_dir"]
     assert cri["cni"]["conf_dir"].startswith(str(tmp_path))
-    assert containerd["root"].startswith(str(tmp_path)) and containerd["state"] == "/run/containerd"  # a private tmpfs
+    # the node's own mount namespace: a bind mount from its folder, a tmpfs
+    assert (containerd["root"], containerd["state"]) == ("/var/lib/containerd", "/run/containerd")
+    assert set(nodeconfig.NODE_BIND_MOUNTS) >= {containerd["root"], "/var/lib/kubelet"}
+    assert len(containerd["grpc"]["address"] + ".ttrpc") <= 104  # a unix socket path's limit
 
     kubelet = yaml.safe_load(nodeconfig.kubelet_config(paths, n, tmp_path / "ca.crt"))
     assert kubelet["protectKernelDefaults"] and kubelet["oomScoreAdj"] == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cluster.nodeparts import PAUSE_IMAGE, NodeParts
+from cluster.nodeteardown import sweep_stale
 
 from node import hoststate, manifests
 from node.harness import start_node_cluster
@@ -40,3 +41,24 @@ def test_the_host_is_unchanged_after_the_node_goes_down(
         cluster.stop()
     after = hoststate.snapshot()
     assert hoststate.diff(before, after) == {}
+
+
+def test_a_node_whose_process_was_killed_is_torn_down_by_the_next_start(
+    request: pytest.FixtureRequest, node_parts: NodeParts, tmp_path: Path
+) -> None:
+    """A SIGKILLed test process leaves shims, containers, the veth (held by the shims' namespace) and the cgroups:
+    the next node's start sweeps them."""
+    before = hoststate.snapshot()
+    cluster = start_node_cluster(request, node_parts, tmp_path / "first")
+    cp, node = cluster.control_plane, cluster.node
+    try:
+        with cp.namespace("node-crash-") as ns:
+            cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifests.pod("holder", PAUSE_IMAGE)))
+            cp.kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/holder", "--timeout=120s", timeout=130)
+            node.crash()  # what the kernel does to the node's own processes when the test process dies
+            left = hoststate.diff(before, hoststate.snapshot())
+            assert {"links", "cgroups", "processes"} <= left.keys(), left.keys()
+    finally:
+        cp.stop()
+    assert sweep_stale() == [node.name]
+    assert hoststate.diff(before, hoststate.snapshot()) == {}
