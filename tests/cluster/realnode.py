@@ -111,14 +111,14 @@ class RealNode:
         self._processes.clear()
         self._holder = None
 
-    def in_node(self, *argv: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        """Runs argv in the node's network and mount namespaces."""
+    def in_node(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Runs argv in the node's network and mount namespaces; text out."""
         assert self._holder is not None, "the node is not started"
         cmd = ["nsenter", f"--target={self._holder.pid}", "--net", "--mount", "--", *argv]
-        result = subprocess.run(cmd, capture_output=True, text=input is None, input=input, check=False, timeout=600)
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
         if check and result.returncode != 0:
             raise ControlPlaneError(f"`{' '.join(argv)}` in node {self.name} failed: {result.stdout}{result.stderr}")
-        return result  # type: ignore[return-value]
+        return result
 
     def ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`ctr` against the node's containerd, in the CRI's namespace (where the kubelet finds images)."""
