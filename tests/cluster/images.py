@@ -27,8 +27,9 @@ from pathlib import Path
 from .provision import Log, _locked, _log_stderr
 
 DEBIAN_SUITE = "bookworm"
-# python3-venv: the Dockerfiles' `python3 -m venv`; passwd: their `useradd`.
-DEBIAN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
+# What python:3.12-slim, the base it stands in for, carries and the Dockerfiles use: `python3 -m venv`, `useradd`,
+# and the headers the CPU kernels' build includes (Python.h: the CPU image's build failed without them).
+DEBIAN_PACKAGES = ("python3", "python3-venv", "python3-dev", "ca-certificates", "passwd")
 # This sandbox re-signs TLS: pip inside a build trusts the host's bundle (only in this local base, never pushed).
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 LOCAL_REGISTRY = "kubellm.local"
@@ -112,8 +113,12 @@ def _context_files(context: Path) -> Iterable[Path]:
         yield path
 
 
+# Docker's image format: with OCI's, buildah ignores SHELL (the Dockerfile's `-o pipefail` would silently go).
+BUILD_FLAGS = ("--isolation=chroot", "--pull=never", "--layers", "--format=docker")
+
+
 def content_key(dockerfile: Path, context: Path, target: str | None, build_args: dict[str, str]) -> str:
-    digest = hashlib.sha256(dockerfile.read_bytes())
+    digest = hashlib.sha256(dockerfile.read_bytes() + repr(BUILD_FLAGS).encode())
     digest.update(repr((target, sorted(build_args.items()))).encode())
     for path in _context_files(context):
         digest.update(path.relative_to(context).as_posix().encode() + b"\0" + path.read_bytes())
@@ -149,7 +154,7 @@ def debian_base(log: Log = _log_stderr) -> str:
                 "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt\n"
                 'CMD ["python3"]\n'
             )
-            _run(["buildah", "bud", "--quiet", "--isolation=chroot", "--pull=never", "-t", name, str(context)], log=log)
+            _run(["buildah", "bud", "--quiet", *BUILD_FLAGS, "-t", name, str(context)], log=log)
     return name
 
 
@@ -172,7 +177,7 @@ def build(
             return Image(name, archive, None)
         start = time.monotonic()
         log(f"buildah bud {dockerfile.name}{f' --target {target}' if target else ''} -> {name}")
-        cmd = ["buildah", "bud", "--quiet", "--isolation=chroot", "--pull=never", "--layers", "-f", str(dockerfile)]
+        cmd = ["buildah", "bud", "--quiet", *BUILD_FLAGS, "-f", str(dockerfile)]
         cmd += [f"--target={target}"] if target else []
         for arg, value in sorted(args.items()):
             cmd += ["--build-arg", f"{arg}={value}"]
