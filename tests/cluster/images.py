@@ -114,7 +114,8 @@ def _context_files(context: Path) -> Iterable[Path]:
 
 
 # Docker's image format: with OCI's, buildah ignores SHELL (the Dockerfile's `-o pipefail` would silently go).
-BUILD_FLAGS = ("--isolation=chroot", "--pull=never", "--layers", "--format=docker")
+# --force-rm: a failed build leaves no working container holding its layers.
+BUILD_FLAGS = ("--isolation=chroot", "--pull=never", "--layers", "--format=docker", "--force-rm")
 
 
 def content_key(dockerfile: Path, context: Path, target: str | None, build_args: dict[str, str]) -> str:
@@ -155,6 +156,7 @@ def debian_base(log: Log = _log_stderr) -> str:
                 'CMD ["python3"]\n'
             )
             _run(["buildah", "bud", "--quiet", *BUILD_FLAGS, "-t", name, str(context)], log=log)
+        _forget_older(name.split("/", 1)[1].split(":", 1)[0], name, None)
     return name
 
 
@@ -186,10 +188,19 @@ def build(
         tmp.unlink(missing_ok=True)
         _run(["buildah", "push", "--quiet", name, f"docker-archive:{tmp}:{name}"], log=log)
         tmp.replace(archive)
-        for stale in images_dir().glob(f"{repository}-*.tar"):
-            if stale != archive:
-                stale.unlink()  # one archive per image: the cache does not grow with every edit
+        _forget_older(repository, name, archive)
         return Image(name, archive, round(time.monotonic() - start, 1))
+
+
+def _forget_older(repository: str, name: str, archive: Path | None) -> None:
+    """One archive and one tag per image: the cache does not grow with every edit (shared layers stay)."""
+    for stale in images_dir().glob(f"{repository}-*.tar"):
+        if stale != archive:
+            stale.unlink()
+    for tagged in _run(["buildah", "images", "--noheading", "--format={{.Name}}:{{.Tag}}"]).split():
+        if tagged.startswith(f"{LOCAL_REGISTRY}/{repository}:") and tagged != name:
+            _run(["buildah", "rmi", tagged])
+    _run(["buildah", "rmi", "--prune"])  # the layers no image uses any more
 
 
 def remove(name: str) -> None:
