@@ -38,7 +38,7 @@ from kubellm.operator.metrics import Scraper
 from kubellm.operator.model_cache import JobState
 from kubellm.operator.peering import Leadership
 from kubellm.operator.priority import WritePriority
-from kubellm.operator.reconcile import Existing, ReconcileOutcome, parse_or_error, reapply_one, reconcile
+from kubellm.operator.reconcile import Existing, parse_or_error, reapply_one, reconcile
 from kubellm.operator.resources import Owner
 from kubellm.operator.settings import Settings
 from kubellm.operator.status import DeploymentState, PodSummary, summarize_pod
@@ -370,14 +370,14 @@ async def reconcile_handler(
     indices = (pdbs_by_owner, deployments_by_owner, statefulsets_by_owner, jobs_by_owner)
     existing = Existing.from_indices((namespace, name), *indices)
 
-    def work() -> ReconcileOutcome:
-        outcome = reconcile(memo.kube, owner, spec, int(meta.get("generation", 0)), memo.settings, existing)
-        pods = list(pods_by_owner.get((namespace, name), ()))
-        write_outcome(memo.kube, owner, outcome, pods, seen(meta.get("resourceVersion"), status))
-        return outcome
-
+    generation = int(meta.get("generation", 0))
     async with memo.write_priority.reconcile():
-        outcome = await asyncio.to_thread(work)
+        outcome = await asyncio.to_thread(reconcile, memo.kube, owner, spec, generation, memo.settings, existing)
+    # The verdict (observedGeneration, Degraded) is a status write too: after a burst's reconciles, like the others.
+    await memo.write_priority.refresh_turn()
+    pods = list(pods_by_owner.get((namespace, name), ()))
+    last_seen = seen(meta.get("resourceVersion"), status)
+    await asyncio.to_thread(write_outcome, memo.kube, owner, outcome, pods, last_seen)
     if outcome.error is not None:
         # Not retried by kopf: the status shows it, and the periodic resync (or the next spec change) tries again.
         raise kopf.PermanentError(f"invalid spec: {outcome.error}" if outcome.invalid_spec else outcome.error)

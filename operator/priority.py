@@ -5,7 +5,7 @@ Under a burst (hundreds of LLMDeployments applied at once, a GitOps sync) every 
 fleet loop's tick each want a status write, several per object, and they compete with the reconciles for the API
 server. A status refresh therefore waits, up to a bound, until no reconcile is in flight; it then reads the state as
 it is by then, so the wait costs freshness of nothing but the status itself. A reconcile's own status write (its
-observedGeneration and verdict) stays part of the reconcile.
+observedGeneration and verdict) waits the same way, once its objects are applied.
 """
 
 from __future__ import annotations
