@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from ci_probe import run_probe
 
 pytestmark = pytest.mark.slow  # two pytest runs in subprocesses
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Any k8s test that needs the session fixture will do.
 PROBE = "tests/k8s/test_controlplane.py::test_apiserver_and_components_are_healthy"
 
 
 def _run_probe(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
     # A KUBEBUILDER_ASSETS folder without binaries: the fixture cannot start a control plane.
-    env["KUBEBUILDER_ASSETS"] = str(tmp_path)
-    if ci is not None:
-        env["CI"] = ci
-    return subprocess.run(
-        [sys.executable, "-P", "-m", "pytest", PROBE, "-q", "-p", "no:cacheprovider", "-p", "no:randomly"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_probe(PROBE, ci, KUBEBUILDER_ASSETS=str(tmp_path))
 
 
 def test_k8s_test_without_binaries_skips_outside_ci(tmp_path: Path) -> None:

@@ -3,33 +3,20 @@ developer's machine, naming what to install, and fails in CI."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from ci_probe import run_probe
 
 pytestmark = pytest.mark.slow  # pytest runs in subprocesses
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PROBE = "tests/node/test_image_build.py"  # a `node` test without `k8s`: the rule must cover it on its own
 
 
 def _run_probe(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
-    env["PATH"] = str(tmp_path)  # no containerd, buildah, ...: the node's parts are unavailable
-    if ci is not None:
-        env["CI"] = ci
-    return subprocess.run(
-        [sys.executable, "-P", "-m", "pytest", PROBE, "-q", "-p", "no:cacheprovider", "-p", "no:randomly"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    # no containerd, buildah, ... on the PATH: the node's parts are unavailable
+    return run_probe(PROBE, ci, PATH=str(tmp_path))
 
 
 def test_a_node_test_without_its_packages_skips_outside_ci(tmp_path: Path) -> None:
