@@ -133,11 +133,16 @@ def test_logits_and_greedy_tokens_equal_the_dequantized_float32_model(checkpoint
 @pytest.mark.parametrize("name", ["awq", "gptq-asym-act-order"])
 def test_tensor_parallel_2_equals_1(name: str, tmp_path: Path) -> None:
     path, _ = write_quantized(name, tmp_path / name)
+    assert_tp2_equals_tp1(path)
+
+
+def assert_tp2_equals_tp1(path: Path, kv_cache_memory_bytes: int = 1 << 22) -> None:
+    """Greedy tokens of the checkpoint at ``path`` under tensor_parallel_size 2 (gloo) equal those of 1."""
     prompts = draw_prompts()
 
     def greedy(tp: int) -> list[list[int]]:
         llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=128, block_size=8,
-                  kv_cache_memory_bytes=1 << 22, tensor_parallel_size=tp)  # fmt: skip
+                  kv_cache_memory_bytes=kv_cache_memory_bytes, tensor_parallel_size=tp)  # fmt: skip
         try:
             params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
             return [out.outputs[0].token_ids for out in llm.generate(prompts, params)]

@@ -15,13 +15,12 @@ from typing import Any
 import pytest
 import torch
 from quantization.ckpt_writers import FORMATS, fp8_blocks, fp8_per_tensor, write_checkpoint
-from quantization.test_checkpoints import TINY, draw_prompts, greedy_tokens, our_logits
+from quantization.test_checkpoints import TINY, assert_tp2_equals_tp1, draw_prompts, greedy_tokens, our_logits
 from transformers_oracle import assert_greedy_agrees
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.llm_engine import LLMEngine
 from kubellm.runtime.layers.linear import Linear
-from kubellm.runtime.llm import LLM
 from kubellm.runtime.quantization import w4
 from kubellm.runtime.quantization.base import LinearMethod
 from kubellm.runtime.quantization.compressed_tensors_methods import Int8CheckpointMethod, PackedW4Method
@@ -29,7 +28,6 @@ from kubellm.runtime.quantization.dense import DenseMethod
 from kubellm.runtime.quantization.fp8_checkpoint import Fp8BlockMethod, Fp8CheckpointMethod
 from kubellm.runtime.quantization.online import FP8, scaled_mm_supported
 from kubellm.runtime.quantization.registry import quant_config_for
-from kubellm.runtime.sampling_params import SamplingParams
 
 METHODS: dict[str, type[LinearMethod]] = {"fp8": Fp8CheckpointMethod, "fp8-block": Fp8BlockMethod,
                                           "ct-w4a16": PackedW4Method, "ct-w8a8-int8": Int8CheckpointMethod,
@@ -117,18 +115,7 @@ def test_fp8_weights_are_held_once_as_fp8_and_merged_shards_keep_their_own_scale
 @pytest.mark.parametrize("name", ["fp8-tensor-dynamic", "fp8-block", "ct-w4a16-asym"])
 def test_tensor_parallel_2_equals_1(name: str, tmp_path: Path) -> None:
     path, _ = write_checkpoint(name, tmp_path / name, TINY)
-    prompts = draw_prompts()
-
-    def greedy(tp: int) -> list[list[int]]:
-        llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=128, block_size=8,
-                  kv_cache_memory_bytes=KV, tensor_parallel_size=tp)  # fmt: skip
-        try:
-            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-            return [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
-        finally:
-            llm.engine.runner.shutdown()
-
-    assert greedy(2) == greedy(1)
+    assert_tp2_equals_tp1(path, KV)
 
 
 def _ct(name: str) -> dict[str, Any]:
