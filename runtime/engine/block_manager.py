@@ -243,6 +243,19 @@ class BlockManager:
         child.num_hashed_blocks = min(num_shared, parent.num_hashed_blocks)
         child.num_computed_tokens = num_shared * self.block_size
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's ``reset_prefix_cache``: benchmarks that replay a workload start cold).
+        Only while no block is held, since a running sequence's hashed blocks are shared with later lookups: returns
+        whether it was reset."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block_id in self._free_cached:
+            self.blocks[block_id].reset()
+            self._free_plain.append(block_id)
+        self._free_cached.clear()
+        self._cached.clear()
+        return True
+
     def check_all_free(self) -> None:
         """Assert that no block is held (for tests and shutdown)."""
         held = [b.block_id for b in self.blocks if b.ref_count]

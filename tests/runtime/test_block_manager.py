@@ -160,3 +160,19 @@ def test_fork_shares_full_blocks_only() -> None:
     bm.free(parent)
     bm.free(child)
     bm.check_all_free()
+
+
+def test_reset_prefix_cache_forgets_cached_prefixes_only_when_nothing_is_held() -> None:
+    bm = BlockManager(8, BS)
+    a = make_seq(list(range(9)))  # two full, hashed blocks
+    run_prefill(bm, a)
+    assert not bm.reset_prefix_cache()  # a's blocks are held
+    assert len(bm.find_cached_prefix(list(range(9)))) == 2
+    bm.free(a)
+    assert bm.reset_prefix_cache()
+    assert bm.find_cached_prefix(list(range(9))) == []
+    bm.check_all_free()
+    b = make_seq(list(range(9)))
+    assert run_prefill(bm, b) == [] and len(b.block_table) == 3  # the forgotten blocks serve as plain ones
+    bm.free(b)
+    bm.check_all_free()
