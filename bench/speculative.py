@@ -1,20 +1,24 @@
-"""Speculative decoding (ngram prompt lookup): output tokens/s with and without it, at 1, 4 and 16 streams, on
-(a) an extractive workload (quote / rewrite a given passage, rename a variable in code) and (b) the free-form
+"""Speculative decoding (ngram prompt lookup, suffix): output tokens/s with and without it, at 1, 4 and 16 streams,
+on (a) an extractive workload (quote / rewrite a given passage, rename a variable in code) and (b) the free-form
 workload of bench/serve.py, with the acceptance rate.
 
     python -P bench/speculative.py                       # SmolLM2-135M (bundled GGUF), the serving defaults
     python -P bench/speculative.py --levels 1 4 --max-tokens 64
 
 In-process (no HTTP): one LLMEngine, closed loop — ``streams`` requests in flight, a new one added as one finishes,
-``--requests-per-stream`` per stream. Greedy, ``ignore_eos`` so each request generates exactly ``--max-tokens``.
-Off and on run back to back per level on the same engine (its speculator switched off for the "off" runs), so a
-ratio compares measurements seconds apart. Writes bench/results/speculative-<machine>.json (with
+``--requests-per-stream`` per stream. Greedy: an extractive answer ends at its EOS (the task is done there; past it
+the model starts a new chat turn, free text), a free-form one runs to ``--max-tokens`` (``ignore_eos``), and every
+method must generate the same number of tokens as no speculation (asserted). Per level: off, then each method with a
+fresh speculator, back to back on one engine with its prefix cache reset before each run (a replayed prompt set
+would hit the previous run's cache), so a ratio compares measurements seconds apart. Method ``draft_model`` needs
+an engine of its own and is not run here. Writes bench/results/speculative-<machine>.json (with
 ``os.getloadavg()`` before and after) and prints a table last. Speed is measured here, never in tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,6 +34,7 @@ from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.llm_engine import LLMEngine
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.spec_decode.config import SpeculativeConfig
+from kubellm.runtime.spec_decode.speculator import Speculator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 from machine import cpu_model, machine_name
@@ -80,11 +85,13 @@ def extractive_prompts(engine: LLMEngine, n: int, seed: int) -> list[list[int]]:
     return out
 
 
-def run_level(engine: LLMEngine, prompts: list[list[int]], streams: int, max_tokens: int) -> dict[str, Any]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+def run_level(
+    engine: LLMEngine, prompts: list[list[int]], streams: int, params: SamplingParams, speculator: Speculator | None
+) -> dict[str, Any]:
+    """One closed-loop run from a cold prefix cache, with ``speculator`` (None: no speculation) fresh for it."""
+    engine.speculator = speculator
+    assert engine.block_manager.reset_prefix_cache()  # else the second run of a prompt set would hit the first's
     todo = list(enumerate(prompts))
-    spec = engine.speculator
-    before = spec.snapshot() if spec is not None else None
     generated = 0
     in_flight = 0
     start = time.perf_counter()
@@ -99,15 +106,13 @@ def run_level(engine: LLMEngine, prompts: list[list[int]], streams: int, max_tok
     wall = time.perf_counter() - start
     engine.block_manager.check_all_free()
     row: dict[str, Any] = {"output_tokens": generated, "wall_s": wall, "output_tokens_per_s": generated / wall}
-    if spec is not None and before is not None:
-        after = spec.snapshot()
-        drafted = after.num_draft_tokens - before.num_draft_tokens
-        accepted = after.num_accepted_tokens - before.num_accepted_tokens
+    if speculator is not None:
+        stats = speculator.snapshot()
         row |= {
-            "num_drafts": after.num_drafts - before.num_drafts,
-            "num_draft_tokens": drafted,
-            "num_accepted_tokens": accepted,
-            "acceptance_rate": accepted / drafted if drafted else None,
+            "num_drafts": stats.num_drafts,
+            "num_draft_tokens": stats.num_draft_tokens,
+            "num_accepted_tokens": stats.num_accepted_tokens,
+            "acceptance_rate": stats.num_accepted_tokens / stats.num_draft_tokens if stats.num_draft_tokens else None,
         }
     return row
 
@@ -117,19 +122,31 @@ def main() -> int:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--requests-per-stream", type=int, default=2)
-    ap.add_argument("--speculative-config", default='{"method": "ngram"}', help="JSON, as the serve flag")
+    ap.add_argument("--speculative-config", action="append", default=None,
+                    help="JSON, as the serve flag; repeatable (default: ngram, then suffix)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     load_before = os.getloadavg()
-    spec_dict = json.loads(args.speculative_config)
-    spec_config = SpeculativeConfig.from_dict(spec_dict)
-    engine = LLMEngine(EngineConfig(speculative_config=spec_dict, max_num_seqs=max(args.levels)))
-    speculator = engine.speculator
+    configs = [SpeculativeConfig.from_dict(json.loads(c))
+               for c in args.speculative_config or ['{"method": "ngram"}', '{"method": "suffix"}']]  # fmt: skip
+    if any(c.method == "draft_model" for c in configs):
+        raise SystemExit("method draft_model needs its own engine; this benchmark runs ngram and suffix")
+    # built with the widest config (its logits rows per sequence); each run then gets a speculator of its own
+    widest = max(configs, key=lambda c: c.num_speculative_tokens)
+    engine = LLMEngine(EngineConfig(speculative_config=dataclasses.asdict(widest), max_num_seqs=max(args.levels)))
+
+    def fresh(config: SpeculativeConfig) -> Speculator:
+        return Speculator(config, engine.max_seq_len)
+
     warm = extractive_prompts(engine, 2, args.seed)
-    run_level(engine, warm, 2, 16)  # warm-up (kernels, allocator)
+    warm_params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    for speculator in (None, fresh(configs[0])):  # warm-up (kernels, allocator, both step shapes)
+        run_level(engine, warm, 2, warm_params, speculator)
     results: list[dict[str, Any]] = []
     for workload in ("extractive", "free-form"):
+        # the extractive answer ends where the task does (EOS); free-form text runs to max_tokens (bench/serve.py)
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=workload == "free-form")
         for streams in args.levels:
             n = streams * args.requests_per_stream
             if workload == "extractive":
@@ -138,15 +155,18 @@ def main() -> int:
                 tokenizer = engine.tokenizer
                 assert tokenizer is not None
                 prompts = [tokenizer.encode(p) for p in free_form_prompts(n, args.seed + streams)]
-            engine.speculator = None
-            off = run_level(engine, prompts, streams, args.max_tokens)
-            engine.speculator = speculator
-            on = run_level(engine, prompts, streams, args.max_tokens)
-            speedup = on["output_tokens_per_s"] / off["output_tokens_per_s"]
-            results.append({"workload": workload, "streams": streams, "off": off, "ngram": on, "speedup": speedup})
-            print(f"{workload:10s} streams={streams:2d} off {off['output_tokens_per_s']:7.1f} tok/s  ngram "
-                  f"{on['output_tokens_per_s']:7.1f} tok/s  x{speedup:.2f}  acceptance {on.get('acceptance_rate')}",
-                  flush=True)  # fmt: skip
+            off = run_level(engine, prompts, streams, params, None)
+            row: dict[str, Any] = {"workload": workload, "streams": streams, "off": off, "methods": {}}
+            for config in configs:
+                on = run_level(engine, prompts, streams, params, fresh(config))
+                # greedy: speculation must not change a token, so both runs generate as many
+                assert on["output_tokens"] == off["output_tokens"], (config.method, on, off)
+                on["speedup"] = on["output_tokens_per_s"] / off["output_tokens_per_s"]
+                row["methods"][config.method] = on
+                print(f"{workload:10s} streams={streams:2d} off {off['output_tokens_per_s']:7.1f} tok/s  "
+                      f"{config.method} {on['output_tokens_per_s']:7.1f} tok/s  x{on['speedup']:.2f}  "
+                      f"acceptance {on.get('acceptance_rate')}", flush=True)  # fmt: skip
+            results.append(row)
     load_after = os.getloadavg()
     report = {
         "benchmark": "speculative",
@@ -156,15 +176,16 @@ def main() -> int:
             "model": engine.model_name,
             "dtype": str(engine.dtype),
             "quantization": engine.quantization,
-            "speculative_config": spec_config.__dict__,
+            "speculative_configs": [dataclasses.asdict(c) for c in configs],
         },
         "workload": {
             "max_tokens": args.max_tokens,
             "requests_per_stream": args.requests_per_stream,
             "greedy": True,
-            "ignore_eos": True,
-            "extractive": "quote/rewrite one of 3 passages (~60 tokens) or rename a variable in 11 lines of code",
-            "free-form": "bench/serve.py's prompts (BASE_TEXT, an explanation asked for)",
+            "extractive": "quote/rewrite one of 3 passages (~60 tokens) or rename a variable in 11 lines of code; "
+            "each answer ends at its EOS (at most max_tokens)",
+            "free-form": "bench/serve.py's prompts (BASE_TEXT, an explanation asked for), ignore_eos: max_tokens each",
+            "runs": "per level: off, then each method with a fresh speculator; the prefix cache reset before each",
         },
         "loadavg_before": load_before,
         "loadavg_after": load_after,
@@ -174,12 +195,14 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nloadavg before {load_before}, after {load_after}; wrote {out}")
-    print(f"{'workload':10s} {'streams':>7s} {'off tok/s':>10s} {'ngram tok/s':>12s} {'speedup':>8s} {'accept':>7s}")
+    print(f"{'workload':10s} {'streams':>7s} {'off tok/s':>10s} " + " ".join(f"{c.method:>18s}" for c in configs))
     for r in results:
-        acc = r["ngram"].get("acceptance_rate")
-        print(f"{r['workload']:10s} {r['streams']:7d} {r['off']['output_tokens_per_s']:10.1f} "
-              f"{r['ngram']['output_tokens_per_s']:12.1f} {r['speedup']:8.2f} "
-              f"{'-' if acc is None else f'{acc:.2f}':>7s}")  # fmt: skip
+        cells = []
+        for c in configs:
+            m = r["methods"][c.method]
+            acc = m.get("acceptance_rate")
+            cells.append(f"{m['speedup']:5.2f}x acc {'-' if acc is None else f'{acc:.2f}':>4s}".rjust(18))
+        print(f"{r['workload']:10s} {r['streams']:7d} {r['off']['output_tokens_per_s']:10.1f} " + " ".join(cells))
     return 0
 
 
