@@ -1,8 +1,9 @@
 """The torch backend: every op as a lean torch composition, on any device (the CPU without the C++ kernels).
 
-Decodes in one padded, batched SDPA call over gathered blocks; each prefill in its own SDPA call. Equal (within
-float rounding) to ``reference.paged_attention``, which loops over every sequence; the batched decode path is what
-makes CPU decoding fast (tests/runtime/test_attention.py checks both agree).
+Decodes in one padded, batched SDPA call over gathered blocks; short extends (a verification of drafts) as decodes
+too, one per position; each longer prefill in its own SDPA call. Equal (within float rounding) to
+``reference.paged_attention``, which loops over every sequence; the batched decode path is what makes CPU decoding
+fast (tests/runtime/test_attention.py checks both agree).
 
 Why one call per op matters on the CPU: a decode step of a small model is hundreds of tiny ops, where each call's
 fixed cost (a microsecond or more) outweighs its arithmetic.
@@ -20,6 +21,13 @@ from .interface import AttentionBackend, AttentionMetadata, RopeTables, extend_m
 
 __all__ = ["TorchAttentionBackend", "TorchAttentionMetadata"]
 
+# A sequence extending by at most this many tokens (a verification of speculative drafts, a short prompt) attends as
+# that many one-token decodes over the cache, the j-th seeing the keys up to its own position: one batched decode
+# call for the step instead of a gathered, masked SDPA per sequence. On the CPU the per-sequence path was ~40% of a
+# one-stream verification step (bench/speculative.py); each expanded row reads its context once more, which stays
+# cheaper than the gather up to a few dozen rows.
+SHORT_EXTEND_MAX = 16
+
 
 @dataclass
 class TorchAttentionMetadata(AttentionMetadata):
@@ -29,6 +37,11 @@ class TorchAttentionMetadata(AttentionMetadata):
     # batched decode (filled on first use): rows of the cache seen as [2 * num_blocks, block_size * Hkv * D]
     decode_rows: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, width * block_size]; None when all lengths are equal
+    # a step with short extends: its short sequences' tokens as one-token decodes (``as_decodes``), the rows of the
+    # query they are (None: every row, in order) and the sequences left to the per-sequence path
+    short_rows: TorchAttentionMetadata | None = None
+    short_index: torch.Tensor | None = None
+    long_seqs: tuple[int, ...] = ()
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -37,7 +50,10 @@ class TorchAttentionBackend(AttentionBackend):
     def build_metadata(self, md: AttentionMetadata) -> TorchAttentionMetadata:
         if isinstance(md, TorchAttentionMetadata):
             return md
-        return extend_metadata(TorchAttentionMetadata, md, all_slots_valid=bool((md.slot_mapping >= 0).all()))
+        out = extend_metadata(TorchAttentionMetadata, md, all_slots_valid=bool((md.slot_mapping >= 0).all()))
+        if out.all_slots_valid and out.num_decode_tokens != out.num_seqs and out.seq_lens_cpu:
+            as_decodes(out)
+        return out
 
     def forward(
         self,
@@ -55,11 +71,20 @@ class TorchAttentionBackend(AttentionBackend):
         num_decodes = md.num_decode_tokens
         if num_decodes == md.num_seqs:  # a pure decode step: no output buffer to assemble
             return self._decode(query, kv_cache, md, scale, kv_scale)
+        rows = md.short_rows
+        if rows is not None and md.short_index is None:  # every sequence short: the query's rows as they are
+            return self._decode(query, kv_cache, rows, scale, kv_scale)
         out = torch.empty_like(query)
-        if num_decodes:
-            out[:num_decodes] = self._decode(query[:num_decodes], kv_cache, md, scale, kv_scale)
+        if rows is not None:
+            assert md.short_index is not None
+            out.index_copy_(0, md.short_index, self._decode(query[md.short_index], kv_cache, rows, scale, kv_scale))
+            remaining: tuple[int, ...] | range = md.long_seqs
+        else:
+            if num_decodes:
+                out[:num_decodes] = self._decode(query[:num_decodes], kv_cache, md, scale, kv_scale)
+            remaining = range(num_decodes, md.num_seqs)
         starts, lens = md.query_start_loc_cpu, md.seq_lens_cpu
-        for i in range(num_decodes, md.num_seqs):
+        for i in remaining:
             q_start, q_end = starts[i], starts[i + 1]
             out[q_start:q_end] = self._prefill(
                 query[q_start:q_end], kv_cache, md.block_tables[i], lens[i], scale, kv_scale
@@ -203,3 +228,41 @@ class TorchAttentionBackend(AttentionBackend):
         _, cos_full, sin_signed = cached
         xf = x.float()
         return torch.addcmul(xf * cos_full, xf.roll(x.shape[-1] // 2, -1), sin_signed).to(x.dtype)
+
+
+def as_decodes(md: TorchAttentionMetadata) -> None:
+    """Fill ``md.short_rows``: the tokens of every sequence extending by at most SHORT_EXTEND_MAX tokens (decodes
+    included) as one-token decodes over the same block table, token j of a sequence seeing the first
+    ``seq_len - q_len + j + 1`` keys: causal attention, read from the cache the step has just written."""
+    starts, lens = md.query_start_loc_cpu, md.seq_lens_cpu
+    seq_of_row: list[int] = []
+    row_lens: list[int] = []
+    token_rows: list[int] = []
+    long_seqs: list[int] = []
+    for i in range(md.num_seqs):
+        q_start, q_end = starts[i], starts[i + 1]
+        if q_end - q_start > SHORT_EXTEND_MAX:
+            long_seqs.append(i)
+            continue
+        first = lens[i] - (q_end - q_start) + 1
+        seq_of_row.extend([i] * (q_end - q_start))
+        row_lens.extend(range(first, lens[i] + 1))
+        token_rows.extend(range(q_start, q_end))
+    if len(long_seqs) == md.num_seqs - md.num_decode_tokens:  # no short extend: the decodes need no expanding
+        return
+    device = md.seq_lens.device
+    rows = torch.tensor(seq_of_row, dtype=torch.long, device=device)
+    md.short_rows = TorchAttentionMetadata(
+        slot_mapping=md.slot_mapping[torch.tensor(token_rows, dtype=torch.long, device=device)],
+        block_tables=md.block_tables.index_select(0, rows),
+        seq_lens=torch.tensor(row_lens, dtype=md.seq_lens.dtype, device=device),
+        query_start_loc=torch.arange(len(row_lens) + 1, dtype=md.query_start_loc.dtype, device=device),
+        max_query_len=1,
+        max_seq_len=max(row_lens),
+        num_decode_tokens=len(row_lens),
+        seq_lens_cpu=row_lens,
+        query_start_loc_cpu=list(range(len(row_lens) + 1)),
+    )
+    if long_seqs:
+        md.short_index = torch.tensor(token_rows, dtype=torch.long, device=device)
+        md.long_seqs = tuple(long_seqs)

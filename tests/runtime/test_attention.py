@@ -10,7 +10,7 @@ from kubellm.runtime.kernels import cpu
 from kubellm.runtime.kernels.cpu_backend import CpuAttentionBackend
 from kubellm.runtime.kernels.interface import AttentionBackend, AttentionMetadata
 from kubellm.runtime.kernels.reference import paged_attention, write_kv_cache
-from kubellm.runtime.kernels.torch_backend import TorchAttentionBackend
+from kubellm.runtime.kernels.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
 
 
 def make_batch(
@@ -42,9 +42,21 @@ def make_batch(
     return md, tables
 
 
+# (q_lens, seq_lens); decodes first. Extends of at most SHORT_EXTEND_MAX tokens run as one-token decodes per row.
+BATCHES = {
+    # 3 decodes, a full prefill, a chunked prefill over a cached prefix (verifying drafts looks the same): all short
+    "short": ([1, 1, 1, 9, 5], [7, 1, 20, 9, 17]),
+    # the same beside prefills longer than SHORT_EXTEND_MAX: the short rows in one call, the long ones each on their own
+    "mixed": ([1, 1, 4, 23, 3, 18], [7, 30, 12, 23, 40, 50]),
+    # decodes and long prefills only: nothing to expand
+    "long": ([1, 1, 20], [9, 3, 45]),
+}
+
+
+@pytest.mark.parametrize("batch", sorted(BATCHES))
 @pytest.mark.parametrize("kernels", ["cpu-kernels", "torch-ops"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_backends_match_reference(dtype: torch.dtype, kernels: str) -> None:
+def test_cpu_backends_match_reference(dtype: torch.dtype, kernels: str, batch: str) -> None:
     """Both decode paths: the C++ kernel (reads the cache in place) and, without it, gather + SDPA."""
     backend: AttentionBackend
     if kernels == "torch-ops":
@@ -57,9 +69,7 @@ def test_cpu_backends_match_reference(dtype: torch.dtype, kernels: str) -> None:
     print(f"seed={seed}")
     gen = torch.Generator().manual_seed(seed)
     block_size, num_blocks, num_kv_heads, num_heads, head_dim = 4, 64, 2, 6, 16
-    # 3 decodes, a full prefill, a chunked prefill over a cached prefix, a 1-token prefill counted as a decode
-    q_lens = [1, 1, 1, 9, 5]
-    seq_lens = [7, 1, 20, 9, 17]
+    q_lens, seq_lens = BATCHES[batch]
     md, _ = make_batch(q_lens, seq_lens, block_size, num_blocks, gen)
     kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
     num_tokens = sum(q_lens)
@@ -71,7 +81,11 @@ def test_cpu_backends_match_reference(dtype: torch.dtype, kernels: str) -> None:
     write_kv_cache(key, value, ref_cache, md.slot_mapping)
     ref = paged_attention(query, ref_cache, md.block_tables, md.seq_lens, md.query_start_loc, 0.25)
 
-    out = backend.forward(query, key, value, kv_cache, backend.build_metadata(md), 0.25)
+    built = backend.build_metadata(md)
+    assert isinstance(built, TorchAttentionMetadata)
+    assert (built.short_rows is not None) == (batch != "long")
+    assert (built.short_index is not None) == (batch == "mixed")
+    out = backend.forward(query, key, value, kv_cache, built, 0.25)
     assert torch.equal(kv_cache, ref_cache)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
