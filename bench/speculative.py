@@ -24,6 +24,7 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,12 @@ from kubellm.runtime.spec_decode.speculator import Speculator
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 from machine import cpu_model, machine_name
 from serve import prompts as free_form_prompts
+from serve import smollm2_gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from spec_drafts import SMOLLM2_DRAFT_LAYERS, write_smollm2_draft
+
+DEFAULT_CONFIGS = ['{"method": "ngram"}', '{"method": "suffix"}', '{"method": "draft_model"}']
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PASSAGES = [
@@ -86,10 +93,11 @@ def extractive_prompts(engine: LLMEngine, n: int, seed: int) -> list[list[int]]:
 
 
 def run_level(
-    engine: LLMEngine, prompts: list[list[int]], streams: int, params: SamplingParams, speculator: Speculator | None
+    engine: LLMEngine, speculator: Speculator | None, prompts: list[list[int]], streams: int, params: SamplingParams
 ) -> dict[str, Any]:
-    """One closed-loop run from a cold prefix cache, with ``speculator`` (None: no speculation) fresh for it."""
+    """One closed-loop run from a cold prefix cache, with ``speculator`` (None: no speculation)."""
     engine.speculator = speculator
+    before = speculator.snapshot() if speculator is not None else None
     assert engine.block_manager.reset_prefix_cache()  # else the second run of a prompt set would hit the first's
     todo = list(enumerate(prompts))
     generated = 0
@@ -106,13 +114,15 @@ def run_level(
     wall = time.perf_counter() - start
     engine.block_manager.check_all_free()
     row: dict[str, Any] = {"output_tokens": generated, "wall_s": wall, "output_tokens_per_s": generated / wall}
-    if speculator is not None:
-        stats = speculator.snapshot()
+    if speculator is not None and before is not None:
+        after = speculator.snapshot()
+        drafted = after.num_draft_tokens - before.num_draft_tokens
+        accepted = after.num_accepted_tokens - before.num_accepted_tokens
         row |= {
-            "num_drafts": stats.num_drafts,
-            "num_draft_tokens": stats.num_draft_tokens,
-            "num_accepted_tokens": stats.num_accepted_tokens,
-            "acceptance_rate": stats.num_accepted_tokens / stats.num_draft_tokens if stats.num_draft_tokens else None,
+            "num_drafts": after.num_drafts - before.num_drafts,
+            "num_draft_tokens": drafted,
+            "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafted if drafted else None,
         }
     return row
 
@@ -122,27 +132,53 @@ def main() -> int:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--requests-per-stream", type=int, default=2)
-    ap.add_argument("--speculative-config", action="append", default=None,
-                    help="JSON, as the serve flag; repeatable (default: ngram, then suffix)")  # fmt: skip
+    ap.add_argument(
+        "--speculative-config",
+        action="append",
+        default=None,
+        help="JSON, as the serve flag; repeatable (default: ngram, suffix, draft_model). A draft_model "
+        "without a model gets SmolLM2 cut to --draft-layers (tests/spec_drafts.py)",
+    )
+    ap.add_argument(
+        "--draft-layers",
+        default=None,
+        help="comma-separated decoder layers of the bundled SmolLM2 for the draft (default: all but 10..15)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     load_before = os.getloadavg()
-    configs = [SpeculativeConfig.from_dict(json.loads(c))
-               for c in args.speculative_config or ['{"method": "ngram"}', '{"method": "suffix"}']]  # fmt: skip
-    if any(c.method == "draft_model" for c in configs):
-        raise SystemExit("method draft_model needs its own engine; this benchmark runs ngram and suffix")
-    # built with the widest config (its logits rows per sequence); each run then gets a speculator of its own
-    widest = max(configs, key=lambda c: c.num_speculative_tokens)
-    engine = LLMEngine(EngineConfig(speculative_config=dataclasses.asdict(widest), max_num_seqs=max(args.levels)))
+    raw = [json.loads(c) for c in args.speculative_config or DEFAULT_CONFIGS]
+    draft_layers = SMOLLM2_DRAFT_LAYERS if args.draft_layers is None else [int(x) for x in args.draft_layers.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="kubellm-bench-draft-"))
+    for c in raw:
+        if c.get("method") == "draft_model" and "model" not in c:
+            c["model"] = str(write_smollm2_draft(smollm2_gguf(), tmp / "draft", draft_layers))
+    configs = [SpeculativeConfig.from_dict(c) for c in raw]
+    max_num_seqs = max(args.levels)
+    # ngram and suffix share one engine, built with the widest of them (its logits rows per sequence), each run with
+    # a speculator of its own; a draft model comes with an engine of its own (its KV cache, its shadow sequences)
+    lookups = [c for c in configs if c.method != "draft_model"] or [SpeculativeConfig()]
+    widest = max(lookups, key=lambda c: c.num_speculative_tokens)
+    engine = LLMEngine(EngineConfig(speculative_config=dataclasses.asdict(widest), max_num_seqs=max_num_seqs))
+    draft_engines = {
+        i: LLMEngine(EngineConfig(speculative_config=dataclasses.asdict(c), max_num_seqs=max_num_seqs))
+        for i, c in enumerate(configs)
+        if c.method == "draft_model"
+    }
 
-    def fresh(config: SpeculativeConfig) -> Speculator:
-        return Speculator(config, engine.max_seq_len)
+    def speculator_for(i: int) -> tuple[LLMEngine, Speculator]:
+        if i in draft_engines:
+            spec = draft_engines[i].speculator
+            assert spec is not None
+            return draft_engines[i], spec
+        return engine, Speculator(configs[i], engine.max_seq_len)
 
     warm = extractive_prompts(engine, 2, args.seed)
     warm_params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    for speculator in (None, fresh(configs[0])):  # warm-up (kernels, allocator, both step shapes)
-        run_level(engine, warm, 2, warm_params, speculator)
+    run_level(engine, None, warm, 2, warm_params)  # warm-up (kernels, allocator, every step shape)
+    for i in range(len(configs)):
+        run_level(*speculator_for(i), warm, 2, warm_params)
     results: list[dict[str, Any]] = []
     for workload in ("extractive", "free-form"):
         # the extractive answer ends where the task does (EOS); free-form text runs to max_tokens (bench/serve.py)
@@ -155,10 +191,10 @@ def main() -> int:
                 tokenizer = engine.tokenizer
                 assert tokenizer is not None
                 prompts = [tokenizer.encode(p) for p in free_form_prompts(n, args.seed + streams)]
-            off = run_level(engine, prompts, streams, params, None)
+            off = run_level(engine, None, prompts, streams, params)
             row: dict[str, Any] = {"workload": workload, "streams": streams, "off": off, "methods": {}}
-            for config in configs:
-                on = run_level(engine, prompts, streams, params, fresh(config))
+            for i, config in enumerate(configs):
+                on = run_level(*speculator_for(i), prompts, streams, params)
                 # greedy: speculation must not change a token, so both runs generate as many
                 assert on["output_tokens"] == off["output_tokens"], (config.method, on, off)
                 on["speedup"] = on["output_tokens_per_s"] / off["output_tokens_per_s"]

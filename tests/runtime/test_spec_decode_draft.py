@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from spec_drafts import SMOLLM2_DRAFT_LAYERS, write_layer_subset
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.block_manager import BlockManager
@@ -27,10 +28,6 @@ from kubellm.runtime.structured_outputs import StructuredOutputsParams
 
 from .test_spec_decode import PASSAGE, chat, fresh, run_all
 from .test_spec_decode import make_engine as make_plain_engine
-
-# SmolLM2's 30 decoder layers but 10..15: its guesses are right about a third of the time, so steps both accept
-# runs and roll back (a draft of its first 6, or even 14, layers agrees with it on almost nothing)
-DRAFT_LAYERS = [i for i in range(30) if not 10 <= i < 16]
 
 
 def make_engine(loaded: LoadedModel, **overrides: object) -> LLMEngine:
@@ -67,24 +64,8 @@ def smollm2_state(smollm2_gguf_path: Path) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def truncated_draft_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_state: LoadedModel) -> Path:
-    """SmolLM2 with only its DRAFT_LAYERS decoder layers, as a Hugging Face directory with its tokenizer."""
-    from safetensors.torch import save_file
-
-    directory = tmp_path_factory.mktemp("smollm2-draft")
-    hf = {**smollm2_state.hf_config, "num_hidden_layers": len(DRAFT_LAYERS), "torch_dtype": "float32"}
-    (directory / "config.json").write_text(json.dumps(hf))
-    kept = {}
-    for name, tensor in smollm2_state.weights or []:
-        layer = re.match(r"model\.layers\.(\d+)\.(.*)", name)
-        if layer is not None:
-            if int(layer.group(1)) not in DRAFT_LAYERS:
-                continue
-            name = f"model.layers.{DRAFT_LAYERS.index(int(layer.group(1)))}.{layer.group(2)}"
-        kept[name] = tensor.to(torch.float32).contiguous()
-    save_file(kept, str(directory / "model.safetensors"))
-    assert smollm2_state.tokenizer is not None
-    smollm2_state.tokenizer.save_pretrained(directory)
-    return directory
+    """SmolLM2 with only its SMOLLM2_DRAFT_LAYERS decoder layers, as a Hugging Face directory with its tokenizer."""
+    return write_layer_subset(smollm2_state, SMOLLM2_DRAFT_LAYERS, tmp_path_factory.mktemp("smollm2-draft"))
 
 
 @pytest.fixture(scope="module")
