@@ -8,11 +8,10 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from kubellm import contract
 from kubellm.gateway.discovery import Endpoint
@@ -27,17 +26,36 @@ class RuntimeLoad:
     at: float  # time.monotonic()
 
 
+def samples(text: str, names: tuple[str, ...]) -> Iterator[tuple[str, float]]:
+    """(name, value) of every sample of the metrics `names` in Prometheus' text format, the other lines skipped
+    unparsed: a runtime's /metrics is mostly histogram buckets the gateway never reads, and prometheus_client's
+    parser spent ~2.7 ms on each one (of 180 lines) in the event loop the requests are relayed on, every interval,
+    per replica. A sample line is `name[{labels}] value [timestamp]`; a label value may hold any character but a
+    raw newline, so the value is what follows the line's last `}`."""
+    for line in text.splitlines():
+        if not line.startswith(names):
+            continue
+        cut = line.find("{")
+        name = line[:cut] if cut >= 0 else line.split(None, 1)[0]
+        if name not in names:  # a longer name that starts with one of them
+            continue
+        rest = line[line.rindex("}") + 1 :] if cut >= 0 else line[len(name) :]
+        fields = rest.split()
+        if not fields:
+            raise ValueError(f"a sample of {name} without a value: {line!r}")
+        yield name, float(fields[0])
+
+
 def parse_load(text: str, at: float) -> RuntimeLoad:
     waiting, kv_total, kv_series = 0.0, 0.0, 0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if math.isnan(sample.value):
-                continue
-            if sample.name == contract.METRIC_WAITING:
-                waiting += sample.value
-            elif sample.name == contract.METRIC_KV_USAGE:
-                kv_total += sample.value
-                kv_series += 1
+    for name, value in samples(text, (contract.METRIC_WAITING, contract.METRIC_KV_USAGE)):
+        if math.isnan(value):
+            continue
+        if name == contract.METRIC_WAITING:
+            waiting += value
+        else:
+            kv_total += value
+            kv_series += 1
     return RuntimeLoad(waiting=waiting, kv_usage=kv_total / max(kv_series, 1), at=at)
 
 
