@@ -94,6 +94,11 @@ class Access:
                 headers={"Retry-After": str(int(wait))},
             )
 
+    @property
+    def meters_answers(self) -> bool:
+        """Whether answers are charged (a tokens-per-minute limit is on): only then is an answer's tail kept."""
+        return self.limiter.tpm is not None
+
     def charge_answer(self, caller: str, tail: bytes, content_events: int) -> None:
         """After the answer: its completion tokens (from its usage, else one per content event of a stream)."""
         found = _COMPLETION_TOKENS.findall(tail)

@@ -229,6 +229,7 @@ class Gateway:
         record.model = served
         record.stream = body.get("stream") is True
         record.caller = request.get(CALLER, ANONYMOUS)
+        record.metered = self.access.meters_answers
         # the prompt estimated once, if at all: for the rate limit and for a route's rules
         estimate = functools.cache(lambda: features(request_kind(body), body))
         if request.path in ("/v1/chat/completions", "/v1/completions"):

@@ -126,15 +126,18 @@ def prefix_key(route: str, body: Mapping[str, Any], prefix_chars: int = DEFAULT_
 
     chat: the leading messages rendered as `role\\ncontent\\n`, through the first user message: the system prompt
     and the conversation's opening, which every later turn of that conversation repeats (so a conversation sticks
-    to one replica while sessions that share only the system prompt spread out). completions: the prompt's first
-    `prefix_chars` characters (the first prompt of a batch; token-id prompts: as many leading ids)."""
+    to one replica while sessions that share only the system prompt spread out); each message's text cut at its
+    first `prefix_chars` characters, so a 200 KB message is not copied and hashed whole (openings that agree that
+    far share that much cache anyway). completions: the prompt's first `prefix_chars` characters (the first prompt
+    of a batch; token-id prompts: as many leading ids)."""
     if route == "chat":
         parts: list[str] = []
         messages = body.get("messages")
         for message in messages if isinstance(messages, list) else ():
             if not isinstance(message, dict):
                 break
-            parts.append(f"{message.get('role', '')}\n{message_text(message.get('content'))}\n")
+            text = message_text(message.get("content"))[:prefix_chars]
+            parts.append(f"{message.get('role', '')}\n{text}\n")
             if message.get("role") == "user":
                 break
         return "".join(parts).encode()

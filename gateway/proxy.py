@@ -80,6 +80,7 @@ class RequestRecord:
     cache: str | None = None  # hit | miss, for a model with the response cache on and a deterministic request
     capture: Capture | None = None  # a miss's answer, collected as it is relayed
     caller: str | None = None  # the API key's id (or anonymous)
+    metered: bool = False  # its caller is charged the answer's tokens (a token rate limit is on): keep these two
     tail: bytearray = field(default_factory=bytearray)  # the answer's last bytes, where its usage is
     content_events: int = 0  # data events of a relayed stream
     extra: dict[str, Any] = field(default_factory=dict)
@@ -345,14 +346,18 @@ class Forwarder:
                 out.headers[REPLICA_HEADER] = ep.id
                 out.headers.update(record.headers)
                 await out.prepare(request)
+            # what is done per chunk beyond writing it is paid on every byte of a 200 KB answer: only what is used
+            events = upstream.content_type == "text/event-stream"
             async for chunk in upstream.content.iter_any():
                 await out.write(chunk)
                 record.bytes_out += len(chunk)
                 if record.capture is not None:
                     record.capture.add(chunk)
-                record.content_events += chunk.count(b"data: {")
-                record.tail += chunk
-                del record.tail[:-TAIL_BYTES]
+                if record.metered:
+                    if events:
+                        record.content_events += chunk.count(b"data: {")
+                    record.tail += chunk[-TAIL_BYTES:]
+                    del record.tail[:-TAIL_BYTES]
             await out.write_eof()
             finished = True
             self.cache.store(record, upstream)

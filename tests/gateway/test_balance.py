@@ -103,6 +103,12 @@ def test_prefix_keys() -> None:
     assert prefix_key("chat", parts) == b"user\nhi\n"
     assert prefix_key("chat", _chat("S", "u1")) != prefix_key("chat", _chat("S", "u2"))
     assert prefix_key("chat", {"messages": "nope"}) == b""
+    # each message's text is cut at prefix_chars: a long system prompt shared by two sessions still leaves their
+    # openings apart, and a 200 KB message is not hashed whole
+    system, opening = "s" * 200_000, "u" * 200_000
+    key = prefix_key("chat", _chat(system, opening + "1"), prefix_chars=1024)
+    assert key == b"system\n" + b"s" * 1024 + b"\nuser\n" + b"u" * 1024 + b"\n"
+    assert prefix_key("chat", _chat(system, "1" + opening)) != prefix_key("chat", _chat(system, "2" + opening))
     # completions: the leading characters (or token ids), the first prompt of a batch.
     assert prefix_key("completions", {"prompt": "abcdef"}, prefix_chars=3) == b"abc"
     assert prefix_key("completions", {"prompt": ["abcdef", "zzz"]}, prefix_chars=3) == b"abc"
