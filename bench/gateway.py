@@ -38,7 +38,7 @@ from e2e.operator_process import OperatorProcess  # noqa: E402
 from e2e.procs import MARK_ENV, marked_processes, wait_for  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
-from machine import cpu_model, machine_name  # noqa: E402
+from machine import cpu_model, machine_name, process_cpu_seconds  # noqa: E402
 
 NAME, SERVED, NAMESPACE = "chat", "chat", "bench-gateway"
 WORDS = [
@@ -122,43 +122,69 @@ async def run_chats(base_urls: list[str], args: argparse.Namespace, seed: int) -
     return ttfts
 
 
-async def paced_tokenize(url: str, prompt: str, rate: float, count: int) -> list[float]:
-    """Open-loop requests at `rate`/s; each one's latency in seconds."""
+async def paired_tokenize(gateway: str, pod: str, prompt: str, rate: float, count: int, seed: int) -> dict[str, Any]:
+    """`count` pairs, started open-loop at `rate` pairs/s (so the gateway carries `rate` requests/s): each pair the
+    same request straight to the pod and through the gateway, one after the other in an order drawn per pair, so
+    both halves meet the same machine load and the same runtime state. Latencies in seconds, by target."""
     import aiohttp
 
+    rng = random.Random(seed)
     body = json.dumps({"model": SERVED, "prompt": prompt}).encode()
-    latencies: list[float] = []
-    async with aiohttp.ClientSession() as session:
+    out: dict[str, list[float]] = {"direct": [], "gateway": [], "added": []}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
-        async def one() -> None:
+        async def one(base: str) -> float:
             start = time.monotonic()
-            async with session.post(url + "/tokenize", data=body, headers={"Content-Type": "application/json"}) as r:
+            async with session.post(base + "/tokenize", data=body, headers={"Content-Type": "application/json"}) as r:
                 await r.read()
                 assert r.status == 200, r.status
-            latencies.append(time.monotonic() - start)
+            return time.monotonic() - start
+
+        async def pair(gateway_first: bool) -> None:
+            if gateway_first:
+                via = await one(gateway)
+                direct = await one(pod)
+            else:
+                direct = await one(pod)
+                via = await one(gateway)
+            out["direct"].append(direct)
+            out["gateway"].append(via)
+            out["added"].append(via - direct)
 
         tasks, t0 = [], time.monotonic()
         for i in range(count):
             await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
-            tasks.append(asyncio.create_task(one()))
+            tasks.append(asyncio.create_task(pair(rng.random() < 0.5)))
         await asyncio.gather(*tasks)
-    return latencies
+    return out
 
 
-def added_latency(gateway: str, pod: str, prompt: str, rate: float, count: int) -> dict[str, float]:
-    direct = asyncio.run(paced_tokenize(pod, prompt, rate, count))
-    via = asyncio.run(paced_tokenize(gateway, prompt, rate, count))
+def added_latency(gateway: GatewayProcess, pod: str, prompt: str, rate: float, count: int) -> dict[str, Any]:
+    """The gateway's addition, paired (paired_tokenize): `added_*` are quantiles of the per-pair differences, the
+    gateway's own addition at each moment (the earlier method, p99 via the gateway minus p99 direct over two runs
+    minutes apart, mixed the load of two different moments into it); and the gateway process's CPU time per request,
+    which the machine's other load does not move."""
+    seed = random.randrange(2**31)
+    assert gateway.proc is not None
+    cpu_before = process_cpu_seconds(gateway.proc.pid)
+    times = asyncio.run(paired_tokenize(gateway.url, pod, prompt, rate, count, seed))
+    cpu = process_cpu_seconds(gateway.proc.pid) - cpu_before
     ms = lambda x: round(1000 * x, 3)  # noqa: E731
+    direct, via, added = times["direct"], times["gateway"], times["added"]
     return {
         "rate_per_s": rate,
         "requests": count,
         "prompt_bytes": len(prompt),
+        "seed": seed,
+        "method": "paired: each request sent straight and through the gateway back to back, order drawn per pair",
         "direct_p50_ms": ms(statistics.median(direct)),
         "direct_p99_ms": ms(quantile(direct, 0.99)),
         "gateway_p50_ms": ms(statistics.median(via)),
         "gateway_p99_ms": ms(quantile(via, 0.99)),
-        "added_p50_ms": ms(statistics.median(via) - statistics.median(direct)),
-        "added_p99_ms": ms(quantile(via, 0.99) - quantile(direct, 0.99)),
+        "added_p50_ms": ms(statistics.median(added)),
+        "added_p99_ms": ms(quantile(added, 0.99)),
+        # the gateway's scrapes and watches run meanwhile too: this is an upper bound of a request's own CPU
+        "gateway_cpu_ms_per_request": ms(cpu / count),
     }
 
 
@@ -235,10 +261,10 @@ def measure(args: argparse.Namespace, cp: ControlPlane, tmp: Path, tag: str) -> 
                 }
                 print(mode, out["modes"][mode], flush=True)
             small = "Count the replicas of this cluster, please."
-            out["added_latency_small"] = added_latency(gateway.url, urls[0], small, args.rate, args.latency_requests)
+            out["added_latency_small"] = added_latency(gateway, urls[0], small, args.rate, args.latency_requests)
             print("added latency (small prompt)", out["added_latency_small"], flush=True)
             big = ("cluster node pod " * 20_000)[:200_000]
-            out["added_latency_200kb"] = added_latency(gateway.url, urls[0], big, args.big_rate, args.big_requests)
+            out["added_latency_200kb"] = added_latency(gateway, urls[0], big, args.big_rate, args.big_requests)
             print("added latency (200 KB prompt)", out["added_latency_200kb"], flush=True)
     finally:
         gateway.stop()
@@ -296,7 +322,8 @@ def main() -> int:
             f"{args.system_words}-word system prompt per mode, each session opening with a {args.context_words}-word "
             f"document of its own (repeated by its later turns), max_tokens {args.max_tokens}, streaming",
             "round_robin": "client-side rotation over the pods (what a Service does)",
-            "added_latency": "POST /tokenize through the gateway vs straight to one pod, open loop",
+            "added_latency": "POST /tokenize through the gateway vs straight to one pod, open loop, paired per request "
+            "(added_*: quantiles of the per-pair differences)",
         },
         **numbers,
     }

@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
+from machine import process_cpu_seconds
+
 SERVED = "bench"
 TOKEN_CHARS = 4  # the stand-in's "tokenizer": one id per 4 characters (SmolLM2: 3.4 on the bench's prompt)
 
@@ -152,12 +155,6 @@ async def paired(direct: str, gateway: str, body: bytes, count: int, seed: int) 
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (/proc/<pid>/stat), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _spawn(*args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     return subprocess.Popen([sys.executable, "-P", __file__, *args], env=env)
@@ -191,9 +188,9 @@ def main() -> int:
         asyncio.run(_wait_up(via + "/healthz"))
         prompt = ("cluster node pod " * (args.prompt_bytes // 17 + 1))[: args.prompt_bytes]
         body = json.dumps({"model": SERVED, "prompt": prompt}).encode()
-        cpu_before = cpu_seconds(gateway.pid)
+        cpu_before = process_cpu_seconds(gateway.pid)
         times = asyncio.run(paired(direct, via, body, args.requests, seed))
-        cpu_used = cpu_seconds(gateway.pid) - cpu_before
+        cpu_used = process_cpu_seconds(gateway.pid) - cpu_before
     finally:
         for proc in (gateway, stand_in):
             proc.send_signal(signal.SIGINT)  # aiohttp's run_app cleans up (and the profile prints) on SIGINT

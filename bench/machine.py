@@ -26,3 +26,10 @@ def machine_name() -> str:
     """E.g. `amd-epyc-2c` (CPU model slug and core count): the suffix of a results file's name."""
     slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
     return f"{slug}-{os.cpu_count()}c"
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far, user + system (/proc/<pid>/stat): a cost the machine's other load does not
+    move, unlike a latency."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
