@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -255,7 +256,9 @@ class Gateway:
         self.metrics.requests.labels(record.model or "", str(record.status)).inc()
         if record.added_seconds is not None:
             self.metrics.added_latency.observe(record.added_seconds)
+        forwarded = record.attempt_started
         line = {
+            "time": datetime.fromtimestamp(record.arrived, UTC).isoformat(timespec="milliseconds"),
             "id": record.id,
             "route": record.route,
             "model": record.model,
@@ -267,6 +270,9 @@ class Gateway:
             "decision": record.decision,
             "retries": record.retries,
             "held_s": round(record.held_seconds, 3),
+            # from its arrival to the start of the last try on a replica (the one that answered, if one did): for a
+            # request held at zero, when the gateway let it through
+            "forwarded_s": None if forwarded is None else round(forwarded - record.started, 3),
             "added_ms": None if record.added_seconds is None else round(1000 * record.added_seconds, 3),
             "duration_s": round(time.monotonic() - record.started, 3),
             "bytes": record.bytes_out,

@@ -64,6 +64,7 @@ class RequestRecord:
     id: str
     route: str
     started: float  # time.monotonic()
+    arrived: float = field(default_factory=time.time)  # the same moment on the wall clock, for the log line
     model: str | None = None
     stream: bool = False
     replica: str | None = None
@@ -73,7 +74,7 @@ class RequestRecord:
     added_seconds: float | None = None
     status: int | None = None
     bytes_out: int = 0
-    attempt_started: float = 0.0
+    attempt_started: float | None = None  # time.monotonic() when the last try on a replica began
     llm_route: str | None = None  # the LLMRoute's model, when the request named one
     tier: str | None = None  # the route's tier tried last (the one that answered, if one did)
     headers: dict[str, str] = field(default_factory=dict)  # added to the response (the route tier's)
@@ -296,6 +297,7 @@ class Forwarder:
         if request.remote:
             headers["X-Forwarded-For"] = request.remote
         url = ep.url + request.path_qs
+        record.attempt_started = time.monotonic()
         with self.busy(ep):
             try:
                 upstream = await self.session().request(

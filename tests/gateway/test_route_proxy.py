@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -150,6 +152,11 @@ async def test_the_rules_pick_the_tier_and_the_request_names_its_served_model(
     assert [(line["llmroute"], line["tier"]) for line in lines] == [
         ("auto", t) for t in ("small", "large", "large", "small")
     ]
+    # each line says when its request arrived and when it was sent on (a request held at zero: when it got through)
+    for line in lines:
+        arrived = datetime.fromisoformat(line["time"])
+        assert arrived.tzinfo is not None and abs(time.time() - arrived.timestamp()) < 60, line
+        assert 0 <= line["forwarded_s"] <= line["duration_s"], line
 
 
 async def test_a_refusing_or_missing_tier_falls_over_to_the_next(
