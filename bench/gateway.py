@@ -2,7 +2,11 @@
 for PrefixHash and LeastLoad (through the gateway) against plain round-robin (client-side rotation over the pods,
 what a Service does) and a single replica; and the latency the gateway adds, on /tokenize (cheap on the runtime).
 
-    PYTHONPATH=tests python -P bench/gateway.py [--sessions 8] [--turns 4] [--replicas 4]
+    PYTHONPATH=tests python -P bench/gateway.py [--sessions 8] [--turns 4] [--replicas 4] [--zero]
+
+Last, the time from a first request at zero replicas to its first token, split into wake, operator scale,
+schedule, runtime start, its imports, model load, gateway forward and first token (bench/gateway_zero.py); --zero
+runs only that and writes bench/results/gateway-zero-<machine>.json.
 
 Setup as tests/gateway: the test control plane, `kubellm operator`, one real `kubellm serve` (SmolLM2-135M, CPU) per
 pod on its loopback IP, `kubellm gateway`. Each mode gets a system prompt and documents of its own, so no mode
@@ -38,6 +42,7 @@ from e2e.operator_process import OperatorProcess  # noqa: E402
 from e2e.procs import MARK_ENV, marked_processes, wait_for  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
+from gateway_zero import STEPS, measure_zero  # noqa: E402
 from machine import cpu_model, machine_name, process_cpu_seconds  # noqa: E402
 
 NAME, SERVED, NAMESPACE = "chat", "chat", "bench-gateway"
@@ -272,6 +277,27 @@ def measure(args: argparse.Namespace, cp: ControlPlane, tmp: Path, tag: str) -> 
     return out
 
 
+def workload(args: argparse.Namespace) -> dict[str, Any]:
+    zero = {
+        "model": "builtin:smollm2-135m-instruct, CPU, maxNumSeqs 4, 64 MiB KV cache per replica, OMP_NUM_THREADS 1",
+        "zero_to_first_token": "one streaming chat request to an LLMDeployment at 0 replicas (minReplicas 0), the "
+        "same engine settings, max_tokens 16; timeline_s: seconds after the client sent it, each moment from the part "
+        "that saw it (bench/gateway_zero.py); steps: the differences of its STEPS",
+    }
+    if args.zero:
+        return zero
+    return {
+        **zero,
+        "replicas": args.replicas,
+        "chat": f"{args.sessions} sessions x {args.turns} turns, {args.concurrency} sessions at once, a shared "
+        f"{args.system_words}-word system prompt per mode, each session opening with a {args.context_words}-word "
+        f"document of its own (repeated by its later turns), max_tokens {args.max_tokens}, streaming",
+        "round_robin": "client-side rotation over the pods (what a Service does)",
+        "added_latency": "POST /tokenize through the gateway vs straight to one pod, open loop, paired per request "
+        "(added_*: quantiles of the per-pair differences)",
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, default=4)
@@ -286,6 +312,11 @@ def main() -> int:
     parser.add_argument("--big-rate", type=float, default=5.0)
     parser.add_argument("--big-requests", type=int, default=50)
     parser.add_argument("--pod-cidr", default="127.26.0.0/16")
+    parser.add_argument(
+        "--zero",
+        action="store_true",
+        help="only the zero -> first token split (bench/gateway_zero.py), to its own file",
+    )
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
     binaries = ensure_binaries()
@@ -298,7 +329,10 @@ def main() -> int:
             cp.kubectl("create", "namespace", NAMESPACE)
             cp.kubectl("wait", "--for=create", "serviceaccount/default", "-n", NAMESPACE, "--timeout=30s", timeout=40)
             op = OperatorProcess(NAMESPACE, {**cp.env(), MARK_ENV: tag}, tmp / "operator.log").start()
-            numbers = measure(args, cp, tmp, tag)
+            numbers = {} if args.zero else measure(args, cp, tmp, tag)
+            zero_env = {**cp.env(), MARK_ENV: tag}
+            numbers["zero_to_first_token"] = measure_zero(cp, NAMESPACE, spec(0), tmp, zero_env, tag)
+            print("zero -> first token", json.dumps(numbers["zero_to_first_token"], indent=1), flush=True)
         finally:
             if op is not None:
                 op.stop()
@@ -315,24 +349,20 @@ def main() -> int:
             "load_avg_1m_at_start": round(load_at_start, 2),
             "load_avg_1m_at_end": round(load_at_end, 2),
         },
-        "workload": {
-            "model": "builtin:smollm2-135m-instruct, CPU, maxNumSeqs 4, 64 MiB KV cache per replica, OMP_NUM_THREADS 1",
-            "replicas": args.replicas,
-            "chat": f"{args.sessions} sessions x {args.turns} turns, {args.concurrency} sessions at once, a shared "
-            f"{args.system_words}-word system prompt per mode, each session opening with a {args.context_words}-word "
-            f"document of its own (repeated by its later turns), max_tokens {args.max_tokens}, streaming",
-            "round_robin": "client-side rotation over the pods (what a Service does)",
-            "added_latency": "POST /tokenize through the gateway vs straight to one pod, open loop, paired per request "
-            "(added_*: quantiles of the per-pair differences)",
-        },
+        "workload": workload(args),
         **numbers,
     }
-    out_path = REPO_ROOT / "bench" / "results" / f"gateway-{machine_name()}.json"
+    name = "gateway-zero" if args.zero else "gateway"
+    out_path = REPO_ROOT / "bench" / "results" / f"{name}-{machine_name()}.json"
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\ngateway bench -> {out_path}")
     print(f"  {'mode':<16} {'hit rate':>9} {'TTFT p50':>10} {'TTFT p99':>10}")
-    for mode, m in numbers["modes"].items():
+    for mode, m in numbers.get("modes", {}).items():
         print(f"  {mode:<16} {m['prefix_cache_hit_rate']!s:>9} {m['ttft_p50_ms']:>8.1f}ms {m['ttft_p99_ms']:>8.1f}ms")
+    zero = numbers["zero_to_first_token"]
+    print(f"  zero -> first token: {zero['total_to_first_token_s']} s")
+    for step, start, end in STEPS:
+        print(f"    {step:<16} {zero['steps'].get(f'{step}_s')!s:>8} s   ({start} -> {end})")
     return 0
 
 

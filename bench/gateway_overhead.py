@@ -59,12 +59,26 @@ def serve_stand_in(port: int) -> None:
         ids = [hash(prompt[i : i + TOKEN_CHARS]) % 49152 for i in range(0, len(prompt), TOKEN_CHARS)]
         return web.json_response({"count": len(ids), "max_model_len": 2048, "tokens": ids, "token_strs": None})
 
+    from kubellm.runtime.outputs import EngineStats
+    from kubellm.runtime.server.metrics import ServerMetrics
+
+    # /metrics as a runtime renders it (its histograms, counters and the gauges the gateway scrapes every second)
+    metrics = ServerMetrics(SERVED, lambda: EngineStats(0, 0, 0.0, 1000, 16))
+    for i in range(200):
+        metrics.ttft.observe(i / 100)
+        metrics.http_request("/tokenize", 200)
+
+    async def prometheus(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), content_type="text/plain")
+
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/tokenize", tokenize)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    app.router.add_get("/metrics", prometheus)
+    # every 127.0.0.0/8 address reaches it: the replicas the gateway is told of are this one server
+    web.run_app(app, host="0.0.0.0", port=port, access_log=None, print=None)
 
 
-def serve_gateway(port: int, upstream_port: int, profile: bool) -> None:
+def serve_gateway(port: int, upstream_port: int, replicas: int, profile: bool) -> None:
     import logging
 
     from aiohttp import web
@@ -75,14 +89,15 @@ def serve_gateway(port: int, upstream_port: int, profile: bool) -> None:
     # the access log as the real process writes it: one JSON line per request on stdout (here: /dev/null)
     logging.basicConfig(level="INFO", format="%(message)s", stream=open(os.devnull, "w"))  # noqa: SIM115
     gateway = Gateway(GatewaySettings(), kube=None)
-    llmd = {"metadata": {"name": "m", "namespace": "a"}, "spec": {"model": {"servedModelName": SERVED}, "replicas": 1}}
-    pod = {
-        "metadata": {"name": "m-0", "namespace": "a", "labels": {"app.kubernetes.io/instance": "m"}},
-        "spec": {"containers": [{"name": "runtime", "ports": [{"name": "http", "containerPort": upstream_port}]}]},
-        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
-    }
-    gateway.registry.model_event("ADDED", llmd)
-    gateway.registry.pod_event("ADDED", pod)
+    model = {"model": {"servedModelName": SERVED}, "replicas": replicas}
+    gateway.registry.model_event("ADDED", {"metadata": {"name": "m", "namespace": "a"}, "spec": model})
+    for i in range(replicas):  # each on an address of its own, all of them the one stand-in: scraped as N replicas
+        pod = {
+            "metadata": {"name": f"m-{i}", "namespace": "a", "labels": {"app.kubernetes.io/instance": "m"}},
+            "spec": {"containers": [{"name": "runtime", "ports": [{"name": "http", "containerPort": upstream_port}]}]},
+            "status": {"podIP": f"127.0.0.{i + 1}", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+        gateway.registry.pod_event("ADDED", pod)
     # CPU time, not wall time: a wait for a core (the machine is shared) is not the gateway's cost
     profiler = cProfile.Profile(time.process_time) if profile else None
 
@@ -164,6 +179,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt-bytes", type=int, default=200_000)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--replicas", type=int, default=4, help="replicas the gateway routes to and scrapes")
     parser.add_argument("--profile", action="store_true", help="run the gateway under cProfile, print its top")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--serve", choices=("stand-in", "gateway"), help=argparse.SUPPRESS)
@@ -174,13 +190,14 @@ def main() -> int:
         serve_stand_in(args.port)
         return 0
     if args.serve == "gateway":
-        serve_gateway(args.port, args.upstream_port, args.profile)
+        serve_gateway(args.port, args.upstream_port, args.replicas, args.profile)
         return 0
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     print(f"seed {seed}, load average {os.getloadavg()[0]:.2f}", flush=True)
     up_port, gw_port = _free_port(), _free_port()
     stand_in = _spawn("--serve", "stand-in", "--port", str(up_port))
     gw_args = ["--serve", "gateway", "--port", str(gw_port), "--upstream-port", str(up_port)]
+    gw_args += ["--replicas", str(args.replicas)]
     gateway = _spawn(*gw_args, *(["--profile"] if args.profile else []))
     try:
         direct, via = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
@@ -197,6 +214,7 @@ def main() -> int:
             proc.wait(timeout=30)
     ms = lambda x: round(1000 * x, 3)  # noqa: E731
     result: dict[str, Any] = {"prompt_bytes": args.prompt_bytes, "pairs": args.requests, "seed": seed}
+    result["replicas"] = args.replicas
     for name, values in times.items():
         result[f"{name}_p50_ms"] = ms(statistics.median(values))
         result[f"{name}_p99_ms"] = ms(quantile(values, 0.99))
