@@ -158,17 +158,20 @@ def runtime_log_moments(log_path: Path, moments: Moments) -> None:
             moments.first("model_ready", moments.wall(epoch))
 
 
-def gateway_log_moments(log_path: Path, moments: Moments) -> None:
-    """The access line of the held chat request: when it arrived, and when it was sent on to the replica."""
+def gateway_log_moments(log_path: Path, moments: Moments) -> dict[str, Any] | None:
+    """The access line of the held chat request (returned: its retries say how often a replica not yet serving
+    was tried): when it arrived, and when it was sent on to the replica."""
     for line in log_path.read_text(errors="replace").splitlines():
         if not line.startswith("{"):
             continue
-        entry = json.loads(line)
+        entry: dict[str, Any] = json.loads(line)
         if entry.get("route") == "/v1/chat/completions" and entry.get("model") == ZERO_SERVED:
             arrived = moments.wall(datetime.fromisoformat(entry["time"]).timestamp())
             moments.first("gateway_received", arrived)
             if entry.get("forwarded_s") is not None:
                 moments.first("gateway_forwarded", arrived + entry["forwarded_s"])
+            return entry
+    return None
 
 
 def stream_once(base_url: str, moments: Moments) -> str:
@@ -245,7 +248,7 @@ def measure_zero(
         stop.set()
         gateway.stop()
         api.close()
-    gateway_log_moments(logs / "gateway.log", moments)
+    access = gateway_log_moments(logs / "gateway.log", moments)
     for t in threads:
         t.join(timeout=10)
-    return {"answer": text, **split(moments)}
+    return {"answer": text, **split(moments), "gateway_access_line": access}
