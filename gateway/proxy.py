@@ -218,62 +218,73 @@ class Forwarder:
         fall_through: bool,
     ) -> web.StreamResponse | None:
         deadline = record.started + self.settings.hold_timeout_seconds
+        # A request may be held more than once: a replica that turns Ready and then refuses it (kwok marks pods
+        # Ready before their runtime listens) is ejected, and with none left the request waits again. Its held time
+        # is the sum (the added latency excludes all of it), observed once; the keepalives keep their own pace.
         held_since: float | None = None
+        was_held = False
+        next_keepalive = deadline
         stream_out: web.StreamResponse | None = None  # a held stream's 200, sent with its first keepalive
-        with contextlib.ExitStack() as stack:
-            while True:
-                changed = self.registry.changed()
-                current = self.registry.lookup(model.served_name)
-                if current is None:
-                    if fall_through:  # a route's tier deleted under it: the next tier serves
+        try:
+            with contextlib.ExitStack() as stack:
+                while True:
+                    changed = self.registry.changed()
+                    current = self.registry.lookup(model.served_name)
+                    if current is None:
+                        if fall_through:  # a route's tier deleted under it: the next tier serves
+                            return None
+                        raise GatewayError(404, f"model {model.served_name!r} was deleted", param="model")
+                    model = current
+                    endpoints = self.ready(model)
+                    if endpoints:
+                        if held_since is not None:
+                            record.held_seconds += time.monotonic() - held_since
+                            stack.close()
+                            held_since = None
+                        ep, choice = self.pick(model, endpoints, key)
+                        record.replica, record.decision = ep.id, choice.decision.value
+                        response = await self._attempt(request, ep, model, body, record, stream_out, fall_through)
+                        if response is not None:
+                            return response
+                        continue
+                    if fall_through:
+                        await self.waker.wake(model)
                         return None
-                    raise GatewayError(404, f"model {model.served_name!r} was deleted", param="model")
-                model = current
-                endpoints = self.ready(model)
-                if endpoints:
-                    if held_since is not None:
-                        record.held_seconds = time.monotonic() - held_since
-                        self.metrics.hold_seconds.labels(model.served_name).observe(record.held_seconds)
-                        stack.close()
-                        held_since = None
-                    ep, choice = self.pick(model, endpoints, key)
-                    record.replica, record.decision = ep.id, choice.decision.value
-                    response = await self._attempt(request, ep, model, body, record, stream_out, fall_through)
-                    if response is not None:
-                        return response
-                    continue
-                if fall_through:
+                    if held_since is None:
+                        stack.enter_context(self.holds.hold(model))  # 429 when the model's queue is full
+                        held_since = time.monotonic()
+                        if not was_held:
+                            next_keepalive = held_since + self.settings.keepalive_seconds
+                        was_held = True
                     await self.waker.wake(model)
-                    return None
-                if held_since is None:
-                    stack.enter_context(self.holds.hold(model))  # 429 when the model's queue is full
-                    held_since = time.monotonic()
-                    next_keepalive = held_since + self.settings.keepalive_seconds
-                await self.waker.wake(model)
-                now = time.monotonic()
-                if now >= deadline:
-                    self.metrics.hold_seconds.labels(model.served_name).observe(now - held_since)
-                    self.metrics.rejected.labels(model.served_name, "timeout").inc()
-                    error = GatewayError(
-                        503,
-                        f"model {model.served_name!r} has no ready replica after waiting "
-                        f"{now - record.started:.0f} s (the gateway holds requests up to "
-                        f"{self.settings.hold_timeout_seconds:.0f} s while it starts)",
-                        code="model_unavailable",
-                        headers={"Retry-After": str(self.settings.retry_after_seconds)},
-                    )
-                    if stream_out is None:
-                        raise error
-                    await stream_out.write(error.sse_event())
-                    return stream_out
-                wakeups = [deadline, next_keepalive if record.stream else deadline]
-                wakeups += [t for t in self.ejected.values() if t > now]
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), max(0.0, min(wakeups) - now))
-                if record.stream and time.monotonic() >= next_keepalive:
-                    stream_out = stream_out or await self._start_stream(request, record)
-                    await stream_out.write(f": waiting for {model.served_name}\n\n".encode())
-                    next_keepalive = time.monotonic() + self.settings.keepalive_seconds
+                    now = time.monotonic()
+                    if now >= deadline:
+                        self.metrics.rejected.labels(model.served_name, "timeout").inc()
+                        error = GatewayError(
+                            503,
+                            f"model {model.served_name!r} has no ready replica after waiting "
+                            f"{now - record.started:.0f} s (the gateway holds requests up to "
+                            f"{self.settings.hold_timeout_seconds:.0f} s while it starts)",
+                            code="model_unavailable",
+                            headers={"Retry-After": str(self.settings.retry_after_seconds)},
+                        )
+                        if stream_out is None:
+                            raise error
+                        await stream_out.write(error.sse_event())
+                        return stream_out
+                    wakeups = [deadline, next_keepalive if record.stream else deadline]
+                    wakeups += [t for t in self.ejected.values() if t > now]
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), max(0.0, min(wakeups) - now))
+                    if record.stream and time.monotonic() >= next_keepalive:
+                        stream_out = stream_out or await self._start_stream(request, record)
+                        await stream_out.write(f": waiting for {model.served_name}\n\n".encode())
+                        next_keepalive = time.monotonic() + self.settings.keepalive_seconds
+        finally:
+            if held_since is not None:  # it timed out, or its client went away, while held
+                record.held_seconds += time.monotonic() - held_since
+            if was_held:
+                self.metrics.hold_seconds.labels(model.served_name).observe(record.held_seconds)
 
     async def _start_stream(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **record.headers}
