@@ -193,6 +193,16 @@ def added_latency(gateway: GatewayProcess, pod: str, prompt: str, rate: float, c
     }
 
 
+def owner_url(gateway: GatewayProcess, pods: list[Any], prompt: str) -> str:
+    """The URL of the pod the gateway sends `prompt` to (its x-kubellm-replica header names the pod)."""
+    body = json.dumps({"model": SERVED, "prompt": prompt}).encode()
+    request = urllib.request.Request(gateway.url + "/tokenize", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        replica = r.headers["x-kubellm-replica"]
+    (pod,) = [p for p in pods if p.name == replica]
+    return str(pod.url(""))
+
+
 def set_strategy(custom: Any, gateway: GatewayProcess, strategy: str) -> None:
     patch = {"spec": {"routing": {"strategy": strategy}}}
     custom.patch_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, NAME, patch)
@@ -265,11 +275,16 @@ def measure(args: argparse.Namespace, cp: ControlPlane, tmp: Path, tag: str) -> 
                     "ttft_p99_ms": round(1000 * quantile(ttfts, 0.99), 1),
                 }
                 print(mode, out["modes"][mode], flush=True)
+            # PrefixHash: one prompt, one owner; its pairs' direct halves go to that same pod (a request the load
+            # bound spills goes to another, alike)
+            set_strategy(custom, gateway, "PrefixHash")
             small = "Count the replicas of this cluster, please."
-            out["added_latency_small"] = added_latency(gateway, urls[0], small, args.rate, args.latency_requests)
+            pod = owner_url(gateway, pods, small)
+            out["added_latency_small"] = added_latency(gateway, pod, small, args.rate, args.latency_requests)
             print("added latency (small prompt)", out["added_latency_small"], flush=True)
             big = ("cluster node pod " * 20_000)[:200_000]
-            out["added_latency_200kb"] = added_latency(gateway, urls[0], big, args.big_rate, args.big_requests)
+            pod = owner_url(gateway, pods, big)
+            out["added_latency_200kb"] = added_latency(gateway, pod, big, args.big_rate, args.big_requests)
             print("added latency (200 KB prompt)", out["added_latency_200kb"], flush=True)
     finally:
         gateway.stop()
@@ -293,8 +308,8 @@ def workload(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.system_words}-word system prompt per mode, each session opening with a {args.context_words}-word "
         f"document of its own (repeated by its later turns), max_tokens {args.max_tokens}, streaming",
         "round_robin": "client-side rotation over the pods (what a Service does)",
-        "added_latency": "POST /tokenize through the gateway vs straight to one pod, open loop, paired per request "
-        "(added_*: quantiles of the per-pair differences)",
+        "added_latency": "POST /tokenize through the gateway (PrefixHash) vs straight to the pod it routes the prompt "
+        "to, open loop, paired per request (added_*: quantiles of the per-pair differences)",
     }
 
 
