@@ -1,14 +1,17 @@
 """The gateway's own cost per request, without a cluster: the real gateway app (kubellm.gateway.app, its registry fed
 the objects a watch would deliver) in front of a stand-in runtime that answers /tokenize like the real one (the
-token ids of the prompt as JSON, the same size), each in its own process, over loopback.
+token ids of the prompt as JSON, the same size, and /metrics as a runtime renders it), each in its own process, over
+loopback. --replicas N: the gateway is told of N replicas (N addresses of the one stand-in), routes among them and
+scrapes each every second, as with N runtimes; --runtime: a real `kubellm serve` instead of the stand-in.
 
-    python -P bench/gateway_overhead.py [--prompt-bytes 200000] [--requests 200] [--profile]
+    python -P bench/gateway_overhead.py [--prompt-bytes 200000] [--requests 200] [--replicas 4] [--runtime] [--profile]
 
 The client sends each request twice, once straight to the stand-in and once through the gateway, in a random order
 per pair, one pair at a time: both halves of a pair meet the same machine load, so the pair's difference is the
-gateway's addition at that moment (its p50 / p99 over pairs is what `added_*` reports). --profile runs the gateway
-under cProfile and prints its top functions by own time (they are inflated by the profiler; read them relative to
-each other). This is a tool for finding the gateway's costs; bench/gateway.py measures against real runtimes.
+gateway's addition at that moment (its p50 / p99 over pairs is what `added_*` reports); the gateway process's CPU
+time per request is the part the machine's load does not move. --profile runs the gateway under cProfile (CPU time)
+and prints its top functions (inflated by the profiler; read them relative to each other). This is a tool for
+finding the gateway's costs; bench/gateway.py measures against real runtimes in a cluster.
 """
 
 from __future__ import annotations
@@ -131,11 +134,13 @@ async def _wait_up(url: str, timeout: float = 30.0) -> None:
             try:
                 async with session.get(url) as r:
                     await r.read()
-                    return
+                    if r.status == 200:
+                        return
             except aiohttp.ClientConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)  # polling a port that is not listening yet: nothing to wait on
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
+            await asyncio.sleep(0.05)  # a port not listening yet (a model loading): nothing to wait on
 
 
 async def paired(direct: str, gateway: str, body: bytes, count: int, seed: int) -> dict[str, list[float]]:
@@ -180,6 +185,7 @@ def main() -> int:
     parser.add_argument("--prompt-bytes", type=int, default=200_000)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--replicas", type=int, default=4, help="replicas the gateway routes to and scrapes")
+    parser.add_argument("--runtime", action="store_true", help="a real `kubellm serve` upstream, not the stand-in")
     parser.add_argument("--profile", action="store_true", help="run the gateway under cProfile, print its top")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--serve", choices=("stand-in", "gateway"), help=argparse.SUPPRESS)
@@ -195,13 +201,20 @@ def main() -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     print(f"seed {seed}, load average {os.getloadavg()[0]:.2f}", flush=True)
     up_port, gw_port = _free_port(), _free_port()
-    stand_in = _spawn("--serve", "stand-in", "--port", str(up_port))
+    if args.runtime:  # a real `kubellm serve` (SmolLM2 on the CPU): its own tokenizer, answers and chunking
+        command = [str(Path(sys.executable).with_name("kubellm")), "serve", "--model", "builtin:smollm2-135m-instruct"]
+        command += ["--served-model-name", SERVED, "--device", "cpu", "--kv-cache-memory", str(64 * 1024 * 1024)]
+        command += ["--max-model-len", "2048", "--host", "0.0.0.0", "--port", str(up_port)]
+        env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+        stand_in = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        stand_in = _spawn("--serve", "stand-in", "--port", str(up_port))
     gw_args = ["--serve", "gateway", "--port", str(gw_port), "--upstream-port", str(up_port)]
     gw_args += ["--replicas", str(args.replicas)]
     gateway = _spawn(*gw_args, *(["--profile"] if args.profile else []))
     try:
         direct, via = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
-        asyncio.run(_wait_up(direct + "/"))
+        asyncio.run(_wait_up(direct + ("/ready" if args.runtime else "/metrics"), timeout=600))
         asyncio.run(_wait_up(via + "/healthz"))
         prompt = ("cluster node pod " * (args.prompt_bytes // 17 + 1))[: args.prompt_bytes]
         body = json.dumps({"model": SERVED, "prompt": prompt}).encode()
