@@ -16,8 +16,11 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import platform
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -33,6 +36,10 @@ DEBIAN_PACKAGES = ("python3", "python3-venv", "python3-dev", "ca-certificates", 
 # This sandbox re-signs TLS: pip inside a build trusts the host's bundle (only in this local base, never pushed).
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 LOCAL_REGISTRY = "kubellm.local"
+# bookworm's python3: the wheels the host downloads for a build (torch_wheels) must be for the image's interpreter.
+DEBIAN_PYTHON = (3, 11)
+# What BuildKit sets as TARGETARCH (buildah 1.28 does not substitute it in FROM lines: it is passed explicitly).
+TARGETARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
 class ImageBuildError(RuntimeError):
@@ -118,9 +125,11 @@ def _context_files(context: Path) -> Iterable[Path]:
 BUILD_FLAGS = ("--isolation=chroot", "--pull=never", "--layers", "--format=docker", "--force-rm")
 
 
-def content_key(dockerfile: Path, context: Path, target: str | None, build_args: dict[str, str]) -> str:
+def content_key(
+    dockerfile: Path, context: Path, target: str | None, build_args: dict[str, str], volumes: dict[Path, str]
+) -> str:
     digest = hashlib.sha256(dockerfile.read_bytes() + repr(BUILD_FLAGS).encode())
-    digest.update(repr((target, sorted(build_args.items()))).encode())
+    digest.update(repr((target, sorted(build_args.items()), sorted((str(k), v) for k, v in volumes.items()))).encode())
     for path in _context_files(context):
         digest.update(path.relative_to(context).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
@@ -167,11 +176,14 @@ def build(
     *,
     target: str | None = None,
     build_args: dict[str, str] | None = None,
+    volumes: dict[Path, str] | None = None,
     log: Log = _log_stderr,
 ) -> Image:
-    """Builds (or finds cached) `kubellm.local/<repository>:<content key>` as a docker-archive."""
-    args = dict(build_args or {})
-    key = content_key(dockerfile, context, target, args)
+    """Builds (or finds cached) `kubellm.local/<repository>:<content key>` as a docker-archive. volumes: host
+    folders mounted read-only into every RUN step (named by path in the key: their content is the caller's to key)."""
+    args = {"TARGETARCH": TARGETARCH, **(build_args or {})}
+    mounts = dict(volumes or {})
+    key = content_key(dockerfile, context, target, args, mounts)
     name = f"{LOCAL_REGISTRY}/{repository}:{key}"
     archive = images_dir() / f"{repository}-{key}.tar"
     with _locked(images_dir() / ".lock", log):
@@ -183,6 +195,8 @@ def build(
         cmd += [f"--target={target}"] if target else []
         for arg, value in sorted(args.items()):
             cmd += ["--build-arg", f"{arg}={value}"]
+        for host, inside in sorted(mounts.items()):
+            cmd += ["--volume", f"{host}:{inside}:ro"]
         _run([*cmd, "-t", name, str(context)], log=log)
         tmp = archive.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
@@ -206,3 +220,33 @@ def _forget_older(repository: str, name: str, archive: Path | None) -> None:
 def remove(name: str) -> None:
     """Removes an image from buildah's storage (a test's throwaway build)."""
     _run(["buildah", "rmi", "--force", name])
+
+
+def dockerfile_arg(dockerfile: Path, name: str) -> str:
+    """The default of `ARG name=value` in a Dockerfile (the one place a version such as torch's is written)."""
+    match = re.search(rf"^ARG {name}=(\S+)$", dockerfile.read_text(), re.MULTILINE)
+    if match is None:
+        raise ImageBuildError(f"{dockerfile} has no `ARG {name}=...`")
+    return match.group(1)
+
+
+def torch_wheels(version: str, log: Log = _log_stderr) -> Path | None:
+    """A folder with torch==version and its dependencies' wheels, downloaded once by the host's pip (from its cache
+    when `make setup` already fetched them): a build mounts it instead of fetching ~3 GB again whenever its torch
+    layer is rebuilt. None where the host's Python is not the image's (the wheels would not fit): the build then
+    downloads them itself."""
+    if sys.version_info[:2] != DEBIAN_PYTHON:
+        return None
+    folder = images_dir() / "wheels" / f"torch-{version}"
+    with _locked(images_dir() / ".lock", log):
+        if folder.is_dir():
+            return folder
+        log(f"pip download torch=={version} -> {folder}")
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "-d", str(partial)]
+        result = subprocess.run([*cmd, f"torch=={version}"], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ImageBuildError(f"pip download torch=={version} failed:\n{result.stderr[-4000:]}")
+        partial.replace(folder)
+    return folder

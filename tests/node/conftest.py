@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import images
+from cluster import images, projectimages
 from cluster.nodeparts import NodeParts, NodeUnavailable, provision_node
-from cluster.provision import REPO_ROOT
 
 from node.harness import NodeCluster, log, start_node_cluster
 
@@ -93,15 +92,18 @@ def probe_image(request: pytest.FixtureRequest, debian_base: str) -> images.Imag
     return image
 
 
+def _built(request: pytest.FixtureRequest, image: images.Image) -> images.Image:
+    log(request)(f"image {image.name}: " + (f"built in {image.built_s} s" if image.built_s else "cached"))
+    return image
+
+
 @pytest.fixture(scope="session")
 def operator_image(request: pytest.FixtureRequest, debian_base: str) -> images.Image:
     """Dockerfile.runtime's operator target itself, on the local Debian base (its PYTHON_IMAGE build argument)."""
-    image = images.build(
-        "operator",
-        REPO_ROOT / "Dockerfile.runtime",
-        REPO_ROOT,
-        target="operator",
-        build_args={"PYTHON_IMAGE": debian_base},
-    )
-    log(request)(f"image {image.name}: " + (f"built in {image.built_s} s" if image.built_s else "cached"))
-    return image
+    return _built(request, projectimages.operator(debian_base, log=log(request)))
+
+
+@pytest.fixture(scope="session")
+def runtime_cpu_image(request: pytest.FixtureRequest, debian_base: str) -> images.Image:
+    """Dockerfile.runtime's CPU runtime (VARIANT=cpu) itself, on the local Debian base; PyPI's torch (projectimages)."""
+    return _built(request, projectimages.runtime_cpu(debian_base, log=log(request)))
