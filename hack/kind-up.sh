@@ -3,110 +3,35 @@
 #
 #   make kind-up                   (or: hack/kind-up.sh)
 #
-# 1. creates a kind cluster (reused if it exists)      5. applies examples/smollm2-cpu.yaml
-# 2. builds the CPU runtime and the operator images     6. waits for the LLMDeployment to be Ready
-# 3. loads them into the cluster's nodes               7. port-forwards its Service to localhost
-# 4. installs the Helm chart                           8. streams a chat completion with curl
+# Creates a kind cluster (reused if it exists), then runs hack/quickstart.sh against it (build the images, load
+# them into the kind nodes, install the chart, apply examples/smollm2-cpu.yaml, wait for Ready, port-forward,
+# stream a chat completion): the same script the test suite runs against its own real node.
 #
-# Needs docker, kind, kubectl, helm and curl on PATH. Settings (environment):
-#   KIND_CLUSTER_NAME   cluster name                    (kubellm)
-#   KUBELLM_NAMESPACE   the operator's namespace        (kubellm-system)
-#   DEMO_NAMESPACE      namespace of the demo model     (default)
-#   LOCAL_PORT          port forwarded on localhost     (8000)
-#   IMAGE_TAG           tag of the images built here    (the chart's appVersion)
-#   SKIP_BUILD=1        use images already built (still loaded into kind)
-#   READY_TIMEOUT       how long to wait for Ready      (15m)
+# Needs docker, kind, kubectl, helm and curl on PATH. Settings (environment): KIND_CLUSTER_NAME (kubellm), and
+# hack/quickstart.sh's (KUBELLM_NAMESPACE, DEMO_NAMESPACE, LOCAL_PORT, IMAGE_TAG, SKIP_BUILD=1, READY_TIMEOUT).
 # hack/kind-down.sh deletes the cluster.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CHART="${ROOT}/charts/kubellm"
-EXAMPLE="${ROOT}/examples/smollm2-cpu.yaml"
-
 KIND_CLUSTER_NAME="${KIND_CLUSTER_NAME:-kubellm}"
-KUBELLM_NAMESPACE="${KUBELLM_NAMESPACE:-kubellm-system}"
-DEMO_NAMESPACE="${DEMO_NAMESPACE:-default}"
-LOCAL_PORT="${LOCAL_PORT:-8000}"
-READY_TIMEOUT="${READY_TIMEOUT:-15m}"
-SKIP_BUILD="${SKIP_BUILD:-0}"
 
-log() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31merror:\033[0m %s\n' "$*" >&2; exit 1; }
-
-# The values of every `KEY: value` line of a YAML file, in order; enough for Chart.yaml and the example.
-yaml_values() {
-  local key="$1" file="$2"
-  sed -n "s/^[[:space:]]*${key}:[[:space:]]*\"\{0,1\}\([^\"#]*[^\"#[:space:]]\)\"\{0,1\}[[:space:]]*\$/\1/p" "${file}"
-}
 
 for tool in docker kind kubectl helm curl; do
   command -v "${tool}" >/dev/null 2>&1 || die "${tool} is not on PATH (see the README's quick start for what to install)"
 done
-[[ -f "${EXAMPLE}" ]] || die "${EXAMPLE} is missing"
 
-IMAGE_TAG="${IMAGE_TAG:-$(yaml_values appVersion "${CHART}/Chart.yaml" | head -n 1)}"
-[[ -n "${IMAGE_TAG}" ]] || die "could not read appVersion from ${CHART}/Chart.yaml"
-OPERATOR_IMAGE="ghcr.io/kubellm/operator:${IMAGE_TAG}"
-# The example names its image (the only `name:` with a tag); build exactly that one, so that kind serves it
-# from the node without pulling. The first `name:` is the LLMDeployment's, hence its Service's and model's name.
-RUNTIME_IMAGE="$(yaml_values name "${EXAMPLE}" | grep -m 1 ':' || true)"
-[[ -n "${RUNTIME_IMAGE}" ]] || die "could not read spec.image.name from ${EXAMPLE}"
-MODEL_NAME="$(yaml_values name "${EXAMPLE}" | head -n 1)"
-
-log "kind cluster ${KIND_CLUSTER_NAME}"
+printf '\033[1;34m==>\033[0m %s\n' "kind cluster ${KIND_CLUSTER_NAME}" >&2
 if kind get clusters 2>/dev/null | grep -qx "${KIND_CLUSTER_NAME}"; then
-  log "reusing the existing cluster"
+  printf '\033[1;34m==>\033[0m %s\n' "reusing the existing cluster" >&2
 else
   kind create cluster --name "${KIND_CLUSTER_NAME}" --wait 120s
 fi
 kubectl config use-context "kind-${KIND_CLUSTER_NAME}" >/dev/null
 
-if [[ "${SKIP_BUILD}" != "1" ]]; then
-  log "building ${RUNTIME_IMAGE} (CPU runtime with the bundled model)"
-  docker build -f "${ROOT}/Dockerfile.runtime" --build-arg VARIANT=cpu --target runtime -t "${RUNTIME_IMAGE}" "${ROOT}"
-  log "building ${OPERATOR_IMAGE}"
-  docker build -f "${ROOT}/Dockerfile.runtime" --target operator -t "${OPERATOR_IMAGE}" "${ROOT}"
-fi
-
-log "loading the images into the kind nodes"
-kind load docker-image --name "${KIND_CLUSTER_NAME}" "${RUNTIME_IMAGE}" "${OPERATOR_IMAGE}"
-
-log "helm install kubellm into ${KUBELLM_NAMESPACE}"
-helm upgrade --install kubellm "${CHART}" \
-  --namespace "${KUBELLM_NAMESPACE}" --create-namespace \
-  --set image.repository=ghcr.io/kubellm/operator --set image.tag="${IMAGE_TAG}" \
-  --set image.pullPolicy=IfNotPresent \
-  --wait --timeout 5m
-
-log "applying ${EXAMPLE#"${ROOT}"/} in ${DEMO_NAMESPACE}"
-kubectl -n "${DEMO_NAMESPACE}" apply -f "${EXAMPLE}"
-log "waiting for llmdeployment/${MODEL_NAME} to be Ready (the model loads in the pod; up to ${READY_TIMEOUT})"
-kubectl -n "${DEMO_NAMESPACE}" wait --for=condition=Ready "llmdeployment/${MODEL_NAME}" --timeout="${READY_TIMEOUT}"
-
-log "port-forwarding service/${MODEL_NAME} to localhost:${LOCAL_PORT}"
-kubectl -n "${DEMO_NAMESPACE}" port-forward "service/${MODEL_NAME}" "${LOCAL_PORT}:8000" >/dev/null &
-FORWARD_PID=$!
-trap 'kill "${FORWARD_PID}" 2>/dev/null || true' EXIT
-BASE_URL="http://127.0.0.1:${LOCAL_PORT}"
-for _ in $(seq 1 60); do
-  if curl -fsS "${BASE_URL}/ready" >/dev/null 2>&1; then break; fi
-  kill -0 "${FORWARD_PID}" 2>/dev/null || die "kubectl port-forward exited"
-  sleep 1
-done
-curl -fsS "${BASE_URL}/ready" >/dev/null || die "${BASE_URL}/ready did not answer within a minute"
-
-log "streaming a chat completion from ${BASE_URL}/v1/chat/completions"
-curl -fsSN "${BASE_URL}/v1/chat/completions" \
-  -H 'Content-Type: application/json' \
-  -d "{\"model\": \"${MODEL_NAME}\", \"stream\": true, \"max_tokens\": 64,
-       \"messages\": [{\"role\": \"user\", \"content\": \"Say hello to Kubernetes in one sentence.\"}]}"
-echo
-
-cat >&2 <<EOF
-
-kubellm is serving ${MODEL_NAME} on kind cluster ${KIND_CLUSTER_NAME}. To talk to it again:
-  kubectl -n ${DEMO_NAMESPACE} port-forward service/${MODEL_NAME} ${LOCAL_PORT}:8000
-  curl ${BASE_URL}/v1/models
-Status and scaling decisions: kubectl -n ${DEMO_NAMESPACE} describe llmdeployment ${MODEL_NAME}
-Tear down: make kind-down   (or hack/kind-down.sh)
-EOF
+# kind's nodes pull from no local daemon: the images built by docker are copied in.
+export KIND_CLUSTER_NAME
+# shellcheck disable=SC2016
+LOAD_IMAGES='kind load docker-image --name "${KIND_CLUSTER_NAME}" "${RUNTIME_IMAGE}" "${OPERATOR_IMAGE}"' \
+  "${ROOT}/hack/quickstart.sh"
+printf 'On kind cluster %s. Tear down: make kind-down   (or hack/kind-down.sh)\n' "${KIND_CLUSTER_NAME}" >&2

@@ -199,3 +199,24 @@ def test_kind_down_deletes_only_an_existing_cluster(tmp_path: Path) -> None:
     result = subprocess.run([script], env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "nothing to do" in result.stderr
     assert not [c for c in _calls(env) if "delete" in c]
+
+
+def test_quickstart_runs_its_cluster_hooks_in_place_of_docker_and_kind(tmp_path: Path) -> None:
+    """hack/quickstart.sh is the part kind-up.sh and the real-node test share: with hooks, no docker or kind."""
+    env = _sandbox(tmp_path, tools=("kubectl", "helm", "curl"))
+    env["BUILD_IMAGES"] = 'echo "build ${RUNTIME_IMAGE} ${OPERATOR_IMAGE}" >> "${CALLS}"'
+    env["LOAD_IMAGES"] = 'echo "load ${RUNTIME_IMAGE} ${OPERATOR_IMAGE}" >> "${CALLS}"'
+    result = subprocess.run(
+        [str(ROOT / "hack" / "quickstart.sh")], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    calls = _calls(env)
+    steps = [
+        _index(calls, "build ghcr.io/kubellm/runtime:", "ghcr.io/kubellm/operator:"),
+        _index(calls, "load ghcr.io/kubellm/runtime:", "ghcr.io/kubellm/operator:"),
+        _index(calls, "helm upgrade --install kubellm"),
+        _index(calls, "kubectl", "apply -f", "examples/smollm2-cpu.yaml"),
+        _index(calls, "curl", "/v1/chat/completions"),
+    ]
+    assert steps == sorted(steps), "\n".join(calls)
+    assert "Hello" in result.stdout
