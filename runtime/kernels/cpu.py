@@ -89,6 +89,7 @@ def load() -> ModuleType | None:
             assert spec is not None
             module = importlib.util.module_from_spec(spec)
             loader.exec_module(module)
+            logger.info("CPU kernels: the C++ ones of cpu_ops.cpp serve (%s)", built)
             return module
         from torch.utils.cpp_extension import load as build
 

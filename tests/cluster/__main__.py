@@ -4,6 +4,8 @@ provision  build or fetch the binaries into the cache (CI runs it before the tes
 up         start a control plane in the background (state in ~/.cache/kubellm/cluster/); prints the KUBECONFIG
            --real-node: with a real node beside it (containerd, kubelet, kube-proxy; see realnode.py), no kwok nodes
 env        prints `export KUBECONFIG=...` for the running one: eval "$(python -m cluster env)"
+image      build (cached by content) the project's images from Dockerfile.runtime on the local Debian base;
+           --load NAME=REF ...: and import them into the real node (of `up --real-node`, or --node-dir), tagged REF
 down       stop it (and its real node, leaving the host as it was)
 """
 
@@ -21,7 +23,7 @@ from .nodeconfig import NodeNetwork
 from .nodeparts import provision_node
 from .nodeteardown import teardown, unregister
 from .provision import Binaries, BinariesUnavailable, ensure_binaries, provision
-from .realnode import STATE_FILE, RealNode
+from .realnode import STATE_FILE, RealNode, load_image_from_state
 
 
 def state_dir() -> Path:
@@ -122,6 +124,24 @@ def _provision(_: argparse.Namespace) -> int:
     return 0
 
 
+def _image(args: argparse.Namespace) -> int:
+    from . import images, projectimages
+
+    wanted = dict(item.split("=", 1) if "=" in item else (item, "") for item in args.images)
+    unknown = sorted(set(wanted) - set(projectimages.BUILDERS))
+    if unknown:
+        raise ValueError(f"unknown image {', '.join(unknown)}: one of {', '.join(projectimages.BUILDERS)}")
+    base = images.debian_base()
+    for name, alias in wanted.items():
+        image = projectimages.BUILDERS[name](base)
+        print(f"{image.name}: " + (f"built in {image.built_s} s" if image.built_s else "cached"), file=sys.stderr)
+        if args.load:
+            start = time.monotonic()
+            load_image_from_state(args.node_dir or state_dir() / "node", image.archive, image.name, alias or None)
+            print(f"  loaded{f' as {alias}' if alias else ''} in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
 def _remove_tree(path: Path) -> None:
     import shutil
 
@@ -139,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("down", help="stop the control plane started by up").set_defaults(func=_down)
     commands.add_parser("env", help="print `export KUBECONFIG=...`").set_defaults(func=_env)
     commands.add_parser("provision", help="build or fetch the binaries into the cache").set_defaults(func=_provision)
+    image = commands.add_parser("image", help="build the project's images (and load them into the real node)")
+    image.add_argument("images", nargs="+", metavar="NAME[=REF]", help="operator, runtime-cpu; =REF: a tag to load as")
+    image.add_argument("--load", action="store_true", help="import into the running real node")
+    image.add_argument("--node-dir", type=Path, help="the real node's state folder (default: that of `up`)")
+    image.set_defaults(func=_image)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -124,9 +124,12 @@ class RealNode:
         """`ctr` against the node's containerd, in the CRI's namespace (where the kubelet finds images)."""
         return self.in_node("ctr", f"--address={self.paths.containerd_socket}", "--namespace=k8s.io", *args)
 
-    def load_image(self, archive: Path) -> None:
-        """Imports an OCI or docker archive into the node's containerd (no registry: pods use pullPolicy Never)."""
-        self.ctr("images", "import", str(archive))
+    def load_image(self, archive: Path, name: str | None = None) -> None:
+        """Imports an OCI or docker archive into the node's containerd (no registry: pods use pullPolicy Never).
+        name: the image's (images.py's names carry their content key): already there, nothing is imported again
+        (a CPU runtime image takes minutes)."""
+        if name is None or not self.ctr("images", "ls", "-q", f"name=={name}").stdout.strip():
+            self.ctr("images", "import", str(archive))
 
     # -- internals -----------------------------------------------------------------------------------------------
 
@@ -256,6 +259,24 @@ class RealNode:
         (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         if (self.state_dir / "holder.ready").exists():  # before, the holder's namespaces may still be the host's
             register(state)
+
+
+def load_image_from_state(state_dir: Path, archive: Path, name: str, alias: str | None = None) -> None:
+    """RealNode.load_image for a node another process started (`python -m cluster up --real-node`, a test's
+    fixture), found by its node-state.json: imports the archive of image `name`, and tags it `alias` too (the name
+    a manifest uses, e.g. the example's ghcr.io/kubellm/runtime:0.1.0-cpu)."""
+    state = json.loads((state_dir / STATE_FILE).read_text())
+    holder = state["holder"]
+    if holder is None or _ns(int(holder["pid"]), "mnt") != holder["mnt"]:
+        raise ControlPlaneError(f"the node of {state_dir} is not running")
+    ctr = ["nsenter", f"--target={holder['pid']}", "--net", "--mount", "--", "ctr"]
+    ctr += [f"--address={NodePaths(state_dir).containerd_socket}", "--namespace=k8s.io", "images"]
+    present = subprocess.run([*ctr, "ls", "-q", f"name=={name}"], capture_output=True, text=True, check=True)
+    steps = [] if present.stdout.strip() else [[*ctr, "import", str(archive)]]
+    for argv in steps + ([[*ctr, "tag", "--force", name, alias]] if alias else []):
+        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=900)
+        if out.returncode != 0:
+            raise ControlPlaneError(f"`{' '.join(argv[6:])}` in node {state['name']} failed: {out.stdout}{out.stderr}")
 
 
 def _proc_entry(name: str, pid: int) -> dict[str, object]:
