@@ -126,10 +126,15 @@ BUILD_FLAGS = ("--isolation=chroot", "--pull=never", "--layers", "--format=docke
 
 
 def content_key(
-    dockerfile: Path, context: Path, target: str | None, build_args: dict[str, str], volumes: dict[Path, str]
+    dockerfile: Path,
+    context: Path,
+    target: str | None,
+    build_args: dict[str, str],
+    volumes: dict[Path, str] | None = None,
 ) -> str:
+    mounts = sorted((str(host), inside) for host, inside in (volumes or {}).items())
     digest = hashlib.sha256(dockerfile.read_bytes() + repr(BUILD_FLAGS).encode())
-    digest.update(repr((target, sorted(build_args.items()), sorted((str(k), v) for k, v in volumes.items()))).encode())
+    digest.update(repr((target, sorted(build_args.items()), mounts)).encode())
     for path in _context_files(context):
         digest.update(path.relative_to(context).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]

@@ -69,5 +69,6 @@ def test_the_image_key_follows_what_the_build_sees(tmp_path: Path) -> None:
 
     assert images.content_key(tmp_path / "Dockerfile", tmp_path, None, {"A": "2"}) != key
     assert images.content_key(tmp_path / "Dockerfile", tmp_path, "stage", {"A": "1"}) != key
+    assert images.content_key(tmp_path / "Dockerfile", tmp_path, None, {"A": "1"}, {tmp_path: "/wheels"}) != key
     (tmp_path / "app" / "main.py").write_text("print(2)\n")
     assert images.content_key(tmp_path / "Dockerfile", tmp_path, None, {"A": "1"}) != key
