@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
 # kept free on a GPU besides the profiled activations: the CUDA-graph pool and allocator fragmentation
 GPU_RESERVE_BYTES = 256 << 20
-FOUR_BIT_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})
-# llama.cpp's Q4_K_M / Q4_K_S mixes: most matrices Q4_K, some (v, down, in some layers) Q6_K or Q5_K, kept dense
+FOUR_BIT_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # served by torch's int4 kernel
+# llama.cpp's Q4_K_M / Q4_K_S mixes: most matrices Q4_K, some (v, down, in some layers) Q6_K or Q5_K; Q5_K_M: Q5_K
+# and Q6_K. Their Q5_K / Q6_K layers are kept as the file's int8 groups (our C++ kernel, AVX2 and AVX-512 alike).
 K_QUANT_MIX_EXTRAS = frozenset({"Q5_K", "Q6_K"})
 KEEPALIVE = "keepalive"  # broadcast instead of a step by an idle rank 0
 
@@ -95,18 +96,22 @@ def resolve_quantization(
     checkpoint_method: str | None = None,
 ) -> str:
     """ "auto" -> the checkpoint's own format (``checkpoint_method``: its quantization_config's quant_method);
-    else "int4" on the CPU for a checkpoint whose layers are 4-bit already (nothing is lost; a Q4_K_M / Q4_K_S mix
-    counts, its Q5_K / Q6_K layers staying dense), where the int4 kernel is fast (``int4_fast``, default: the CPU's
-    vector ISA); else "none"."""
+    else "int4" on the CPU for a checkpoint whose layers are 4-bit already or a GGUF K-quant mix (nothing is lost:
+    Q4_K_M / Q4_K_S / Q5_K_M, their Q5_K / Q6_K layers kept as int8 groups), where the kernels it needs are fast:
+    torch's int4 kernel for 4-bit layers (``int4_fast``, default: the CPU's vector ISA), our int8 group kernel
+    for a mix of Q5_K / Q6_K only (vectorized for AVX2 too); else "none"."""
     if quantization == "auto" and checkpoint_method is not None:
         return checkpoint_method
     if quantization == "int4" and device.type != "cpu":
         raise ValueError(f"quantization int4 is a CPU path (torch's CPU int4 kernel); the device is {device.type}")
     if quantization == "auto":
+        k_quants = weight_formats & (K_QUANT_MIX_EXTRAS | {"Q4_K"})
         four_bit = bool(weight_formats) and weight_formats <= FOUR_BIT_FORMATS
-        four_bit = four_bit or ("Q4_K" in weight_formats and weight_formats <= FOUR_BIT_FORMATS | K_QUANT_MIX_EXTRAS)
-        if device.type != "cpu" or not four_bit:
+        mix = bool(k_quants) and weight_formats <= FOUR_BIT_FORMATS | K_QUANT_MIX_EXTRAS
+        if device.type != "cpu" or not (four_bit or mix):
             return "none"
+        if not weight_formats & FOUR_BIT_FORMATS:  # Q5_K / Q6_K only: int8 groups, no int4 kernel
+            return "int4"
         return "int4" if (cpu_int4_is_fast() if int4_fast is None else int4_fast) else "none"
     return quantization
 

@@ -1,4 +1,5 @@
-"""The CPU kernels of cpu_ops.cpp, built on first use with torch.utils.cpp_extension (a C++ compiler and ninja).
+"""The CPU kernels of cpu_ops.cpp and cpu_quant_ops.cpp (the int8 group matmul), one module built on first use with
+torch.utils.cpp_extension (a C++ compiler and ninja).
 
 ``load()`` returns the compiled module, or None where it cannot be had (no compiler, say): callers then use the
 torch compositions, which compute the same thing in more calls. Builds are cached per source hash and torch
@@ -26,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+SOURCES = (Path(__file__).with_name("cpu_ops.cpp"), Path(__file__).with_name("cpu_quant_ops.cpp"))
 
 
 def cflags() -> list[str]:
@@ -54,7 +55,7 @@ def enabled() -> bool:
 def build_directory() -> tuple[str, Path]:
     """(module name, folder) of the build for this source, these flags and this torch."""
     flags = cflags()
-    key = SOURCE.read_bytes() + " ".join(flags).encode()
+    key = b"".join(s.read_bytes() for s in SOURCES) + " ".join(flags).encode()
     if "-march=native" in flags:
         key += " ".join(sorted(cpu_flags())).encode()
     digest = hashlib.sha256(key).hexdigest()[:12]
@@ -97,7 +98,7 @@ def load() -> ModuleType | None:
         folder.mkdir(parents=True, exist_ok=True)
         return build(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             extra_cflags=cflags(),
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),

@@ -403,6 +403,12 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
 
 }  // namespace
 
+// cpu_quant_ops.cpp (a second translation unit of the same module)
+int64_t int8_group_matmul_isa();
+torch::Tensor int8_group_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
+                                c10::optional<torch::Tensor> offsets, int64_t group_size, int64_t isa,
+                                int64_t gemm_min_rows);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "(out, new_residual) = rms_norm(x + residual) * weight");
   m.def("rotary", &rotary, "neox rotary embedding of [T, H, D] by positions");
@@ -411,4 +417,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kv_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"), py::arg("k_scale") = 1.0,
         py::arg("v_scale") = 1.0);
   m.def("int8_matmul", &int8_matmul, "x @ (codes * scales per 32 columns).T");
+  m.def("int8_group_matmul", &int8_group_matmul, "x @ (codes * scales + offsets per group).T (GGUF K-quant groups)",
+        py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("offsets"), py::arg("group_size"),
+        py::arg("isa") = 0, py::arg("gemm_min_rows") = 16);
+  m.def("int8_group_matmul_isa", &int8_group_matmul_isa, "the ISA int8_group_matmul picks: 1 scalar, 2 avx2, 3 avx512");
 }

@@ -13,13 +13,30 @@ This is GPTQ's own qweight packing (8 consecutive input rows of one output colum
 [BLOCK_K, BLOCK_N] codes is BLOCK_K / 8 rows of words read along N, coalesced; AWQ's column-interleaved words are
 unpacked once at load. The per-row group index serves act-order (``desc_act``) checkpoints without permuting the
 activations.
+
+The int8 group layout (GGUF's K-quants Q6_K and Q5_K, and Q8_0, as their files store them; the C++
+``int8_group_matmul`` of kernels/cpu_quant_ops.cpp reads it)::
+
+    codes:   [N, K] int8           (Q6_K: -32..31, Q5_K: 0..31, Q8_0: -127..127)
+    scales:  [N, K / G] float32    one per group of G input columns (Q6_K: G = 16, d * sc; Q5_K / Q8_0: 32)
+    offsets: [N, K / G] float32 or None  (Q5_K: -dmin * m)
+
+    W[n, k] = codes[n, k] * scales[n, k // G] + offsets[n, k // G]      y = x @ W.T
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["dequantize_w4", "pack_int4_rows", "unpack_int4_cols", "unpack_int4_rows", "w4a16_matmul"]
+__all__ = [
+    "dequantize_int8_groups",
+    "dequantize_w4",
+    "int8_group_matmul",
+    "pack_int4_rows",
+    "unpack_int4_cols",
+    "unpack_int4_rows",
+    "w4a16_matmul",
+]
 
 _SHIFTS = tuple(range(0, 32, 4))
 
@@ -75,3 +92,22 @@ def w4a16_matmul(
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"x has {x.shape[-1]} columns, the weight {w.shape[0]} input rows")
     return (x.float() @ w).to(x.dtype)
+
+
+def dequantize_int8_groups(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """The int8 group layout above -> W [N, K] float32, in the order of ggml's reference (``scale * q``, then
+    ``+ offset``), so a K-quant file's values come back bit for bit."""
+    n, k = codes.shape
+    w = codes.reshape(n, k // group_size, group_size).to(torch.float32) * scales[..., None]
+    if offsets is not None:
+        w = w + offsets[..., None]
+    return w.reshape(n, k)
+
+
+def int8_group_matmul(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, N] float32, W dequantized by :func:`dequantize_int8_groups`."""
+    return x.float() @ dequantize_int8_groups(codes, scales, offsets, group_size).t()

@@ -26,7 +26,8 @@ from ..quantization.cpu_int4 import (
     quantize_int8_groups,
 )
 from ..quantization.dense import DenseMethod, pack_weight, packed_linear
-from ..quantization.int4_groups import Int4Groups, Weight
+from ..quantization.int4_groups import CodeGroups, Int4Groups, Weight
+from ..quantization.int8_groups import Int8Groups
 
 __all__ = [
     "INT4_GROUP_SIZE",
@@ -110,9 +111,9 @@ class Linear(nn.Module):
         self._load("", param, tensor)
 
     def _load(self, shard: str, param: str, tensor: Weight) -> None:
-        if isinstance(tensor, Int4Groups):
-            if self.method.takes_int4_groups(self, param):
-                self.method.load_int4_groups(self, shard, self._slice_groups(shard, param, tensor))
+        if isinstance(tensor, CodeGroups):
+            if self.method.takes_code_groups(self, param):
+                self.method.load_code_groups(self, shard, self._slice_groups(shard, param, tensor))
                 self.loaded.add((shard, param))
                 self.method.after_load(self)
                 return
@@ -152,8 +153,8 @@ class Linear(nn.Module):
         self.loaded.add((shard, param))
         self.method.after_load(self)
 
-    def _slice_groups(self, shard: str, param: str, groups: Int4Groups) -> Int4Groups:
-        """This layer's rows and columns of a whole checkpoint matrix given as int4 groups."""
+    def _slice_groups(self, shard: str, param: str, groups: Int4Groups | Int8Groups) -> Int4Groups | Int8Groups:
+        """This layer's rows and columns of a whole checkpoint matrix given as its file's codes."""
         start, full_rows = self.shard_rows[shard]
         size = self.shard_offsets[shard][1]
         in_start, full_in = self.input_slice

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed.parallel import TensorParallel
-from ..quantization.int4_groups import Int4Groups, Weight
+from ..quantization.int4_groups import CodeGroups, Weight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -26,7 +26,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def load_weight(self, param: str, tensor: Weight) -> None:
         """The checkpoint's whole [vocab_size, hidden] matrix -> this rank's rows (zeros past the vocabulary)."""
-        if isinstance(tensor, Int4Groups):  # a GGUF's Q4_K embedding: dequantized
+        if isinstance(tensor, CodeGroups):  # a GGUF's K-quant embedding: dequantized
             tensor = tensor.dense(self.weight.dtype)
         expected = (self.vocab_size, self.weight.shape[1])
         if param != "weight" or tuple(tensor.shape) != expected:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..quantization.int4_groups import INT4_GROUP_FORMATS, Int4Groups
-from .gguf_blocks import GGUFError, decode_q4_k, dequantize_tensor
+from ..quantization.int8_groups import INT8_GROUP_FORMATS, Int8Groups
+from .gguf_blocks import GGUFError, decode_q4_k, decode_q5_k, decode_q6_k, dequantize_tensor
 
 # GGUF architecture -> Hugging Face model_type. Mistral GGUFs say "llama".
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -254,10 +255,11 @@ def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def iter_gguf_weights(
     f: GGUFFile, hf_config: dict[str, Any], dtype: torch.dtype | None
-) -> Iterator[tuple[str, torch.Tensor | Int4Groups]]:
+) -> Iterator[tuple[str, torch.Tensor | Int4Groups | Int8Groups]]:
     """Yield ``(hf_name, tensor)`` one tensor at a time, dequantized (the file stays memory-mapped), except the
-    decoder linears stored as Q4_K: those come as :class:`Int4Groups` (the file's codes and scales), which an int4
-    layer keeps as they are and any other layer dequantizes (``Int4Groups.dense``)."""
+    decoder linears stored as K-quants: Q4_K ones come as :class:`Int4Groups`, Q5_K / Q6_K ones as
+    :class:`Int8Groups` (the file's codes and scales), which a K-quant layer keeps as they are and any other layer
+    dequantizes (``.dense``)."""
     permute = f.architecture in PERMUTED_QK_ARCHITECTURES
     num_heads = int(hf_config["num_attention_heads"])
     num_kv_heads = int(hf_config["num_key_value_heads"])
@@ -266,9 +268,12 @@ def iter_gguf_weights(
         if name is None:
             continue
         shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-        tensor: torch.Tensor | Int4Groups
-        if t.tensor_type.name in INT4_GROUP_FORMATS and name.startswith("model.layers.") and len(shape) == 2:
+        tensor: torch.Tensor | Int4Groups | Int8Groups
+        decoder_matrix = name.startswith("model.layers.") and len(shape) == 2
+        if t.tensor_type.name in INT4_GROUP_FORMATS and decoder_matrix:
             tensor = int4_groups_of(np.asarray(t.data), shape)
+        elif t.tensor_type.name in INT8_GROUP_FORMATS and decoder_matrix:
+            tensor = int8_groups_of(np.asarray(t.data), t.tensor_type.name, shape)
         else:
             tensor = dequantize_tensor(np.asarray(t.data), t.tensor_type.name, shape)
         heads = num_heads if "q_proj." in name else num_kv_heads if "k_proj." in name else 0
@@ -279,8 +284,10 @@ def iter_gguf_weights(
         yield name, tensor
 
 
-def _unpermute(tensor: torch.Tensor | Int4Groups, num_heads: int) -> torch.Tensor | Int4Groups:
-    if isinstance(tensor, Int4Groups):  # the rows of its codes, scales and minimums alike
+def _unpermute(
+    tensor: torch.Tensor | Int4Groups | Int8Groups, num_heads: int
+) -> torch.Tensor | Int4Groups | Int8Groups:
+    if isinstance(tensor, (Int4Groups, Int8Groups)):  # the rows of its codes, scales and minimums alike
         return tensor.map_rows(lambda w: unpermute_qk(w, num_heads))
     return unpermute_qk(tensor, num_heads)
 
@@ -290,3 +297,16 @@ def int4_groups_of(data: np.ndarray, shape: tuple[int, ...]) -> Int4Groups:
     n, k = shape
     codes, scale, minimum = decode_q4_k(data)
     return Int4Groups(codes.reshape(n, k), scale.reshape(n, k // 32), minimum.reshape(n, k // 32))
+
+
+def int8_groups_of(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> Int8Groups:
+    """A Q6_K matrix ``[N, K]`` -> int8 codes -32..31 with a scale per 16 columns; a Q5_K one -> codes 0..31 with a
+    scale and an offset (``-dmin * m``) per 32 columns: the file's numbers, as :mod:`gguf_blocks` decodes them."""
+    n, k = shape
+    group_size = INT8_GROUP_FORMATS[type_name]
+    if type_name == "Q6_K":
+        codes, scale = decode_q6_k(data)
+        return Int8Groups(codes.reshape(n, k), scale.reshape(n, k // group_size), None, group_size)
+    codes5, scale, minimum = decode_q5_k(data)
+    offset = minimum.reshape(n, k // group_size)
+    return Int8Groups(codes5.reshape(n, k).view(torch.int8), scale.reshape(n, k // group_size), offset, group_size)

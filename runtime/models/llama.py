@@ -26,7 +26,7 @@ from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..layers.vocab_parallel import VocabParallelEmbedding
 from ..quantization.base import QuantConfig
-from ..quantization.int4_groups import Int4Groups, Weight
+from ..quantization.int4_groups import CodeGroups, Weight
 from .config import ModelConfig
 
 
@@ -335,7 +335,7 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter in the model")
             param = params[name]
-            if isinstance(tensor, Int4Groups):  # a GGUF's Q4_K matrix outside the linears
+            if isinstance(tensor, CodeGroups):  # a GGUF's K-quant matrix outside the linears
                 tensor = tensor.dense(param.dtype)
             if param.shape != tensor.shape:
                 raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")

@@ -101,7 +101,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class LoadedModel:
     """What the engine needs from a checkpoint. ``weights`` is a one-shot iterator (None for dummy loads); a GGUF's
-    Q4_K decoder linears come as :class:`Int4Groups` (their codes), everything else as tensors."""
+    Q4_K decoder linears come as :class:`Int4Groups`, Q5_K / Q6_K ones as :class:`Int8Groups` (their codes),
+    everything else as tensors."""
 
     name: str
     config: ModelConfig
@@ -309,7 +310,7 @@ def load_gguf_file(f: GGUFFile, *, name: str, dtype: torch.dtype | None = None, 
         with Progress(f"loading {path.name}", total=num_tensors, unit="tensors") as progress:
             num_bytes = 0
             for item in iter_gguf_weights(f, hf, dtype):
-                num_bytes += item[1].nbytes  # a tensor's or Int4Groups' bytes
+                num_bytes += item[1].nbytes  # a tensor's or the code groups' bytes
                 progress.update()
                 yield item
             progress.count = num_tensors

@@ -21,6 +21,7 @@ import torch
 if TYPE_CHECKING:
     from ..layers.linear import Linear
     from .int4_groups import Int4Groups
+    from .int8_groups import Int8Groups
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,13 @@ class LinearMethod(ABC):
     def after_load(self, layer: Linear) -> None:  # noqa: B027 (optional hook)
         """Called after each checkpoint tensor is copied in (online formats quantize as soon as all are in)."""
 
-    def takes_int4_groups(self, layer: Linear, param: str) -> bool:
-        """Whether ``param`` may arrive as a GGUF file's int4 codes (:class:`Int4Groups`) rather than dense."""
+    def takes_code_groups(self, layer: Linear, param: str) -> bool:
+        """Whether ``param`` may arrive as a GGUF file's codes (:class:`Int4Groups`, :class:`Int8Groups`) rather
+        than dense."""
         return False
 
-    def load_int4_groups(self, layer: Linear, shard: str, groups: Int4Groups) -> None:
-        """Take this layer's slice of the codes of ``shard`` (only called where :meth:`takes_int4_groups`)."""
+    def load_code_groups(self, layer: Linear, shard: str, groups: Int4Groups | Int8Groups) -> None:
+        """Take this layer's slice of the codes of ``shard`` (only called where :meth:`takes_code_groups`)."""
         raise NotImplementedError
 
     def process_weights_after_loading(self, layer: Linear) -> None:  # noqa: B027 (optional hook)

@@ -16,6 +16,10 @@ The format is groupwise asymmetric, the layout of GGUF's Q4_1 (and Q4_0): per gr
 ``w = scale * q + minimum`` with ``q`` in 0..15. Quantizing the dequantized weights of a Q4_0/Q4_1 checkpoint
 finds its own codes again, so for such checkpoints the int4 path computes with the file's weights, up to the
 rounding of ``scale`` and ``minimum`` to the activation dtype that the kernel requires.
+
+A GGUF K-quant mix (Q4_K_M, Q5_K_M) brings its Q6_K and Q5_K matrices as int8 groups (int8_groups.py): such a
+layer keeps the file's codes and scales as they are and multiplies with the C++ ``int8_group_matmul``
+(cpu_int8_groups.py), so it keeps the precision the file chose and is held in about 1.1 bytes per weight.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base import LinearMethod, QuantConfig
+from .cpu_int8_groups import int8_groups_fit, int8_groups_matmul, unify_int8_groups
 from .dense import DENSE, DenseMethod
 from .int4_groups import Int4Groups, cat_rows
+from .int8_groups import Int8Groups
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -113,24 +119,29 @@ class Int4CpuMethod(DenseMethod):
     ``lossless_only`` (a K-quant mix, where the file chose a higher precision for some layers) a dense layer is
     quantized only where its weights are 4-bit groups already (:func:`is_int4_exact`: a Q4_0/Q4_1 layer), so a
     Q6_K one keeps its precision; otherwise every dense layer is quantized. A layer whose in_features is not whole
-    groups, or whose out_features the kernel does not take, stays dense."""
+    groups, or whose out_features the kernel does not take, stays dense.
+
+    Layers whose shards all come as codes but not all as Q4_K (a Q6_K or Q5_K ffn_down; q/k Q4_K beside a Q6_K v)
+    keep them as int8 groups (:func:`unify_int8_groups`: Q4_K's codes are int8 groups of 32 with offsets too),
+    multiplied by the C++ ``int8_group_matmul``; where those kernels are not built they are assembled dense."""
 
     def __init__(self, lossless_only: bool = False) -> None:
         super().__init__()
         self.lossless_only = lossless_only
         self.int4_weight: torch.Tensor | None = None
         self.scales_and_zeros: torch.Tensor | None = None
+        self.int8_groups: Int8Groups | None = None
         self.from_file_codes = False
-        self.pending: dict[str, Int4Groups] = {}  # shard -> its codes, until the layer is complete
+        self.pending: dict[str, Int4Groups | Int8Groups] = {}  # shard -> its codes, until the layer is complete
         self.done = False
 
     def create_weights(self, layer: Linear) -> None:
         layer.add_weight("weight", torch.empty(0), DENSE)  # a placeholder: allocated on the first dense shard
 
-    def takes_int4_groups(self, layer: Linear, param: str) -> bool:
+    def takes_code_groups(self, layer: Linear, param: str) -> bool:
         return param == "weight" and not self.done
 
-    def load_int4_groups(self, layer: Linear, shard: str, groups: Int4Groups) -> None:
+    def load_code_groups(self, layer: Linear, shard: str, groups: Int4Groups | Int8Groups) -> None:
         self.pending[shard] = groups
 
     def prepare_load(self, layer: Linear, param: str) -> None:
@@ -158,10 +169,20 @@ class Int4CpuMethod(DenseMethod):
         self.done = True
         weight = layer.weight
         assert weight is not None, "the weight is loaded before it is processed"
-        fits = weight.device.type == "cpu" and int4pack_fits(layer.out_features, layer.in_features, INT4_GROUP_SIZE)
+        on_cpu = weight.device.type == "cpu"
+        fits = on_cpu and int4pack_fits(layer.out_features, layer.in_features, INT4_GROUP_SIZE)
         shards = sorted(layer.shard_offsets, key=lambda s: layer.shard_offsets[s][0])
-        if fits and weight.numel() == 0 and all(s in self.pending for s in shards):
-            groups = cat_rows([self.pending[s] for s in shards])
+        parts = [self.pending[s] for s in shards if s in self.pending]
+        all_codes = weight.numel() == 0 and len(parts) == len(shards)
+        all_int4 = all(isinstance(p, Int4Groups) for p in parts)
+        if all_codes and not (fits and all_int4) and on_cpu and int8_groups_fit(layer.in_features):
+            self.int8_groups = unify_int8_groups(parts)  # the file's codes as int8 groups: no dense copy
+            self.from_file_codes = True
+            self.pending.clear()
+            layer.weight = None  # held once
+            return
+        if fits and all_codes and all_int4:
+            groups = cat_rows([p for p in parts if isinstance(p, Int4Groups)])
             codes = groups.codes.to(torch.int32)
             zero = groups.minimum + 8 * groups.scale  # the kernel's w = (q - 8) * scale + zero
             scales_and_zeros = torch.stack([groups.scale.t(), zero.t()], dim=-1).contiguous()
@@ -171,9 +192,9 @@ class Int4CpuMethod(DenseMethod):
         had_codes = bool(self.pending)
         if had_codes:  # some or all shards as codes, but not kept so: write them into the dense weight
             dense = self._dense_weight(layer)
-            for shard, groups in self.pending.items():
+            for shard, part in self.pending.items():
                 offset, size = layer.shard_offsets[shard]
-                dense[offset : offset + size] = groups.dense(dense.dtype)
+                dense[offset : offset + size] = part.dense(dense.dtype)
             self.pending.clear()
         weight = layer.weight
         assert weight is not None
@@ -193,14 +214,19 @@ class Int4CpuMethod(DenseMethod):
         layer.weight = None  # held once
 
     def pack(self, layer: Linear) -> bool:
-        return False if self.int4_weight is not None else super().pack(layer)
+        return False if self.int4_weight is not None or self.int8_groups is not None else super().pack(layer)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_groups is not None:
+            return int8_groups_matmul(x, self.int8_groups)
         if self.int4_weight is None:
             return super().apply(layer, x)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4_weight, INT4_GROUP_SIZE, self.scales_and_zeros)
 
     def describe(self) -> str:
+        if self.int8_groups is not None:
+            offsets = " with offsets" if self.int8_groups.offset is not None else ""
+            return f"int8 groups of {self.int8_groups.group_size}{offsets} (file codes)"
         if self.int4_weight is not None:
             return "int4 (file codes)" if self.from_file_codes else "int4"
         return super().describe()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .int8_groups import Int8Groups
+
 GROUP_SIZE = 32
 # GGUF formats whose decoder linears the loader hands over as their codes (Int4Groups) instead of dequantized.
 INT4_GROUP_FORMATS = frozenset({"Q4_K"})
@@ -54,7 +56,8 @@ class Int4Groups:
         return Int4Groups(codes, self.scale.narrow(1, g0, gs), self.minimum.narrow(1, g0, gs))
 
 
-Weight = torch.Tensor | Int4Groups  # what a checkpoint's loader yields per tensor
+CodeGroups = (Int4Groups, Int8Groups)  # a GGUF matrix as its file's codes (for isinstance)
+Weight = torch.Tensor | Int4Groups | Int8Groups  # what a checkpoint's loader yields per tensor
 
 
 def cat_rows(parts: list[Int4Groups]) -> Int4Groups:

@@ -12,6 +12,7 @@ from typing import Any
 from .base import QuantConfig
 from .cpu_int4 import Int4CpuConfig
 from .int4_groups import INT4_GROUP_FORMATS
+from .int8_groups import INT8_GROUP_FORMATS
 
 # formats a checkpoint arrives in (its quantization_config says so); formats quantized at load from float weights
 CHECKPOINT_FORMATS = ("awq", "gptq", "fp8", "compressed-tensors")
@@ -61,7 +62,8 @@ def quant_config_for(
 ) -> QuantConfig | None:
     """The format object of a resolved ``quantization`` ("none", "int4", "awq", ...); None for plain weights.
     ``weight_formats``: the GGUF types of the checkpoint's decoder matrices; int4 over a K-quant mix keeps the
-    layers the file stores at more bits dense (its codes serve the Q4_K ones, Q4_0/Q4_1 ones are requantized)."""
+    layers the file stores at more bits at those bits (its codes serve the Q4_K ones as int4, the Q5_K / Q6_K ones as
+    int8 groups; Q4_0/Q4_1 ones are requantized, losslessly; any other dense layer stays dense)."""
     method = checkpoint_quant_method(hf)
     if method is not None and quantization != method:
         raise ValueError(
@@ -82,5 +84,5 @@ def quant_config_for(
         names = dict.fromkeys([*online, *CHECKPOINT_FORMATS])
         raise ValueError(f"quantization must be one of none, {', '.join(names)}, got {quantization!r}")
     if quantization == "int4":
-        return Int4CpuConfig(lossless_only=bool(weight_formats & INT4_GROUP_FORMATS))
+        return Int4CpuConfig(lossless_only=bool(weight_formats & (INT4_GROUP_FORMATS | set(INT8_GROUP_FORMATS))))
     return online[quantization].from_config({})

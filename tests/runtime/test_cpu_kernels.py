@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from kubellm.runtime.kernels import cpu, reference
+from kubellm.runtime.kernels import cpu, quant_reference, reference
 from kubellm.runtime.kernels.cpu_backend import CpuAttentionBackend
 from kubellm.runtime.kernels.dispatch import get_attention_backend
 from kubellm.runtime.kernels.interface import AttentionMetadata
@@ -114,6 +114,47 @@ def test_int8_matmul(kernels, gen: torch.Generator) -> None:
         kernels.int8_matmul(x, codes, scales[:, :2].contiguous())
     with pytest.raises(RuntimeError, match="float32"):
         kernels.int8_matmul(x.bfloat16(), codes, scales)
+
+
+ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512"}
+
+
+@pytest.mark.parametrize("isa", sorted(ISA_NAMES))
+@pytest.mark.parametrize(("group_size", "offsets"), [(16, False), (32, True), (32, False)])
+def test_int8_group_matmul(kernels, gen: torch.Generator, isa: int, group_size: int, offsets: bool) -> None:
+    """The int8 group matmul (GGUF Q6_K / Q5_K / Q8_0 layouts) against its torch reference, on each ISA path this
+    CPU has (forced: an AVX-512 machine runs the AVX2 path too), at decode and prefill row counts; below 16 rows the
+    register path, from 16 on the dequantized tiles and GEMMs (also forced to the register path there)."""
+    if isa > kernels.int8_group_matmul_isa():
+        pytest.skip(f"this CPU has no {ISA_NAMES[isa]}")
+    k = group_size * int(torch.randint(1, 9, (), generator=gen)) * 2  # K: a multiple of the group (and of 32)
+    n = int(torch.randint(1, 150, (), generator=gen))  # odd N: a partial tile of 64 rows
+    low = 0 if offsets else -32  # Q5_K's codes 0..31, Q6_K's -32..31
+    codes = torch.randint(low, 32, (n, k), generator=gen, dtype=torch.int8)
+    scales = torch.rand(n, k // group_size, generator=gen) * 0.02
+    off = torch.randn(n, k // group_size, generator=gen) * 0.05 if offsets else None
+    print(f"n={n} k={k}")
+    for rows in (1, 3, 5, 17, 64, 300):
+        x = torch.randn(rows, k, generator=gen)
+        ref = quant_reference.int8_group_matmul(x, codes, scales, off, group_size)
+        for gemm_min_rows in (16, 1 << 30):
+            print(f"rows={rows} gemm_min_rows={gemm_min_rows}")
+            out = kernels.int8_group_matmul(x, codes, scales, off, group_size, isa, gemm_min_rows)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-4)
+
+
+def test_int8_group_matmul_refuses_bad_input(kernels) -> None:
+    x, codes, scales = torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 4)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        kernels.int8_group_matmul(x, codes, scales[:, :2].contiguous(), None, 16)
+    with pytest.raises(RuntimeError, match="offsets must be"):
+        kernels.int8_group_matmul(x, codes, scales, torch.ones(8, 2), 16)
+    with pytest.raises(RuntimeError, match="group_size must be"):
+        kernels.int8_group_matmul(x, codes, scales, None, 8)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.int8_group_matmul(x.bfloat16(), codes, scales, None, 16)
+    with pytest.raises(RuntimeError, match="isa must be"):
+        kernels.int8_group_matmul(x, codes, scales, None, 16, 7)
 
 
 def spy_on(kernels, name: str, calls: list):
