@@ -4,6 +4,10 @@ The vocabulary is padded to ``size * per_rank``; the padded rows are zeros. Embe
 in its range (others read row 0 and are zeroed), then one all-reduce adds the ranks' rows. Head: each rank
 computes its slice of the logits; the slices are gathered in rank order and the padding dropped. With one rank
 both are the plain embedding and matmul.
+
+On the CPU with a K-quant / int4 format the head (and, tied, the embedding) may hold its rows as int8 groups of
+32 instead (:meth:`VocabParallelEmbedding.use_int8_rows`, GGUF Q8_0's layout): the weight is then held once, as
+codes; a lookup dequantizes the rows it reads.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import nn
 
 from ..distributed.parallel import TensorParallel
 from ..quantization.int4_groups import CodeGroups, Weight
+from ..quantization.int8_groups import Int8Groups
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -22,10 +27,14 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.tp = tp
         self.start, self.per_rank = tp.vocab_range(vocab_size)
-        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size), requires_grad=False)
+        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(self.per_rank, hidden_size), requires_grad=False)
+        self.int8_rows: Int8Groups | None = None  # instead of weight: use_int8_rows()
+        self.dtype = self.weight.dtype
 
     def load_weight(self, param: str, tensor: Weight) -> None:
         """The checkpoint's whole [vocab_size, hidden] matrix -> this rank's rows (zeros past the vocabulary)."""
+        if self.weight is None:
+            raise ValueError(f"{param}: loaded twice (the rows are int8 codes already)")
         if isinstance(tensor, CodeGroups):  # a GGUF's K-quant embedding: dequantized
             tensor = tensor.dense(self.weight.dtype)
         expected = (self.vocab_size, self.weight.shape[1])
@@ -35,13 +44,30 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.data[:num_rows].copy_(tensor.narrow(0, self.start, num_rows))
         self.weight.data[num_rows:].zero_()
 
+    def use_int8_rows(self, rows: Int8Groups) -> None:
+        """Hold this rank's rows as ``rows`` (their int8 codes, the same values up to the dtype's rounding) instead
+        of the dense weight, which is dropped."""
+        if self.weight is not None:
+            self.dtype = self.weight.dtype
+        self.int8_rows = rows
+        self.weight = None
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.int8_rows is None:
+            assert self.weight is not None
+            return F.embedding(ids, self.weight)
+        rows = self.int8_rows
+        offset = rows.offset[ids] if rows.offset is not None else None
+        picked = Int8Groups(rows.codes[ids], rows.scale[ids], offset, rows.group_size)  # [T, hidden] codes
+        return picked.dense(self.dtype)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> [T, hidden]."""
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         local = input_ids - self.start
         inside = (local >= 0) & (local < self.per_rank)
-        out = F.embedding(local.masked_fill(~inside, 0), self.weight)
+        out = self._lookup(local.masked_fill(~inside, 0))
         out.masked_fill_(~inside[:, None], 0)
         return self.tp.all_reduce(out)
 

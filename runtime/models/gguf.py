@@ -62,6 +62,9 @@ def open_gguf(path: str | Path) -> GGUFFile:
             metadata[key] = field.contents()
         except Exception:  # an exotic value type we never read; keep going
             continue
+    # the reader's fields hold a numpy view per element of each array (two per token string: ~170 MiB for a 49k
+    # vocabulary with its merges) for as long as the file is open, i.e. the whole load; metadata has their values
+    reader.fields.clear()
     return GGUFFile(path=path, metadata=metadata, reader=reader)
 
 

@@ -126,7 +126,8 @@ def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
     blocks = np.ascontiguousarray(data).reshape(-1, Q8_0_BLOCK[1])  # [n_blocks, 34]
     d = _f16_np(blocks[:, 0:2].reshape(-1, 1, 2))  # [n_blocks, 1]
     q = blocks[:, 2:].view(np.int8).astype(np.float32)  # [n_blocks, 32]
-    return (d * q).reshape(-1)
+    q *= d  # in place: a vocabulary-sized embedding's float32 copy is held once, not twice
+    return q.reshape(-1)
 
 
 def dequantize_q4_0(data: np.ndarray) -> np.ndarray:

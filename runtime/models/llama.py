@@ -26,7 +26,10 @@ from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..layers.vocab_parallel import VocabParallelEmbedding
 from ..quantization.base import QuantConfig
+from ..quantization.cpu_int4 import is_int8_exact
+from ..quantization.cpu_int8_groups import int8_groups_matmul
 from ..quantization.int4_groups import CodeGroups, Weight
+from ..quantization.int8_groups import Int8Groups
 from .config import ModelConfig
 
 
@@ -199,7 +202,9 @@ class LlamaForCausalLM(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self.packed_head: torch.Tensor | None = None  # pack_for_cpu()
-        self.int8_head: tuple[torch.Tensor, torch.Tensor] | None = None  # quantize_int4(): (codes, group scales)
+        # quantize_int8_groups(): codes and group scales; lossless (a Q8_0 head): the head's only copy
+        self.int8_head: Int8Groups | None = None
+        self.int8_head_only = False
 
     @property
     def num_kv_heads(self) -> int:
@@ -263,25 +268,32 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens if self.lm_head is None else self.lm_head
 
     def pack_for_cpu(self) -> int:
-        """oneDNN-packed copies of every decoder linear and of the head (CPU); returns how many were packed."""
-        head = self.head
-        self.packed_head = None if head is None else pack_weight(head.weight.data)
+        """oneDNN-packed copies of every decoder linear and of the head (CPU; not a head held as int8 codes only);
+        returns how many were packed."""
+        weight = self.head.weight if self.head is not None and not self.int8_head_only else None
+        self.packed_head = pack_weight(weight.data) if weight is not None else None
         return sum(m.pack() for m in self.layers.modules() if isinstance(m, Linear)) + (self.packed_head is not None)
 
     def process_weights_after_loading(self) -> None:
         """Each decoder linear's method turns its loaded tensors into what it computes with (a repack, an online
         quantization). A format with ``int8_head`` (int4) also gives the head an int8 copy in 32-column groups for
         small batches (GGUF's Q8_0 layout, where checkpoints keep their head: the file's own codes come back) when
-        the C++ kernels are built."""
+        the C++ kernels are built. Where those codes give the head back exactly (a Q8_0 head) they are its only
+        copy: every batch goes through ``int8_group_matmul`` (tiles and a GEMM for prefill chunks) and a tied
+        embedding looks its rows up in them, so neither a dense nor a oneDNN-packed head is held beside them."""
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 m.process_weights_after_loading()
         head = self.head
         if self.quant is None or not self.quant.int8_head or head is None:
             return
-        on_cpu = head.weight.device.type == "cpu"
-        if on_cpu and head.weight.shape[1] % 32 == 0 and cpu.load() is not None:
-            self.int8_head = quantize_int8_groups(head.weight.data)
+        weight = head.weight
+        if weight is not None and weight.device.type == "cpu" and weight.shape[1] % 32 == 0 and cpu.load() is not None:
+            codes, scales = quantize_int8_groups(weight.data)
+            self.int8_head = Int8Groups(codes, scales, None, 32)
+            if is_int8_exact(weight.data, codes, scales):
+                self.int8_head_only = True
+                head.use_int8_rows(self.int8_head)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, vocab_size] (on every rank: the ranks' vocabulary slices gathered)."""
@@ -291,13 +303,11 @@ class LlamaForCausalLM(nn.Module):
 
     def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits of this rank's vocabulary rows [N, per_rank]."""
-        if self.int8_head is not None and hidden.shape[0] <= INT4_MAX_ROWS:
-            kernels = cpu.load()
-            assert kernels is not None
-            return kernels.int8_matmul(hidden.float(), *self.int8_head)
+        if self.int8_head is not None and (self.int8_head_only or hidden.shape[0] <= INT4_MAX_ROWS):
+            return int8_groups_matmul(hidden.float(), self.int8_head)
         if self.packed_head is not None:
             return packed_linear(hidden, self.packed_head).float()
-        assert self.head is not None
+        assert self.head is not None and self.head.weight is not None
         return F.linear(hidden, self.head.weight).float()
 
     # ---- weights --------------------------------------------------------------------------------------

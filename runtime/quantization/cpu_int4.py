@@ -72,15 +72,38 @@ def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torc
 def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] weight -> (codes [N, K] int8, scales [N, K / group_size] float32), ``w = q * scale`` per group: the
     layout of GGUF's Q8_0, whose own codes come back from its dequantized weights (the largest value of a Q8_0
-    block is stored as +-127). For the C++ kernel ``int8_matmul`` (kernels/cpu_ops.cpp)."""
+    block is stored as +-127). For the C++ kernels ``int8_matmul`` / ``int8_group_matmul`` (kernels/cpu_ops.cpp).
+    In chunks of rows: a vocabulary-sized head's float temporaries stay a few MiB, not several copies of it."""
     n, k = weight.shape
     if k % group_size:
         raise ValueError(f"in_features ({k}) must be a multiple of the group size ({group_size})")
-    groups = weight.float().reshape(n, k // group_size, group_size)
-    scale = groups.abs().amax(-1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(groups / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-    return codes.reshape(n, k).contiguous(), scale.contiguous()
+    codes = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(n, k // group_size, dtype=torch.float32, device=weight.device)
+    for start in range(0, n, INT8_CHUNK_ROWS):
+        rows = min(INT8_CHUNK_ROWS, n - start)
+        groups = weight[start : start + rows].float().reshape(rows, k // group_size, group_size)
+        scale = groups.abs().amax(-1) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes[start : start + rows] = torch.round(groups / scale[..., None]).clamp_(-127, 127).reshape(rows, k)
+        scales[start : start + rows] = scale
+    return codes, scales
+
+
+INT8_CHUNK_ROWS = 1024
+
+
+def is_int8_exact(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int = 32) -> bool:
+    """Whether the int8 groups ``(codes, scales)`` (from :func:`quantize_int8_groups`) give ``weight`` back up to the
+    rounding of its dtype: the weight was 8-bit groups already (a dequantized Q8_0 matrix). In chunks of rows."""
+    n, k = weight.shape
+    for start in range(0, n, INT8_CHUNK_ROWS):
+        rows = slice(start, min(n, start + INT8_CHUNK_ROWS))
+        step = scales[rows].float()[..., None]  # [rows, groups, 1]
+        back = codes[rows].float().reshape(-1, k // group_size, group_size) * step
+        error = (back - weight[rows].float().reshape(-1, k // group_size, group_size)).abs()
+        if not bool((error <= INT4_EXACT_TOLERANCE * step + 1e-12).all()):
+            return False
+    return True
 
 
 INT4_EXACT_TOLERANCE = 0.125  # of a group's step: above a bf16 copy's rounding (~0.03), far below RTN's (~0.5)
