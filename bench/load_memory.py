@@ -7,8 +7,10 @@ For the bundled SmolLM2 (Q4_1) and Q4_K_M / Q5_K_M copies of it written here (ru
 round-to-nearest K-quant writer, llama.cpp's _M rule for which layers get Q6_K), each in a fresh process: the
 engine (quantization ``auto``, CPU, float32 activations) is built and its KV cache allocated; reported are the
 resident set before the load (the interpreter with torch and the runtime imported: not the model's), after it
-(VmRSS) and its high-water mark (VmHWM: the load's own peak), each also less the baseline, against the file size
-and the KV cache's bytes. ``--smoke``: the bundled file only, a 4 MiB cache, no results file (a check that it runs).
+(VmRSS; RssAnon: without the file's mapped pages) and its high-water mark (VmHWM: the load's own peak), each less
+the baseline, against the file size and the KV cache's bytes. What is in "after" beside the weights: the
+tokenizer and the GGUF metadata as Python objects (~80 MiB for SmolLM2's 49k vocabulary and merges).
+``--smoke``: the bundled file only, a 4 MiB cache, no results file (a check that it runs).
 Writes bench/results/load_memory-<machine>.json. Run it on a quiet machine: other processes do not change a
 process's RSS, but a loaded machine's page cache can drop the file's mapped pages mid-load.
 """
@@ -41,7 +43,7 @@ def status(key):
     return int(re.search(rf"{key}:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
 path, quantization, kv_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
-baseline = status("VmRSS")
+baseline, baseline_anon = status("VmRSS"), status("RssAnon")
 with open("/proc/self/clear_refs", "w") as f:  # the high-water mark from here: the load's own peak
     f.write("5")
 config = EngineConfig(model=path, device="cpu", dtype="float32", quantization=quantization,
@@ -56,6 +58,7 @@ for name, module in engine.model.named_modules():
         kind = method.describe() or type(method).__name__
         methods[kind] = methods.get(kind, 0) + 1
 print(json.dumps({"baseline_rss": baseline, "rss_after_load": status("VmRSS"), "peak_rss": status("VmHWM"),
+                  "baseline_rss_anon": baseline_anon, "rss_anon_after_load": status("RssAnon"),
                   "kv_cache_bytes": kv, "quantization": runner.quantization, "linears": methods}))
 """
 
@@ -77,6 +80,7 @@ def measure(path: Path, quantization: str, kv_bytes: int) -> dict[str, Any]:
         file_bytes=file_bytes,
         model_rss_after_load=model_rss,
         model_peak_rss=row["peak_rss"] - row["baseline_rss"],
+        model_rss_anon_after_load=row["rss_anon_after_load"] - row["baseline_rss_anon"],
         bound_bytes=int(limit),
         within_bound=model_rss <= limit,
         rss_over_file=round((model_rss - row["kv_cache_bytes"]) / file_bytes, 3),
@@ -107,12 +111,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(path, args.quantization, kv_bytes) for path in files(Path(tmp), args.smoke)]
     mib = 1 << 20
-    print(f"{'file':<34}{'quant':>7}{'file MiB':>10}{'KV MiB':>8}{'base MiB':>10}{'after MiB':>11}{'peak MiB':>10}"
-          f"{'bound MiB':>11}{'ok':>4}")  # fmt: skip
+    print(f"{'file':<34}{'quant':>7}{'file MiB':>10}{'KV MiB':>8}{'base MiB':>10}{'after MiB':>11}{'anon MiB':>10}"
+          f"{'peak MiB':>10}{'bound MiB':>11}{'ok':>4}")  # fmt: skip
     for r in rows:
         print(
             f"{r['file']:<34}{r['quantization']:>7}{r['file_bytes'] / mib:>10.1f}{r['kv_cache_bytes'] / mib:>8.1f}"
             f"{r['baseline_rss'] / mib:>10.1f}{r['model_rss_after_load'] / mib:>11.1f}"
+            f"{r['model_rss_anon_after_load'] / mib:>10.1f}"
             f"{r['model_peak_rss'] / mib:>10.1f}{r['bound_bytes'] / mib:>11.1f}"
             f"{'yes' if r['within_bound'] else 'NO':>4}"
         )

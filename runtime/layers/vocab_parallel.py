@@ -29,18 +29,24 @@ class VocabParallelEmbedding(nn.Module):
         self.start, self.per_rank = tp.vocab_range(vocab_size)
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(self.per_rank, hidden_size), requires_grad=False)
         self.int8_rows: Int8Groups | None = None  # instead of weight: use_int8_rows()
+        self.takes_int8_rows = False  # set by the model: checkpoint int8 groups of 32 are kept as they are
         self.dtype = self.weight.dtype
 
     def load_weight(self, param: str, tensor: Weight) -> None:
         """The checkpoint's whole [vocab_size, hidden] matrix -> this rank's rows (zeros past the vocabulary)."""
         if self.weight is None:
             raise ValueError(f"{param}: loaded twice (the rows are int8 codes already)")
-        if isinstance(tensor, CodeGroups):  # a GGUF's K-quant embedding: dequantized
-            tensor = tensor.dense(self.weight.dtype)
         expected = (self.vocab_size, self.weight.shape[1])
         if param != "weight" or tuple(tensor.shape) != expected:
             raise ValueError(f"{param}: checkpoint has shape {tuple(tensor.shape)}, expected {expected}")
         num_rows = max(0, min(self.per_rank, self.vocab_size - self.start))
+        keep = isinstance(tensor, Int8Groups) and tensor.offset is None and tensor.group_size == 32
+        if keep and self.takes_int8_rows:  # a GGUF's Q8_0 head: its codes, never a dense copy
+            assert isinstance(tensor, Int8Groups)
+            self.use_int8_rows(_pad_rows(tensor.narrow(0, self.start, num_rows), self.per_rank))
+            return
+        if isinstance(tensor, CodeGroups):  # a GGUF's K-quant embedding: dequantized
+            tensor = tensor.dense(self.weight.dtype)
         self.weight.data[:num_rows].copy_(tensor.narrow(0, self.start, num_rows))
         self.weight.data[num_rows:].zero_()
 
@@ -74,3 +80,13 @@ class VocabParallelEmbedding(nn.Module):
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         """[N, per_rank] (this rank's columns of the logits) -> [N, vocab_size] on every rank."""
         return self.tp.all_gather_last(local)[:, : self.vocab_size]
+
+
+def _pad_rows(rows: Int8Groups, num_rows: int) -> Int8Groups:
+    """``rows`` with zero rows (codes 0, scale 1) appended up to ``num_rows`` (the padded vocabulary's)."""
+    pad = num_rows - rows.codes.shape[0]
+    if pad == 0:
+        return Int8Groups(rows.codes.contiguous(), rows.scale.contiguous(), None, rows.group_size)
+    codes = torch.cat([rows.codes, rows.codes.new_zeros(pad, rows.codes.shape[1])])
+    scale = torch.cat([rows.scale, rows.scale.new_ones(pad, rows.scale.shape[1])])
+    return Int8Groups(codes, scale, None, rows.group_size)

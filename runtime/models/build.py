@@ -8,6 +8,9 @@ parallelism) plus one checkpoint tensor in flight, instead of a float32 copy of 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -44,7 +47,27 @@ def build_model(
     else:
         model.load_weights(weights)  # every parameter is covered, or a clear error
     model.process_weights_after_loading()  # each format's repack / online quantization
+    if device.type == "cpu":
+        release_freed_heap()
     return model.eval()
+
+
+@functools.cache
+def _malloc_trim() -> object | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def release_freed_heap() -> None:
+    """Give the memory the load freed back to the system (glibc's ``malloc_trim``; a no-op elsewhere). A load frees
+    many blocks below glibc's mmap threshold (dequantized tensors, float layers quantized on arrival) that the heap
+    would otherwise keep resident: measured 40-90 MiB of the bundled SmolLM2's RSS after load."""
+    trim = _malloc_trim()
+    if callable(trim):
+        trim(0)
 
 
 def model_weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:

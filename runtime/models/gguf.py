@@ -262,7 +262,7 @@ def iter_gguf_weights(
     """Yield ``(hf_name, tensor)`` one tensor at a time, dequantized (the file stays memory-mapped), except the
     decoder linears stored as K-quants: Q4_K ones come as :class:`Int4Groups`, Q5_K / Q6_K ones as
     :class:`Int8Groups` (the file's codes and scales), which a K-quant layer keeps as they are and any other layer
-    dequantizes (``.dense``)."""
+    dequantizes (``.dense``); a Q8_0 embedding / head also comes as int8 groups, which an int8 head keeps."""
     permute = f.architecture in PERMUTED_QK_ARCHITECTURES
     num_heads = int(hf_config["num_attention_heads"])
     num_kv_heads = int(hf_config["num_key_value_heads"])
@@ -277,6 +277,8 @@ def iter_gguf_weights(
             tensor = int4_groups_of(np.asarray(t.data), shape)
         elif t.tensor_type.name in INT8_GROUP_FORMATS and decoder_matrix:
             tensor = int8_groups_of(np.asarray(t.data), t.tensor_type.name, shape)
+        elif t.tensor_type.name == "Q8_0" and name in VOCAB_MATRICES:  # an int8 head keeps these codes as they are
+            tensor = q8_0_groups_of(np.asarray(t.data), shape)
         else:
             tensor = dequantize_tensor(np.asarray(t.data), t.tensor_type.name, shape)
         heads = num_heads if "q_proj." in name else num_kv_heads if "k_proj." in name else 0
@@ -300,6 +302,19 @@ def int4_groups_of(data: np.ndarray, shape: tuple[int, ...]) -> Int4Groups:
     n, k = shape
     codes, scale, minimum = decode_q4_k(data)
     return Int4Groups(codes.reshape(n, k), scale.reshape(n, k // 32), minimum.reshape(n, k // 32))
+
+
+VOCAB_MATRICES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def q8_0_groups_of(data: np.ndarray, shape: tuple[int, ...]) -> Int8Groups:
+    """A Q8_0 matrix ``[N, K]`` -> its int8 codes and per-32-column scales ``d``: ``dense()`` is ``d * q`` as the
+    reference dequantizes it, bit for bit."""
+    n, k = shape
+    raw = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True)).reshape(-1, 34)
+    scale = raw[:, 0:2].contiguous().view(torch.float16).to(torch.float32).reshape(n, k // 32)
+    codes = raw[:, 2:34].contiguous().view(torch.int8).reshape(n, k)
+    return Int8Groups(codes, scale, None, 32)
 
 
 def int8_groups_of(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> Int8Groups:

@@ -205,6 +205,10 @@ class LlamaForCausalLM(nn.Module):
         # quantize_int8_groups(): codes and group scales; lossless (a Q8_0 head): the head's only copy
         self.int8_head: Int8Groups | None = None
         self.int8_head_only = False
+        head = self.head
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        if head is not None and quant is not None and quant.int8_head and on_cpu:
+            head.takes_int8_rows = cpu.load() is not None  # a Q8_0 head's codes kept as they come
 
     @property
     def num_kv_heads(self) -> int:
@@ -286,6 +290,9 @@ class LlamaForCausalLM(nn.Module):
                 m.process_weights_after_loading()
         head = self.head
         if self.quant is None or not self.quant.int8_head or head is None:
+            return
+        if head.int8_rows is not None:  # the checkpoint's own int8 codes (a GGUF Q8_0 head)
+            self.int8_head, self.int8_head_only = head.int8_rows, True
             return
         weight = head.weight
         if weight is not None and weight.device.type == "cpu" and weight.shape[1] % 32 == 0 and cpu.load() is not None:

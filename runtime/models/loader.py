@@ -101,8 +101,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class LoadedModel:
     """What the engine needs from a checkpoint. ``weights`` is a one-shot iterator (None for dummy loads); a GGUF's
-    Q4_K decoder linears come as :class:`Int4Groups`, Q5_K / Q6_K ones as :class:`Int8Groups` (their codes),
-    everything else as tensors."""
+    Q4_K decoder linears come as :class:`Int4Groups`, Q5_K / Q6_K ones and a Q8_0 embedding / head as
+    :class:`Int8Groups` (their codes), everything else as tensors."""
 
     name: str
     config: ModelConfig

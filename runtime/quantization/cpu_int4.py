@@ -94,14 +94,16 @@ INT8_CHUNK_ROWS = 1024
 
 def is_int8_exact(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int = 32) -> bool:
     """Whether the int8 groups ``(codes, scales)`` (from :func:`quantize_int8_groups`) give ``weight`` back up to the
-    rounding of its dtype: the weight was 8-bit groups already (a dequantized Q8_0 matrix). In chunks of rows."""
+    rounding of its dtype: the weight was 8-bit groups already (a dequantized Q8_0 matrix, perhaps rounded to
+    bf16: then the codes are the closer copy of the file). In chunks of rows."""
     n, k = weight.shape
+    eps = torch.finfo(weight.dtype).eps if weight.dtype.is_floating_point else 0.0
     for start in range(0, n, INT8_CHUNK_ROWS):
         rows = slice(start, min(n, start + INT8_CHUNK_ROWS))
         step = scales[rows].float()[..., None]  # [rows, groups, 1]
         back = codes[rows].float().reshape(-1, k // group_size, group_size) * step
-        error = (back - weight[rows].float().reshape(-1, k // group_size, group_size)).abs()
-        if not bool((error <= INT4_EXACT_TOLERANCE * step + 1e-12).all()):
+        w = weight[rows].float().reshape(-1, k // group_size, group_size)
+        if not bool(((back - w).abs() <= INT4_EXACT_TOLERANCE * step + eps * w.abs() + 1e-12).all()):
             return False
     return True
 

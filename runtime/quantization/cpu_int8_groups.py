@@ -5,9 +5,14 @@ Below ``GEMM_MIN_ROWS`` activation rows (decode batches) the kernel reads each w
 it in registers: the step costs the weight bytes (1 + 4/G per weight instead of bf16's 2). From there on (prefill
 chunks) it dequantizes 64 weight rows at a time into a float32 tile and multiplies it with one GEMM per tile: the
 arithmetic is what costs there, and a GEMM does it at the machine's matmul rate, the tile's decode adding a pass
-over K floats per 64 rows. The crossover, 2-core EPYC (AVX-512), SmolLM2's ffn_down 576 x 1536 in Q6_K groups of 16,
-float32 activations: the register path and the tile path take about the same time at 8-16 rows; the tile path wins
-above (see the report of the commit that added this; a noisy shared machine, so only the order of it).
+over K floats per 64 rows. The crossover, measured on one thread of a shared (noisy) 2-core EPYC with AVX-512,
+SmolLM2's ffn_down shape 576 x 1536 in Q6_K groups of 16, float32 activations, median of 15 (us):
+
+    rows           1     4     8    12    16    24    32    64   300
+    registers     66   105   273   386   531   804  1064  2111 21657
+    tiles+GEMM   130   239   321   377   465   616   793  1374  7059
+
+about even at 12 rows; 16 leaves the decode batches the path that reads the fewest bytes.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import torch
 
 from kubellm.runtime.models.gguf import GGUFFile, open_gguf
 from kubellm.runtime.models.loader import LoadedModel, builtin_model_path, load_gguf_file
+from kubellm.runtime.quantization.int4_groups import CodeGroups
 from kubellm.runtime.tokenizer import Tokenizer
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -97,7 +98,8 @@ def _smollm2_meta(smollm2_gguf_file: GGUFFile) -> LoadedModel:
 def smollm2_state_dict(smollm2_gguf_file: GGUFFile) -> dict[str, torch.Tensor]:
     loaded = load_gguf_file(smollm2_gguf_file, name="smollm2-135m-instruct", dtype=torch.float32)
     assert loaded.weights is not None
-    return dict(loaded.weights)
+    # the Q8_0 embedding comes as its codes (an int8 head keeps them): as a tensor here, dequantized as gguf does
+    return {name: w.dense() if isinstance(w, CodeGroups) else w for name, w in loaded.weights}
 
 
 @pytest.fixture(scope="session")

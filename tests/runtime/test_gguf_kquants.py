@@ -313,3 +313,28 @@ def test_tensor_parallel_shards_take_their_slice_of_the_codes(gen: torch.Generat
         odd.load_weight("weight", groups)
     with pytest.raises(ValueError, match=r"weight: checkpoint has shape \(48, 512\), expected \(16, 512\)"):
         Linear(512, 16, quant=Int4CpuConfig()).load_weight("weight", groups)
+
+
+def test_an_int8_head_keeps_the_files_q8_0_codes(gen: torch.Generator) -> None:
+    """A Q8_0 embedding reaches a head that takes int8 rows as its codes (no dense copy) and looks rows up exactly
+    as the dense embedding would; a head that does not take them dequantizes it as gguf does."""
+    from kubellm.runtime.distributed.parallel import TensorParallel
+    from kubellm.runtime.layers.vocab_parallel import VocabParallelEmbedding
+    from kubellm.runtime.models.gguf import q8_0_groups_of
+
+    values = torch.randn(70, 64, generator=gen).numpy()
+    raw = quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+    groups = q8_0_groups_of(raw.reshape(-1), (70, 64))
+    reference = torch.from_numpy(quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(70, 64))
+    np.testing.assert_array_equal(bits(groups.dense().numpy()), bits(reference.numpy()))
+    ids = torch.randint(0, 70, (9,), generator=gen)
+    dense = VocabParallelEmbedding(70, 64, TensorParallel.single())
+    dense.load_weight("weight", groups)
+    assert dense.weight is not None and torch.equal(dense.weight.data, reference)
+    kept = VocabParallelEmbedding(70, 64, TensorParallel.single())
+    kept.takes_int8_rows = True
+    kept.load_weight("weight", groups)
+    assert kept.weight is None and kept.int8_rows is not None and torch.equal(kept.int8_rows.codes, groups.codes)
+    assert torch.equal(kept(ids), reference[ids])
+    with pytest.raises(ValueError, match="loaded twice"):
+        kept.load_weight("weight", groups)
