@@ -259,7 +259,7 @@ def measure(args: argparse.Namespace, cp: ControlPlane, tmp: Path, tag: str) -> 
                 ("PrefixHash", [gateway.url + "/v1"], "PrefixHash"),
                 ("LeastLoad", [gateway.url + "/v1"], "LeastLoad"),
             ]
-            for seed, (mode, bases, strategy) in enumerate(modes):
+            for seed, (mode, bases, strategy) in enumerate(modes if not args.skip_chats else []):
                 if strategy:
                     set_strategy(custom, gateway, strategy)
                 before = counters(urls)
@@ -292,6 +292,12 @@ def measure(args: argparse.Namespace, cp: ControlPlane, tmp: Path, tag: str) -> 
     return out
 
 
+ADDED_LATENCY = (
+    "POST /tokenize through the gateway (PrefixHash) vs straight to the pod it routes the prompt to, open loop, "
+    "paired per request (added_*: quantiles of the per-pair differences)"
+)
+
+
 def workload(args: argparse.Namespace) -> dict[str, Any]:
     zero = {
         "model": "builtin:smollm2-135m-instruct, CPU, maxNumSeqs 4, 64 MiB KV cache per replica, OMP_NUM_THREADS 1",
@@ -301,6 +307,8 @@ def workload(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.zero:
         return zero
+    if args.skip_chats:
+        return {**zero, "replicas": args.replicas, "added_latency": ADDED_LATENCY}
     return {
         **zero,
         "replicas": args.replicas,
@@ -308,8 +316,7 @@ def workload(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.system_words}-word system prompt per mode, each session opening with a {args.context_words}-word "
         f"document of its own (repeated by its later turns), max_tokens {args.max_tokens}, streaming",
         "round_robin": "client-side rotation over the pods (what a Service does)",
-        "added_latency": "POST /tokenize through the gateway (PrefixHash) vs straight to the pod it routes the prompt "
-        "to, open loop, paired per request (added_*: quantiles of the per-pair differences)",
+        "added_latency": ADDED_LATENCY,
     }
 
 
@@ -327,6 +334,11 @@ def main() -> int:
     parser.add_argument("--big-rate", type=float, default=5.0)
     parser.add_argument("--big-requests", type=int, default=50)
     parser.add_argument("--pod-cidr", default="127.26.0.0/16")
+    parser.add_argument(
+        "--skip-chats",
+        action="store_true",
+        help="no multi-turn chat modes (hit rates, TTFT): the added latency and the zero split only, to their own file",
+    )
     parser.add_argument(
         "--zero",
         action="store_true",
@@ -367,7 +379,7 @@ def main() -> int:
         "workload": workload(args),
         **numbers,
     }
-    name = "gateway-zero" if args.zero else "gateway"
+    name = "gateway-zero" if args.zero else "gateway-latency" if args.skip_chats else "gateway"
     out_path = REPO_ROOT / "bench" / "results" / f"{name}-{machine_name()}.json"
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\ngateway bench -> {out_path}")

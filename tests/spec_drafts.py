@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kubellm.runtime.models.loader import LoadedModel, load_model
+from kubellm.runtime.quantization.int4_groups import CodeGroups
 
 SMOLLM2_DRAFT_LAYERS = [i for i in range(30) if not 10 <= i < 16]
 
@@ -33,7 +34,9 @@ def write_layer_subset(loaded: LoadedModel, layers: list[int], directory: Path) 
             if int(layer.group(1)) not in layers:
                 continue
             name = f"model.layers.{layers.index(int(layer.group(1)))}.{layer.group(2)}"
-        kept[name] = tensor.to(torch.float32).contiguous()
+        # a GGUF's quantized matrices come as their codes (the loader keeps them for the CPU kernels)
+        dense = tensor.dense(torch.float32) if isinstance(tensor, CodeGroups) else tensor.to(torch.float32)
+        kept[name] = dense.contiguous()
     save_file(kept, str(directory / "model.safetensors"))
     assert loaded.tokenizer is not None
     loaded.tokenizer.save_pretrained(directory)
