@@ -26,7 +26,6 @@ from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..layers.vocab_parallel import VocabParallelEmbedding
 from ..quantization.base import QuantConfig
-from ..quantization.cpu_int4 import is_int8_exact
 from ..quantization.cpu_int8_groups import int8_groups_matmul
 from ..quantization.int4_groups import CodeGroups, Weight
 from ..quantization.int8_groups import Int8Groups
@@ -202,13 +201,8 @@ class LlamaForCausalLM(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self.packed_head: torch.Tensor | None = None  # pack_for_cpu()
-        # quantize_int8_groups(): codes and group scales; lossless (a Q8_0 head): the head's only copy
+        # quantize_int8_groups(): codes and group scales, for decode batches (INT4_MAX_ROWS rows at most)
         self.int8_head: Int8Groups | None = None
-        self.int8_head_only = False
-        head = self.head
-        on_cpu = device is None or torch.device(device).type == "cpu"
-        if head is not None and quant is not None and quant.int8_head and on_cpu:
-            head.takes_int8_rows = cpu.load() is not None  # a Q8_0 head's codes kept as they come
 
     @property
     def num_kv_heads(self) -> int:
@@ -272,35 +266,28 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens if self.lm_head is None else self.lm_head
 
     def pack_for_cpu(self) -> int:
-        """oneDNN-packed copies of every decoder linear and of the head (CPU; not a head held as int8 codes only);
-        returns how many were packed."""
-        weight = self.head.weight if self.head is not None and not self.int8_head_only else None
-        self.packed_head = pack_weight(weight.data) if weight is not None else None
+        """oneDNN-packed copies of every decoder linear and of the head (CPU); returns how many were packed."""
+        head = self.head
+        self.packed_head = None if head is None else pack_weight(head.weight.data)
         return sum(m.pack() for m in self.layers.modules() if isinstance(m, Linear)) + (self.packed_head is not None)
 
     def process_weights_after_loading(self) -> None:
         """Each decoder linear's method turns its loaded tensors into what it computes with (a repack, an online
         quantization). A format with ``int8_head`` (int4) also gives the head an int8 copy in 32-column groups for
         small batches (GGUF's Q8_0 layout, where checkpoints keep their head: the file's own codes come back) when
-        the C++ kernels are built. Where those codes give the head back exactly (a Q8_0 head) they are its only
-        copy: every batch goes through ``int8_group_matmul`` (tiles and a GEMM for prefill chunks) and a tied
-        embedding looks its rows up in them, so neither a dense nor a oneDNN-packed head is held beside them."""
+        the C++ kernels are built. The dense (oneDNN-packed) head stays beside it for wider batches: the int8-only
+        head of a Q8_0 file (its codes, held once) made a 32-sequence decode step ~20 ms slower on a 2-core EPYC
+        (int8_group_matmul's tiles: 27 ms for the 49152 x 576 head at 32 rows, against 7.7 ms packed bf16)."""
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 m.process_weights_after_loading()
         head = self.head
         if self.quant is None or not self.quant.int8_head or head is None:
             return
-        if head.int8_rows is not None:  # the checkpoint's own int8 codes (a GGUF Q8_0 head)
-            self.int8_head, self.int8_head_only = head.int8_rows, True
-            return
         weight = head.weight
-        if weight is not None and weight.device.type == "cpu" and weight.shape[1] % 32 == 0 and cpu.load() is not None:
+        if weight.device.type == "cpu" and weight.shape[1] % 32 == 0 and cpu.load() is not None:
             codes, scales = quantize_int8_groups(weight.data)
             self.int8_head = Int8Groups(codes, scales, None, 32)
-            if is_int8_exact(weight.data, codes, scales):
-                self.int8_head_only = True
-                head.use_int8_rows(self.int8_head)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, vocab_size] (on every rank: the ranks' vocabulary slices gathered)."""
@@ -310,11 +297,11 @@ class LlamaForCausalLM(nn.Module):
 
     def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits of this rank's vocabulary rows [N, per_rank]."""
-        if self.int8_head is not None and (self.int8_head_only or hidden.shape[0] <= INT4_MAX_ROWS):
+        if self.int8_head is not None and hidden.shape[0] <= INT4_MAX_ROWS:
             return int8_groups_matmul(hidden.float(), self.int8_head)
         if self.packed_head is not None:
             return packed_linear(hidden, self.packed_head).float()
-        assert self.head is not None and self.head.weight is not None
+        assert self.head is not None
         return F.linear(hidden, self.head.weight).float()
 
     # ---- weights --------------------------------------------------------------------------------------

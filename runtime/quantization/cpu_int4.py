@@ -69,6 +69,9 @@ def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torc
     return ((codes.reshape(n, num_groups, -1).float() - 8) * scale + zero).reshape(n, k)
 
 
+INT8_CHUNK_ROWS = 1024  # quantize_int8_groups works on this many rows at a time (its float32 temporaries)
+
+
 def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] weight -> (codes [N, K] int8, scales [N, K / group_size] float32), ``w = q * scale`` per group: the
     layout of GGUF's Q8_0, whose own codes come back from its dequantized weights (the largest value of a Q8_0
@@ -87,25 +90,6 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[to
         codes[start : start + rows] = torch.round(groups / scale[..., None]).clamp_(-127, 127).reshape(rows, k)
         scales[start : start + rows] = scale
     return codes, scales
-
-
-INT8_CHUNK_ROWS = 1024
-
-
-def is_int8_exact(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int = 32) -> bool:
-    """Whether the int8 groups ``(codes, scales)`` (from :func:`quantize_int8_groups`) give ``weight`` back up to the
-    rounding of its dtype: the weight was 8-bit groups already (a dequantized Q8_0 matrix, perhaps rounded to
-    bf16: then the codes are the closer copy of the file). In chunks of rows."""
-    n, k = weight.shape
-    eps = torch.finfo(weight.dtype).eps if weight.dtype.is_floating_point else 0.0
-    for start in range(0, n, INT8_CHUNK_ROWS):
-        rows = slice(start, min(n, start + INT8_CHUNK_ROWS))
-        step = scales[rows].float()[..., None]  # [rows, groups, 1]
-        back = codes[rows].float().reshape(-1, k // group_size, group_size) * step
-        w = weight[rows].float().reshape(-1, k // group_size, group_size)
-        if not bool(((back - w).abs() <= INT4_EXACT_TOLERANCE * step + eps * w.abs() + 1e-12).all()):
-            return False
-    return True
 
 
 INT4_EXACT_TOLERANCE = 0.125  # of a group's step: above a bf16 copy's rounding (~0.03), far below RTN's (~0.5)

@@ -315,9 +315,9 @@ def test_tensor_parallel_shards_take_their_slice_of_the_codes(gen: torch.Generat
         Linear(512, 16, quant=Int4CpuConfig()).load_weight("weight", groups)
 
 
-def test_an_int8_head_keeps_the_files_q8_0_codes(gen: torch.Generator) -> None:
-    """A Q8_0 embedding reaches a head that takes int8 rows as its codes (no dense copy) and looks rows up exactly
-    as the dense embedding would; a head that does not take them dequantizes it as gguf does."""
+def test_a_q8_0_embedding_comes_as_its_codes_and_loads_as_gguf_dequantizes_it(gen: torch.Generator) -> None:
+    """A Q8_0 embedding reaches the model as the file's codes (Int8Groups), which the embedding dequantizes as gguf
+    does: its lookups equal gguf's numbers bit for bit."""
     from kubellm.runtime.distributed.parallel import TensorParallel
     from kubellm.runtime.layers.vocab_parallel import VocabParallelEmbedding
     from kubellm.runtime.models.gguf import q8_0_groups_of
@@ -331,10 +331,4 @@ def test_an_int8_head_keeps_the_files_q8_0_codes(gen: torch.Generator) -> None:
     dense = VocabParallelEmbedding(70, 64, TensorParallel.single())
     dense.load_weight("weight", groups)
     assert dense.weight is not None and torch.equal(dense.weight.data, reference)
-    kept = VocabParallelEmbedding(70, 64, TensorParallel.single())
-    kept.takes_int8_rows = True
-    kept.load_weight("weight", groups)
-    assert kept.weight is None and kept.int8_rows is not None and torch.equal(kept.int8_rows.codes, groups.codes)
-    assert torch.equal(kept(ids), reference[ids])
-    with pytest.raises(ValueError, match="loaded twice"):
-        kept.load_weight("weight", groups)
+    assert torch.equal(dense(ids), reference[ids])

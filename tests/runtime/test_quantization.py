@@ -194,13 +194,11 @@ def test_the_engine_packs_and_quantizes_on_the_cpu(smollm2: LoadedModel) -> None
     )
     model = LLMEngine(config, loaded=loaded).model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
+    packs = onednn_packs(torch.bfloat16)
     # the int4 codes are each linear's only copy of its weight: no packed dense copy beside them
     assert all(isinstance(m.method, Int4CpuMethod) and m.method.int4_weight is not None for m in linears)
     assert all(m.weight is None and "packed" not in repr(m) for m in linears)
-    # the file's Q8_0 head (tied: the embedding too) is held once, as its int8 codes: no dense or packed copy
-    head = model.head
-    assert head is not None and head.weight is None and head.int8_rows is model.int8_head
-    assert model.int8_head_only and model.packed_head is None
+    assert (model.packed_head is not None) is packs
 
 
 def test_the_engine_packs_dense_linears_on_the_cpu_and_drops_the_plain_weight(smollm2: LoadedModel) -> None:
