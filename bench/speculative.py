@@ -8,11 +8,13 @@ workload of bench/serve.py, with the acceptance rate.
 In-process (no HTTP): one LLMEngine, closed loop — ``streams`` requests in flight, a new one added as one finishes,
 ``--requests-per-stream`` per stream. Greedy: an extractive answer ends at its EOS (the task is done there; past it
 the model starts a new chat turn, free text), a free-form one runs to ``--max-tokens`` (``ignore_eos``), and every
-method must generate the same number of tokens as no speculation (asserted). Per level: off, then each method with a
+method's token count is recorded beside no speculation's (equal in float32; the default int4 path's head kernel
+depends on the rows a step computes, so a verification may flip a near-tie). Per level: off, then each method with a
 fresh speculator, back to back on one engine with its prefix cache reset before each run (a replayed prompt set
-would hit the previous run's cache), so a ratio compares measurements seconds apart. Method ``draft_model`` needs
-an engine of its own and is not run here. Writes bench/results/speculative-<machine>.json (with
-``os.getloadavg()`` before and after) and prints a table last. Speed is measured here, never in tests.
+would hit the previous run's cache), so a ratio compares measurements seconds apart. Method ``draft_model`` runs on
+an engine of its own (its KV cache), its draft the bundled SmolLM2 cut to ``--draft-layers``. Writes
+bench/results/speculative-<machine>.json (with ``os.getloadavg()`` before and after) and prints a table last.
+Speed is measured here, never in tests.
 """
 
 from __future__ import annotations
@@ -195,8 +197,10 @@ def main() -> int:
             row: dict[str, Any] = {"workload": workload, "streams": streams, "off": off, "methods": {}}
             for i, config in enumerate(configs):
                 on = run_level(*speculator_for(i), prompts, streams, params)
-                # greedy: speculation must not change a token, so both runs generate as many
-                assert on["output_tokens"] == off["output_tokens"], (config.method, on, off)
+                # greedy: speculation changes no token in float32 (the tests check it); the default int4 path's head
+                # is computed by the int8 kernel up to 4 rows and packed bf16 above, so a verification's wider
+                # step can flip a near-tie and an answer end elsewhere: recorded, and tokens/s is each run's own
+                on["same_token_count"] = on["output_tokens"] == off["output_tokens"]
                 on["speedup"] = on["output_tokens_per_s"] / off["output_tokens_per_s"]
                 row["methods"][config.method] = on
                 print(f"{workload:10s} streams={streams:2d} off {off['output_tokens_per_s']:7.1f} tok/s  "
